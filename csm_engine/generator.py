@@ -1,0 +1,289 @@
+"""Generator: text + conversation context -> speech, whole or streamed.
+
+There is one frame loop (``Generator.frames``); ``stream`` decodes its frames into PCM chunks as
+they come and ``generate`` joins the chunks of ``stream``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from csm_engine.codec import MimiCodec
+from csm_engine.config import FRAME_MS, SAMPLES_PER_FRAME
+from csm_engine.errors import CSMError
+from csm_engine.model import CSMModel
+from csm_engine.tokens import Segment, TextTokenizer, audio_frames, text_frames
+
+FrameCallback = Callable[[int, Tensor], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers: frame budget, context trimming, silent-tail detection
+# ---------------------------------------------------------------------------------------------
+
+
+def text_frame_budget(text: str) -> int:
+    """A generous upper bound on frames needed to say ``text``: 2 s + 1 s per word (80 ms frames).
+
+    Normal speech runs at 2-3 words/s, so this never cuts a real utterance short, but it bounds
+    the known runaway where the model never emits its end frame.
+    """
+    words = max(1, len(text.split()))
+    return math.ceil((2000 + 1000 * words) / FRAME_MS)
+
+
+def trim_context(segment_lengths: Sequence[int], available: int) -> int:
+    """Index of the first segment to keep so the newest segments' lengths sum to <= ``available``.
+
+    Whole segments are dropped from the oldest end; a segment is never cut in half (half a
+    sentence or half a clip would teach the model a wrong voice or a wrong turn boundary).
+    """
+    total = 0
+    for i in range(len(segment_lengths) - 1, -1, -1):
+        total += segment_lengths[i]
+        if total > available:
+            return i + 1
+    return 0
+
+
+@dataclass(frozen=True)
+class SilenceGuard:
+    """Stops a reply that has fallen silent: the model sometimes never emits its end frame."""
+
+    rms_threshold: float = 0.01
+    max_silent_frames: int = 19  # ~1.5 s of 80 ms frames after speech
+    keep_silent_frames: int = 3  # silence kept at the end of a stopped reply (240 ms)
+
+    def is_silent(self, pcm: Tensor) -> bool:
+        return float(pcm.float().pow(2).mean().sqrt()) < self.rms_threshold
+
+
+@dataclass
+class Prompt:
+    """Backbone input for one utterance: token frames (T, 33), their mask, and what was kept."""
+
+    tokens: Tensor
+    mask: Tensor
+    context_kept: int  # number of context segments that fit (the newest ones)
+    max_frames: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Generator
+# ---------------------------------------------------------------------------------------------
+
+
+class Generator:
+    sample_rate = 24_000
+
+    def __init__(self, model: CSMModel, codec: MimiCodec, tokenizer: TextTokenizer):
+        self.model = model.eval()
+        self.codec = codec
+        self.tokenizer = tokenizer
+        self.config = model.config
+        if not model.caches_are_setup():
+            model.setup_caches(1)
+        self._lock = threading.Lock()
+        self._codes_cache: OrderedDict[bytes, Tensor] = OrderedDict()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.text_embeddings.weight.device
+
+    # -- prompt building ------------------------------------------------------------------
+
+    def segment_codes(self, segment: Segment) -> Tensor | None:
+        """Mimi codes (32, frames) of a segment's audio, encoded once and remembered by content."""
+        if segment.audio is None:
+            return None
+        audio = segment.audio
+        if audio.dim() != 1:
+            raise CSMError(f"context audio for {segment.text[:30]!r} must be mono (samples,), got {tuple(audio.shape)}")
+        if audio.numel() == 0:
+            return None
+        key = hashlib.blake2b(audio.detach().float().cpu().numpy().tobytes(), digest_size=16).digest()
+        codes = self._codes_cache.get(key)
+        if codes is None:
+            codes = self.codec.encode(audio)
+            self._codes_cache[key] = codes
+            if len(self._codes_cache) > 512:
+                self._codes_cache.popitem(last=False)
+        else:
+            self._codes_cache.move_to_end(key)
+        return codes
+
+    def remember_codes(self, audio: Tensor, codes: Tensor) -> None:
+        """Record that ``audio`` is the decoding of ``codes`` so it is never re-encoded as context."""
+        key = hashlib.blake2b(audio.detach().float().cpu().numpy().tobytes(), digest_size=16).digest()
+        self._codes_cache[key] = codes.cpu()
+
+    def segment_frames(self, segment: Segment) -> tuple[Tensor, Tensor]:
+        """A context segment's token frames: its text rows, then its audio rows (if any)."""
+        n_cb = self.config.audio_num_codebooks
+        tokens, mask = text_frames(self.tokenizer, segment.speaker, segment.text, n_cb)
+        codes = self.segment_codes(segment)
+        if codes is not None:
+            at, am = audio_frames(codes)
+            tokens, mask = torch.cat([tokens, at]), torch.cat([mask, am])
+        return tokens, mask
+
+    def build_prompt(self, text: str, speaker: int, context: Sequence[Segment], max_audio_length_ms: int,
+                     runaway_guard: bool = True) -> Prompt:
+        """Context + the new line's text rows, trimmed from the oldest segment to fit the window."""
+        text = prepare_text(text)
+        max_frames = max(1, int(max_audio_length_ms // FRAME_MS))
+        if runaway_guard:
+            max_frames = min(max_frames, text_frame_budget(text))
+        n_cb = self.config.audio_num_codebooks
+        gen_tokens, gen_mask = text_frames(self.tokenizer, speaker, text, n_cb)
+        window = self.config.max_seq_len
+        available = window - gen_tokens.shape[0] - max_frames
+        if available < 0:
+            raise CSMError(
+                f"text too long for the {window}-position window: {gen_tokens.shape[0]} text tokens + "
+                f"{max_frames} audio frames; split the text into shorter sentences or lower --max-audio-length-ms"
+            )
+        seg = [self.segment_frames(s) for s in context]
+        first = trim_context([t.shape[0] for t, _ in seg], available)
+        kept = seg[first:]
+        tokens = torch.cat([t for t, _ in kept] + [gen_tokens])
+        mask = torch.cat([m for _, m in kept] + [gen_mask])
+        return Prompt(tokens=tokens, mask=mask, context_kept=len(kept), max_frames=max_frames)
+
+    # -- the frame loop -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def frames(self, prompt: Prompt, *, temperature: float = 0.9, topk: int = 50, seed: int | None = None,
+               cancel: threading.Event | None = None) -> Iterator[Tensor]:
+        """Yield sampled audio frames (32,) until the all-zero end frame, the budget or ``cancel``.
+
+        The end frame itself is yielded last (it is part of what the model said, and decoding it
+        flushes the codec's tail; see ``stream``) when the model emits one.
+        """
+        device = self.device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        n_cb = self.config.audio_num_codebooks
+        tokens = prompt.tokens.to(device)[None]
+        mask = prompt.mask.to(device)[None]
+        pos = torch.arange(tokens.shape[1], device=device)
+        # One row reused for every generated frame: codes in columns 0..31, text column masked out.
+        step_tokens = torch.zeros(1, 1, n_cb + 1, dtype=torch.long, device=device)
+        step_mask = torch.zeros(1, 1, n_cb + 1, dtype=torch.bool, device=device)
+        step_mask[..., :n_cb] = True
+        for _ in range(prompt.max_frames):
+            if cancel is not None and cancel.is_set():
+                return
+            frame = self.model.generate_frame(tokens, mask, pos, temperature, topk, gen)[0]
+            if not frame.any():
+                yield frame
+                return
+            yield frame
+            step_tokens[0, 0, :n_cb] = frame
+            tokens, mask = step_tokens, step_mask
+            pos = pos[-1:] + 1
+
+    # -- public API -------------------------------------------------------------------------
+
+    def stream(
+        self,
+        text: str,
+        speaker: int,
+        context: Sequence[Segment] = (),
+        *,
+        max_audio_length_ms: int = 90_000,
+        temperature: float = 0.9,
+        topk: int = 50,
+        seed: int | None = None,
+        chunk_frames: int = 2,
+        cancel: threading.Event | None = None,
+        on_frame: FrameCallback | None = None,
+        runaway_guard: bool = True,
+        silence: SilenceGuard | None = SilenceGuard(),
+    ) -> Iterator[np.ndarray]:
+        """Yield float32 PCM chunks (24 kHz) of ``chunk_frames`` frames each as they are decoded.
+
+        ``on_frame(index, codes)`` is called with every sampled frame (the end frame excluded)
+        before its audio is yielded. ``cancel`` stops generation between frames.
+        """
+        if chunk_frames < 1:
+            raise CSMError("chunk_frames must be >= 1")
+        prompt = self.build_prompt(text, speaker, context, max_audio_length_ms, runaway_guard)
+        with self._lock, self.codec.streaming() as decoder:
+            pending: list[Tensor] = []  # decoded but not yet yielded
+            held_silence: list[Tensor] = []  # silent frames held back until speech resumes
+            heard_speech = False
+            for index, frame in enumerate(self.frames(prompt, temperature=temperature, topk=topk, seed=seed,
+                                                      cancel=cancel)):
+                is_end = not frame.any()
+                pcm = decoder.decode_frame(frame).cpu()
+                if is_end:
+                    # The end frame flushes the codec's overlap tail of the last word; fade it out.
+                    pending.extend(held_silence)
+                    pending.append(pcm * torch.linspace(1.0, 0.0, pcm.numel()))
+                    break
+                if on_frame is not None:
+                    on_frame(index, frame)
+                if silence is not None and runaway_guard and silence.is_silent(pcm):
+                    if heard_speech:
+                        held_silence.append(pcm)
+                        if len(held_silence) > silence.max_silent_frames:
+                            pending.extend(held_silence[: silence.keep_silent_frames])
+                            held_silence.clear()
+                            break
+                        continue
+                else:
+                    heard_speech = True
+                    pending.extend(held_silence)
+                    held_silence.clear()
+                pending.append(pcm)
+                if len(pending) >= chunk_frames:
+                    yield torch.cat(pending).numpy()
+                    pending.clear()
+            if pending and not (cancel is not None and cancel.is_set()):
+                yield torch.cat(pending).numpy()
+
+    def generate(self, text: str, speaker: int, context: Sequence[Segment] = (), **kwargs) -> Tensor:
+        """The whole utterance as PCM (samples,) float32 at 24 kHz; options as ``stream``."""
+        kwargs.setdefault("chunk_frames", 8)
+        chunks = list(self.stream(text, speaker, context, **kwargs))
+        if not chunks:
+            return torch.zeros(0)
+        return torch.from_numpy(np.concatenate(chunks))
+
+
+def prepare_text(text: str) -> str:
+    """Validate and tidy the line to speak: collapse whitespace, end with punctuation.
+
+    A line without final punctuation makes the model end early and clip the last word.
+    """
+    text = " ".join(text.split())
+    if not text:
+        raise CSMError("nothing to say: the text is empty")
+    if text[-1] not in ".!?…":
+        text += "."
+    return text
+
+
+def load_generator(model_path: str | None = None, *, mimi_path: str | None = None, tokenizer_path: str | None = None,
+                   device: str = "cpu", dtype: torch.dtype | str | None = None) -> Generator:
+    """Build a Generator from a checkpoint dir or hub repo id (default: the released CSM-1B)."""
+    from csm_engine import weights
+
+    model = weights.load_csm_model(model_path, device=device, dtype=dtype)
+    codec = weights.load_mimi(mimi_path, model_path=model_path, device=device)
+    tokenizer = weights.load_text_tokenizer(tokenizer_path, model_path=model_path)
+    return Generator(model, codec, tokenizer)
+
+
+__all__ = ["Generator", "Prompt", "SilenceGuard", "load_generator", "prepare_text", "text_frame_budget",
+           "trim_context", "SAMPLES_PER_FRAME"]

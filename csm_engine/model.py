@@ -1,0 +1,271 @@
+"""CSM: a Llama-style backbone over token frames plus a small audio decoder over codebooks.
+
+Parameter names are those of the original Sesame checkpoint (``backbone.layers.0.attn.q_proj``,
+``...sa_norm.scale``, ``audio_head``) so a ``model.safetensors`` loads with ``strict=True``.
+q/k projections are in the interleaved-pair RoPE convention of that checkpoint.
+
+One generated frame (``generate_frame``): a backbone step over the new rows gives the last
+hidden state ``h``; ``codebook0_head(h)`` gives codebook 0; the decoder then runs over
+``[projection(h), projection(embed(c0))]`` and one new codebook per step, each read out by its
+own ``audio_head[i - 1]``. The decoder's cache is reused from position 0 every frame.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from csm_engine.config import CSMConfig, RopeScaling, TransformerConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.scale.float()).type_as(x)
+
+
+def llama3_inv_freq(head_dim: int, base: float, scaling: RopeScaling | None) -> Tensor:
+    """Inverse frequencies of rotary embeddings with Llama-3's long-context scaling."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64)[: head_dim // 2] / head_dim))
+    if scaling is None:
+        return inv_freq.float()
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    mid = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    out = torch.where(wavelen < high_wavelen, inv_freq, torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, mid))
+    return out.float()
+
+
+def rope_cache(cfg: TransformerConfig) -> Tensor:
+    """(max_seq_len, head_dim // 2, 2) table of [cos, sin] per position and frequency."""
+    inv_freq = llama3_inv_freq(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by the (B, T, D/2, 2) table."""
+    xp = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = rope[..., 0].unsqueeze(2), rope[..., 1].unsqueeze(2)
+    x0, x1 = xp[..., 0], xp[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values (B, n_kv_heads, max_seq_len, head_dim), written in place."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, H, T, D) at positions ``pos`` (T,) and return the whole cache."""
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.output_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(b, t, self.n_heads, self.head_dim), rope).transpose(1, 2)
+        k = apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.kv_cache is None:
+            raise RuntimeError("call setup_caches() before running the model")
+        k, v = self.kv_cache.update(pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.output_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.intermediate_dim, bias=False)
+        self.w2 = nn.Linear(cfg.intermediate_dim, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.intermediate_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.sa_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+        h = x + self.attn(self.sa_norm(x), rope, mask, pos)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nn.Module):
+    """A stack of Llama layers over embeddings (no token embedding, no output layer)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.register_buffer("rope", rope_cache(cfg), persistent=False)
+        self.register_buffer(
+            "causal_mask", torch.tril(torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool)), persistent=False
+        )
+
+    def setup_caches(self, batch_size: int, dtype: torch.dtype, max_seq_len: int | None = None) -> None:
+        seq = max_seq_len or self.cfg.max_seq_len
+        device = self.norm.scale.device
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch_size, self.cfg.n_kv_heads, seq, self.cfg.head_dim, dtype, device)
+        self.causal_mask = self.causal_mask[:seq, :seq]
+
+    def caches_are_setup(self) -> bool:
+        return all(layer.attn.kv_cache is not None for layer in self.layers)
+
+    def forward(self, x: Tensor, pos: Tensor) -> Tensor:
+        """x (B, T, dim) at positions pos (T,) -> normed hidden states (B, T, dim)."""
+        rope = self.rope[pos].unsqueeze(0)
+        mask = self.causal_mask[pos].unsqueeze(0).unsqueeze(0)  # (1, 1, T, S)
+        for layer in self.layers:
+            x = layer(x, rope, mask, pos)
+        return self.norm(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: pure functions with an explicit generator
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_topk(logits: Tensor, topk: int, temperature: float, generator: torch.Generator | None = None) -> Tensor:
+    """Sample one token per row of logits (B, V) from the top-k after temperature; (B, 1) long.
+
+    ``temperature <= 0`` or ``topk == 1`` is greedy (argmax).
+    """
+    if temperature <= 0 or topk == 1:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if 0 < topk < logits.size(-1):
+        kth = torch.topk(logits, topk, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    # argmax(p / E) with E ~ Exp(1) draws from p without a host sync (unlike torch.multinomial).
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class CSMModel(nn.Module):
+    def __init__(self, config: CSMConfig):
+        super().__init__()
+        self.config = config
+        bb, dec = config.backbone, config.decoder
+        self.backbone = Transformer(bb)
+        # The decoder sees at most 1 + num_codebooks positions per frame; its cache is tiny.
+        self.decoder = Transformer(dec)
+        self.text_embeddings = nn.Embedding(config.text_vocab_size, bb.dim)
+        self.audio_embeddings = nn.Embedding(config.audio_vocab_size * config.audio_num_codebooks, bb.dim)
+        self.projection = nn.Linear(bb.dim, dec.dim, bias=False)
+        self.codebook0_head = nn.Linear(bb.dim, config.audio_vocab_size, bias=False)
+        self.audio_head = nn.Parameter(torch.empty(config.audio_num_codebooks - 1, dec.dim, config.audio_vocab_size))
+        nn.init.normal_(self.audio_head, std=0.02)
+        self.register_buffer(
+            "codebook_offsets", torch.arange(config.audio_num_codebooks) * config.audio_vocab_size, persistent=False
+        )
+
+    # -- caches ------------------------------------------------------------------------------
+
+    def setup_caches(self, max_batch_size: int = 1) -> None:
+        """Allocate the backbone and decoder KV caches once (in the model's dtype and device)."""
+        dtype = self.text_embeddings.weight.dtype
+        self.backbone.setup_caches(max_batch_size, dtype)
+        self.decoder.setup_caches(max_batch_size, dtype, max_seq_len=self.config.audio_num_codebooks)
+
+    def caches_are_setup(self) -> bool:
+        return self.backbone.caches_are_setup()
+
+    # -- embeddings ---------------------------------------------------------------------------
+
+    def embed_frames(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """Token frames (B, T, 33) with mask -> (B, T, dim): the sum of the masked columns' embeddings."""
+        audio = self.audio_embeddings(tokens[..., :-1] + self.codebook_offsets)  # (B, T, 32, D)
+        text = self.text_embeddings(tokens[..., -1:])  # (B, T, 1, D)
+        emb = torch.cat([audio, text], dim=-2)
+        return (emb * mask.unsqueeze(-1).to(emb.dtype)).sum(dim=-2)
+
+    def embed_audio(self, codebook: int, token: Tensor) -> Tensor:
+        return self.audio_embeddings(token + codebook * self.config.audio_vocab_size)
+
+    # -- forward pieces (public for parity tests and benchmarks) -----------------------------
+
+    def backbone_hidden(self, tokens: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        """Normed backbone hidden states (B, T, dim) for token frames at positions input_pos (T,) or (B, T)."""
+        pos = input_pos[0] if input_pos.dim() == 2 else input_pos
+        return self.backbone(self.embed_frames(tokens, mask), pos)
+
+    def decoder_hidden(self, x: Tensor, input_pos: Tensor) -> Tensor:
+        """Decoder hidden states for projected inputs x (B, t, dec_dim) at positions input_pos (t,)."""
+        return self.decoder(x, input_pos)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate_frame(
+        self,
+        tokens: Tensor,
+        tokens_mask: Tensor,
+        input_pos: Tensor,
+        temperature: float = 0.9,
+        topk: int = 50,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Prefill/extend the backbone with new token frames and sample the next audio frame (B, 32)."""
+        h = self.backbone_hidden(tokens, tokens_mask, input_pos)[:, -1]  # (B, D)
+        c0 = sample_topk(self.codebook0_head(h), topk, temperature, generator)  # (B, 1)
+        frame = [c0]
+        dec_in = self.projection(torch.stack([h, self.embed_audio(0, c0[:, 0])], dim=1))  # (B, 2, Dd)
+        pos = torch.arange(2, device=h.device)
+        for i in range(1, self.config.audio_num_codebooks):
+            dh = self.decoder(dec_in, pos)[:, -1]
+            ci = sample_topk(dh @ self.audio_head[i - 1], topk, temperature, generator)
+            frame.append(ci)
+            dec_in = self.projection(self.embed_audio(i, ci))  # (B, 1, Dd)
+            pos = pos[-1:] + 1
+        return torch.cat(frame, dim=1)
