@@ -1,0 +1,88 @@
+"""CSM on MLX (Apple Silicon; ``mlx[cpu]`` on Linux for tests).
+
+Importing this package never needs MLX: ``is_available()`` says whether it can run, and every
+entry point raises ``CSMError`` with the install command when it cannot.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import TYPE_CHECKING, Any
+
+from csm_engine.errors import CSMError
+
+if TYPE_CHECKING:
+    from csm_engine.mlx.generator import MLXGenerator
+
+NOT_AVAILABLE = "MLX backend not available: pip install 'mlx[cpu]' (Linux) or mlx (macOS)"
+
+_LAZY = {
+    "MLXGenerator": "csm_engine.mlx.generator",
+    "MLXCSMModel": "csm_engine.mlx.model",
+    "load_mlx_model": "csm_engine.mlx.convert",
+    "state_dict_to_mlx": "csm_engine.mlx.convert",
+    "build_model": "csm_engine.mlx.convert",
+    "bench_mlx": "csm_engine.mlx.bench",
+}
+
+_available: bool | None = None
+
+
+def is_available() -> bool:
+    """True when ``mlx.core`` imports (it can be installed yet unusable, e.g. plain ``mlx`` on Linux)."""
+    global _available
+    if _available is None:
+        if importlib.util.find_spec("mlx") is None:
+            _available = False
+        else:
+            try:
+                importlib.import_module("mlx.core")
+                _available = True
+            except Exception:
+                _available = False
+    return _available
+
+
+def require_mlx() -> None:
+    """Raise the one-line CSMError naming the install command when MLX cannot run here."""
+    if not is_available():
+        raise CSMError(NOT_AVAILABLE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        require_mlx()
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load_generator(model_path: str | os.PathLike | None = None, *, mimi_path: str | None = None,
+                   tokenizer_path: str | None = None, quantize_bits: int | None = None,
+                   dtype: str | None = None, device: str = "cpu") -> "MLXGenerator":
+    """An ``MLXGenerator`` from a checkpoint dir or hub id, as ``csm_engine.generator.load_generator``.
+
+    ``quantize_bits`` (4 or 8) quantizes the transformer weights with ``mlx.nn.quantize``;
+    ``dtype`` (float32 default, bfloat16, float16) is the MLX weight dtype; ``device`` is where
+    the torch Mimi codec runs.
+    """
+    require_mlx()
+    from csm_engine import weights
+    from csm_engine.mlx.convert import load_mlx_model
+    from csm_engine.mlx.generator import MLXGenerator
+
+    model = load_mlx_model(model_path, dtype=dtype, quantize_bits=quantize_bits)
+    codec = weights.load_mimi(mimi_path, model_path=model_path, device=device)
+    tokenizer = weights.load_text_tokenizer(tokenizer_path, model_path=model_path)
+    return MLXGenerator(model, codec, tokenizer)
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    """``csm-generate-mlx``: ``csm-generate`` on the MLX backend."""
+    from csm_engine.mlx.cli import generate_main as _main
+
+    return _main(argv)
+
+
+__all__ = ["NOT_AVAILABLE", "generate_main", "is_available", "load_generator", "require_mlx", *_LAZY]
