@@ -1,0 +1,200 @@
+"""The MLX backend against the torch engine (tiny flavor, float32, ``mlx[cpu]`` on Linux).
+
+The torch engine is the reference: both get the same random weights and the same token frames
+and must agree on backbone logits, decoder logits, greedy frames and the PCM of a streamed
+greedy generation.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from csm_engine.config import SAMPLES_PER_FRAME, CSMConfig, get_flavor
+from csm_engine.errors import CSMError
+from csm_engine.model import CSMModel
+
+ATOL = 1e-4
+
+
+def test_import_without_mlx_names_the_install_command():
+    # A real interpreter where `import mlx` fails: the package imports, the backend says how to fix it.
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["mlx"] = None  # makes `import mlx...` raise ImportError
+        import csm_engine.mlx as m
+        assert not m.is_available()
+        for use in (lambda: m.MLXGenerator, lambda: m.load_generator("x")):
+            try:
+                use()
+            except m.CSMError as e:
+                print(e)
+            else:
+                raise SystemExit("no CSMError")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines == ["MLX backend not available: pip install 'mlx[cpu]' (Linux) or mlx (macOS)"] * 2
+
+
+mx = pytest.importorskip("mlx.core", reason="MLX is not importable here: pip install 'mlx[cpu]' (Linux) or mlx (macOS)")
+
+from csm_engine.mlx.convert import build_model, quantize_model, state_dict_to_mlx  # noqa: E402
+from csm_engine.mlx.model import MLXCSMModel, sample_topk  # noqa: E402
+
+
+def _random_torch_model(cfg: CSMConfig, seed: int) -> CSMModel:
+    """A float32 CSMModel with random weights of realistic spread (norm scales away from 1)."""
+    model = CSMModel(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".scale"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                fan_in = p.shape[1] if name == "audio_head" else p.shape[-1]  # audio_head is (31, in, out)
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / fan_in ** 0.5))
+        model.text_embeddings.weight.mul_(4.0)
+        model.audio_embeddings.weight.mul_(4.0)
+        model.audio_head.mul_(4.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[CSMModel, MLXCSMModel, CSMConfig]:
+    """(torch, mlx, config) sharing one random tiny checkpoint."""
+    cfg = get_flavor("tiny")
+    ours = _random_torch_model(cfg, seed=11)
+    ours.setup_caches(1)
+    theirs = build_model(cfg, state_dict_to_mlx(ours.state_dict(), cfg))
+    return ours, theirs, cfg
+
+
+def _context_frames(cfg: CSMConfig, n_text: int, n_audio: int, n_prompt: int, seed: int = 0):
+    """Text rows, audio rows (with the all-zero end row), then the prompt's text rows; (1, T, 33)."""
+    g = torch.Generator().manual_seed(seed)
+    n_cb = cfg.audio_num_codebooks
+    total = n_text + n_audio + n_prompt
+    tokens = torch.zeros(total, n_cb + 1, dtype=torch.long)
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    text_rows = list(range(n_text)) + list(range(n_text + n_audio, total))
+    tokens[text_rows, -1] = torch.randint(0, cfg.text_vocab_size, (len(text_rows),), generator=g)
+    mask[text_rows, -1] = True
+    tokens[n_text:n_text + n_audio - 1, :n_cb] = torch.randint(1, cfg.audio_vocab_size, (n_audio - 1, n_cb), generator=g)
+    mask[n_text:n_text + n_audio, :n_cb] = True
+    return tokens[None], mask[None]
+
+
+def _mx(t: torch.Tensor):
+    return mx.array(t.numpy())
+
+
+def test_backbone_logits_match_torch(pair):
+    ours, theirs, cfg = pair
+    tokens, mask = _context_frames(cfg, n_text=6, n_audio=5, n_prompt=4)
+    with torch.inference_mode():
+        want = ours.codebook0_head(ours.backbone_hidden(tokens, mask, torch.arange(tokens.shape[1])))
+    got = theirs.codebook0_head(theirs.backbone_hidden(_mx(tokens), _mx(mask), 0))
+    assert want.abs().max() > 1.0  # logits with real spread, so the tolerance means something
+    np.testing.assert_allclose(np.array(got), want.numpy(), atol=ATOL, rtol=1e-4)
+
+
+def test_backbone_extension_at_an_offset_matches_one_prefill(pair):
+    # Prefill 9 rows then extend by 3 at position 9 == the torch model over all 12 at once.
+    ours, theirs, cfg = pair
+    tokens, mask = _context_frames(cfg, n_text=4, n_audio=4, n_prompt=4, seed=3)
+    with torch.inference_mode():
+        want = ours.codebook0_head(ours.backbone_hidden(tokens, mask, torch.arange(12)))[:, 9:]
+    theirs.backbone_hidden(_mx(tokens[:, :9]), _mx(mask[:, :9]), 0)
+    got = theirs.codebook0_head(theirs.backbone_hidden(_mx(tokens[:, 9:]), _mx(mask[:, 9:]), 9))
+    np.testing.assert_allclose(np.array(got), want.numpy(), atol=ATOL, rtol=1e-4)
+
+
+def test_decoder_logits_match_torch_for_every_codebook(pair):
+    ours, theirs, cfg = pair
+    n_cb = cfg.audio_num_codebooks
+    tokens, mask = _context_frames(cfg, n_text=5, n_audio=3, n_prompt=3, seed=1)
+    codes = torch.randint(0, cfg.audio_vocab_size, (1, n_cb), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        h = ours.backbone_hidden(tokens, mask, torch.arange(tokens.shape[1]))[:, -1]
+        emb = torch.stack([ours.embed_audio(i, codes[:, i]) for i in range(n_cb - 1)], dim=1)
+        dh = ours.decoder_hidden(ours.projection(torch.cat([h[:, None], emb], dim=1)), torch.arange(n_cb))
+        want = torch.stack([dh[:, i] @ ours.audio_head[i - 1] for i in range(1, n_cb)], dim=1)  # (1, 31, V)
+    h_mx = mx.array(h.numpy())
+    emb_mx = mx.stack([theirs.embed_audio(i, _mx(codes[:, i])) for i in range(n_cb - 1)], axis=1)
+    dh_mx = theirs.decoder_hidden(theirs.projection(mx.concatenate([h_mx[:, None], emb_mx], axis=1)), 0)
+    got = mx.stack([theirs.audio_head[i - 1](dh_mx[:, i]) for i in range(1, n_cb)], axis=1)
+    assert want.abs().max() > 0.5
+    np.testing.assert_allclose(np.array(got), want.numpy(), atol=ATOL, rtol=1e-4)
+
+
+def _greedy_frames_torch(model: CSMModel, tokens, mask, n_frames: int) -> torch.Tensor:
+    pos = torch.arange(tokens.shape[1])
+    out = []
+    for _ in range(n_frames):
+        frame = model.generate_frame(tokens, mask, pos, temperature=0.0, topk=1)
+        out.append(frame[0])
+        tokens = torch.cat([frame, torch.zeros(1, 1, dtype=torch.long)], dim=1)[:, None]
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+        mask[..., -1] = False
+        pos = pos[-1:] + 1
+    return torch.stack(out)
+
+
+def _greedy_frames_mlx(model: MLXCSMModel, tokens, mask, n_frames: int) -> np.ndarray:
+    tokens, mask, start = _mx(tokens), _mx(mask), 0
+    step_mask = mx.array(np.arange(tokens.shape[-1]) < tokens.shape[-1] - 1)[None, None]
+    out = []
+    for _ in range(n_frames):
+        frame = model.generate_frame(tokens, mask, start, temperature=0.0, topk=1)
+        out.append(np.array(frame[0]))
+        start += tokens.shape[1]
+        tokens = mx.concatenate([frame[:, None], mx.zeros((1, 1, 1), dtype=mx.int32)], axis=-1)
+        mask = step_mask
+    return np.stack(out)
+
+
+def test_greedy_frames_equal_torch_with_context_audio(pair):
+    ours, theirs, cfg = pair
+    tokens, mask = _context_frames(cfg, n_text=6, n_audio=6, n_prompt=5, seed=4)
+    want = _greedy_frames_torch(ours, tokens, mask, n_frames=6)
+    got = _greedy_frames_mlx(theirs, tokens, mask, n_frames=6)
+    assert len({tuple(f) for f in want.tolist()}) > 1  # frames differ from each other: a real trajectory
+    np.testing.assert_array_equal(got, want.numpy())
+
+
+def test_sampling_stays_in_the_top_k_and_follows_the_key():
+    logits = mx.random.normal((4, 2051), key=mx.random.key(0))
+    top5 = np.argsort(-np.array(logits), axis=-1)[:, :5]
+    draws = [np.array(sample_topk(logits, 5, 0.9, mx.random.key(k)))[:, 0] for k in range(60)]
+    for row in range(4):
+        seen = {d[row] for d in draws}
+        assert seen <= set(top5[row].tolist())
+        assert len(seen) > 1
+    again = np.array(sample_topk(logits, 5, 0.9, mx.random.key(7)))[:, 0]
+    np.testing.assert_array_equal(again, draws[7])
+    greedy = np.array(sample_topk(logits, 1, 0.9, None))[:, 0]
+    np.testing.assert_array_equal(greedy, top5[:, 0])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_model_stays_close_to_float(pair, bits):
+    ours, theirs, cfg = pair
+    import mlx.nn as nn
+
+    quant = quantize_model(build_model(cfg, state_dict_to_mlx(ours.state_dict(), cfg)), bits)
+    assert isinstance(quant.backbone.layers[0].attn.q_proj, nn.QuantizedLinear)
+    assert isinstance(quant.audio_head[0], nn.QuantizedLinear)
+    assert isinstance(quant.audio_embeddings, nn.QuantizedEmbedding)
+    tokens, mask = _context_frames(cfg, n_text=6, n_audio=5, n_prompt=4, seed=5)
+    ref = np.array(theirs.codebook0_head(theirs.backbone_hidden(_mx(tokens), _mx(mask), 0)))
+    got = np.array(quant.codebook0_head(quant.backbone_hidden(_mx(tokens), _mx(mask), 0)))
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    print(f"{bits}-bit: max |logit error| / max |logit| = {rel:.4f}")
+    assert 0 < rel < {8: 0.02, 4: 0.25}[bits]
