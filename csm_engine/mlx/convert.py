@@ -104,6 +104,7 @@ def quantize_model(model: MLXCSMModel, bits: int, group_size: int = 64) -> MLXCS
         return False
 
     nn.quantize(model, class_predicate=predicate)
+    model.__dict__.pop("_compiled", None)  # compiled frame functions captured the float layers
     return model
 
 

@@ -71,15 +71,16 @@ class Attention(nn.Module):
         return mx.fast.rope(x, self.head_dim, traditional=True, base=None, scale=1.0, offset=start,
                             freqs=self._rope_freqs)
 
-    def __call__(self, x: mx.array, start: int) -> mx.array:
+    def __call__(self, x: mx.array, start: int, cache: KVCache | None = None) -> mx.array:
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         q, k = self._rope(q, start), self._rope(k, start)
-        if self.kv_cache is None:
+        cache = cache or self.kv_cache
+        if cache is None:
             raise RuntimeError("call setup_caches() before running the model")
-        k, v = self.kv_cache.update(start, k, v)
+        k, v = cache.update(start, k, v)
         # "causal" is aligned to the last key, which is exactly "query start+i sees keys 0..start+i".
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if t > 1 else None)
         return self.output_proj(y.transpose(0, 2, 1, 3).reshape(b, t, -1))
@@ -104,8 +105,8 @@ class TransformerLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def __call__(self, x: mx.array, start: int) -> mx.array:
-        h = x + self.attn(self.sa_norm(x), start)
+    def __call__(self, x: mx.array, start: int, cache: KVCache | None = None) -> mx.array:
+        h = x + self.attn(self.sa_norm(x), start, cache)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -128,10 +129,17 @@ class Transformer(nn.Module):
     def caches_are_setup(self) -> bool:
         return all(layer.attn.kv_cache is not None for layer in self.layers)
 
-    def __call__(self, x: mx.array, start: int) -> mx.array:
-        """x (B, T, dim) at positions start..start+T-1 -> normed hidden states (B, T, dim)."""
-        for layer in self.layers:
-            x = layer(x, start)
+    def new_caches(self, batch_size: int, dtype: mx.Dtype, max_seq_len: int) -> list[KVCache]:
+        """Fresh caches for one pass, not stored on the layers (the decoder's per-frame caches)."""
+        return [KVCache(batch_size, self.cfg.n_kv_heads, max_seq_len, self.cfg.head_dim, dtype) for _ in self.layers]
+
+    def __call__(self, x: mx.array, start: int, caches: list[KVCache] | None = None) -> mx.array:
+        """x (B, T, dim) at positions start..start+T-1 -> normed hidden states (B, T, dim).
+
+        ``caches`` (one per layer) replaces the layers' own caches for this call.
+        """
+        for i, layer in enumerate(self.layers):
+            x = layer(x, start, None if caches is None else caches[i])
         return self.norm(x)
 
 
@@ -222,14 +230,34 @@ class MLXCSMModel(nn.Module):
         there is no host round trip between codebooks.
         """
         n_cb = self.config.audio_num_codebooks
-        keys = mx.random.split(key, n_cb) if key is not None else [None] * n_cb
+        keys = mx.random.split(key, n_cb) if key is not None else None
         h = self.backbone_hidden(tokens, tokens_mask, start)[:, -1]  # (B, D)
+        return self._frame_from_hidden(temperature, topk)(h, keys)
+
+    def _frame_from_hidden(self, temperature: float, topk: int):
+        """The per-frame work after the backbone, compiled once per sampling setting.
+
+        It is a pure function of (h, keys): the decoder caches are created inside it (they are
+        reset every frame anyway), so ``mx.compile`` can fuse all 31 decoder steps into one graph.
+        """
+        fns = self.__dict__.setdefault("_compiled", {})
+        fn = fns.get((temperature, topk))
+        if fn is None:
+            fn = mx.compile(lambda h, keys: self._sample_codebooks(h, keys, temperature, topk), inputs=self)
+            fns[(temperature, topk)] = fn
+        return fn
+
+    def _sample_codebooks(self, h: mx.array, keys: mx.array | None, temperature: float, topk: int) -> mx.array:
+        n_cb = self.config.audio_num_codebooks
+        if keys is None:
+            keys = [None] * n_cb
         c0 = sample_topk(self.codebook0_head(h), topk, temperature, keys[0])  # (B, 1)
         frame = [c0]
+        caches = self.decoder.new_caches(h.shape[0], self.cache_dtype, n_cb)
         dec_in = self.projection(mx.stack([h, self.embed_audio(0, c0[:, 0])], axis=1))  # (B, 2, Dd)
         pos = 0
         for i in range(1, n_cb):
-            dh = self.decoder(dec_in, pos)[:, -1]
+            dh = self.decoder(dec_in, pos, caches)[:, -1]
             ci = sample_topk(self.audio_head[i - 1](dh), topk, temperature, keys[i])
             frame.append(ci)
             pos += dec_in.shape[1]
