@@ -198,3 +198,103 @@ def test_quantized_model_stays_close_to_float(pair, bits):
     rel = np.abs(got - ref).max() / np.abs(ref).max()
     print(f"{bits}-bit: max |logit error| / max |logit| = {rel:.4f}")
     assert 0 < rel < {8: 0.02, 4: 0.25}[bits]
+
+
+# ---------------------------------------------------------------------------------------------
+# Through real checkpoint files: conversion cache, generator, CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def test_converted_weights_are_cached_and_reused(tiny_checkpoint, tmp_path, monkeypatch):
+    from csm_engine import weights
+    from csm_engine.mlx.convert import load_mlx_weights
+
+    config, first = load_mlx_weights(tiny_checkpoint, cache_dir=tmp_path)
+    cached = list(tmp_path.glob("*.safetensors"))
+    assert len(cached) == 1
+
+    def no_torch_load(*_a, **_k):
+        raise AssertionError("a cached checkpoint must not be converted again")
+
+    monkeypatch.setattr(weights, "load_state_dict", no_torch_load)
+    config2, second = load_mlx_weights(tiny_checkpoint, cache_dir=tmp_path)
+    assert config2 == config
+    assert first.keys() == second.keys()
+    for name in first:
+        np.testing.assert_array_equal(np.array(second[name]), np.array(first[name]))
+    # Another dtype is another cache entry (and needs a conversion).
+    with pytest.raises(AssertionError, match="converted again"):
+        load_mlx_weights(tiny_checkpoint, cache_dir=tmp_path, dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def generators(tiny_checkpoint):
+    """(torch Generator, MLXGenerator) over the same checkpoint, sharing one Mimi codec and tokenizer."""
+    from csm_engine.generator import load_generator
+    from csm_engine.mlx import load_mlx_model
+    from csm_engine.mlx.generator import MLXGenerator
+
+    torch_gen = load_generator(str(tiny_checkpoint))
+    mlx_gen = MLXGenerator(load_mlx_model(str(tiny_checkpoint)), torch_gen.codec, torch_gen.tokenizer)
+    return torch_gen, mlx_gen
+
+
+def _greedy(n_frames: int) -> dict:
+    return dict(max_audio_length_ms=80 * n_frames, runaway_guard=False, silence=None, topk=1, temperature=0.0,
+                seed=0, chunk_frames=2)
+
+
+def test_streamed_greedy_pcm_equals_the_torch_path(generators):
+    from csm_engine.tokens import Segment
+
+    torch_gen, mlx_gen = generators
+    context_audio = torch_gen.codec.decode(torch.randint(0, 2048, (32, 4), generator=torch.Generator().manual_seed(0)))
+    context = [Segment(1, "Hi, how are you?", context_audio)]
+    got_frames, want_frames = [], []
+    want = list(torch_gen.stream("Fine, thanks.", 0, context, on_frame=lambda i, f: want_frames.append(f.clone()),
+                                 **_greedy(5)))
+    got = list(mlx_gen.stream("Fine, thanks.", 0, context, on_frame=lambda i, f: got_frames.append(f.clone()),
+                              **_greedy(5)))
+    assert len(want_frames) == 5
+    assert torch.equal(torch.stack(got_frames), torch.stack(want_frames))
+    assert [c.shape for c in got] == [c.shape for c in want]
+    pcm_got, pcm_want = np.concatenate(got), np.concatenate(want)
+    assert pcm_got.shape == (5 * SAMPLES_PER_FRAME,) and np.abs(pcm_want).max() > 0
+    np.testing.assert_array_equal(pcm_got, pcm_want)
+
+
+def test_sampled_generation_follows_the_seed(generators):
+    _, mlx_gen = generators
+    opts = dict(max_audio_length_ms=80 * 4, runaway_guard=False, silence=None)
+    a = mlx_gen.generate("Same seed, same sound.", 1, seed=5, **opts)
+    b = mlx_gen.generate("Same seed, same sound.", 1, seed=5, **opts)
+    c = mlx_gen.generate("Same seed, same sound.", 1, seed=6, **opts)
+    assert a.shape == (4 * SAMPLES_PER_FRAME,)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)
+
+
+def test_stream_stops_when_cancelled(generators):
+    import threading
+
+    _, mlx_gen = generators
+    cancel = threading.Event()
+    chunks = []
+    for chunk in mlx_gen.stream("Stop me early please.", 0, chunk_frames=1, cancel=cancel,
+                                max_audio_length_ms=80 * 20, runaway_guard=False, silence=None):
+        chunks.append(chunk)
+        cancel.set()
+    assert len(chunks) == 1
+
+
+def test_load_generator_quantized(tiny_checkpoint):
+    import mlx.nn as nn
+
+    from csm_engine.mlx import load_generator
+
+    gen = load_generator(str(tiny_checkpoint), quantize_bits=8)
+    assert isinstance(gen.model.backbone.layers[0].mlp.w1, nn.QuantizedLinear)
+    pcm = gen.generate("Quantized.", 0, max_audio_length_ms=160, runaway_guard=False, silence=None, seed=1)
+    assert pcm.shape == (2 * SAMPLES_PER_FRAME,) and torch.isfinite(pcm).all()
+    with pytest.raises(CSMError, match="--quantize 4 or --quantize 8"):
+        load_generator(str(tiny_checkpoint), quantize_bits=3)

@@ -68,6 +68,8 @@ def load_generator(model_path: str | os.PathLike | None = None, *, mimi_path: st
     the torch Mimi codec runs.
     """
     require_mlx()
+    if quantize_bits is not None and quantize_bits not in (4, 8):
+        raise CSMError(f"unsupported quantization: {quantize_bits} bits (use --quantize 4 or --quantize 8)")
     from csm_engine import weights
     from csm_engine.mlx.convert import load_mlx_model
     from csm_engine.mlx.generator import MLXGenerator
