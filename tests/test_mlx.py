@@ -266,12 +266,16 @@ def test_streamed_greedy_pcm_equals_the_torch_path(generators):
 def test_sampled_generation_follows_the_seed(generators):
     _, mlx_gen = generators
     opts = dict(max_audio_length_ms=80 * 4, runaway_guard=False, silence=None)
-    a = mlx_gen.generate("Same seed, same sound.", 1, seed=5, **opts)
-    b = mlx_gen.generate("Same seed, same sound.", 1, seed=5, **opts)
-    c = mlx_gen.generate("Same seed, same sound.", 1, seed=6, **opts)
+
+    def sampled(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        frames: list[torch.Tensor] = []
+        pcm = mlx_gen.generate("Same seed, same sound.", 1, seed=seed, on_frame=lambda i, f: frames.append(f), **opts)
+        return torch.stack(frames), pcm
+
+    (fa, a), (fb, b), (fc, _) = sampled(5), sampled(5), sampled(6)
     assert a.shape == (4 * SAMPLES_PER_FRAME,)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert not torch.equal(a, c)
+    assert torch.equal(fa, fb) and torch.equal(a, b)
+    assert not torch.equal(fa, fc)
 
 
 def test_stream_stops_when_cancelled(generators):
