@@ -85,7 +85,13 @@ class Prompt:
 class Generator:
     sample_rate = 24_000
 
-    def __init__(self, model: CSMModel, codec: MimiCodec, tokenizer: TextTokenizer):
+    def __init__(self, model: CSMModel, codec: MimiCodec, tokenizer: TextTokenizer, *,
+                 dtype: str | torch.dtype | None = None):
+        """``dtype`` (float32 | bfloat16 | int8 | int8-dynamic | auto) converts the model; None keeps it as is."""
+        if dtype is not None:
+            from csm_engine.quantize import apply_precision
+
+            apply_precision(model, dtype)
         self.model = model.eval()
         self.codec = codec
         self.tokenizer = tokenizer
@@ -94,6 +100,14 @@ class Generator:
             model.setup_caches(1)
         self._lock = threading.Lock()
         self._codes_cache: OrderedDict[bytes, Tensor] = OrderedDict()
+        # The conversation cache: the token rows whose keys/values sit in the backbone cache at
+        # positions 0.._cached_len-1 (see _reusable_prefix).
+        width = self.config.frame_width
+        self._cached_tokens = torch.zeros(self.config.max_seq_len, width, dtype=torch.long)
+        self._cached_mask = torch.zeros(self.config.max_seq_len, width, dtype=torch.bool)
+        self._cached_len = 0
+        self._cache_owner: tuple | None = None
+        self.last_prefill_rows = 0  # prompt rows the last utterance actually ran through the backbone
 
     @property
     def device(self) -> torch.device:
@@ -161,36 +175,74 @@ class Generator:
 
     # -- the frame loop -------------------------------------------------------------------
 
+    def _backbone_caches(self) -> tuple:
+        return tuple(layer.attn.kv_cache for layer in self.model.backbone.layers)
+
+    def forget_cache(self) -> None:
+        """Drop the conversation cache: the next utterance prefills its whole prompt."""
+        self._cached_len = 0
+
+    def _reusable_prefix(self, tokens: Tensor, mask: Tensor) -> int:
+        """Rows at the start of the prompt whose keys/values the backbone cache already holds.
+
+        The cache holds the rows fed to the backbone so far (the last prompt, then each sampled
+        frame fed back). Rows are compared by content (tokens and mask): the longest common
+        prefix is reused, so a context trimmed from the front (window full) shares nothing and
+        is prefilled whole. At least the last prompt row is always recomputed: its hidden state
+        starts the first frame.
+        """
+        if self._cache_owner != self._backbone_caches():
+            # setup_caches() ran again (new buffers): nothing in them is ours.
+            self._cache_owner, self._cached_len = self._backbone_caches(), 0
+        n = min(self._cached_len, tokens.shape[0] - 1)
+        if n <= 0:
+            return 0
+        same = (self._cached_tokens[:n] == tokens[:n]).all(dim=1) & (self._cached_mask[:n] == mask[:n]).all(dim=1)
+        differs = (~same).nonzero()
+        return n if differs.numel() == 0 else int(differs[0, 0])
+
+    def _feed(self, tokens: Tensor, mask: Tensor, start: int, temperature: float, topk: int,
+              gen: torch.Generator) -> Tensor:
+        """One generate_frame over rows ``tokens`` at ``start`` that keeps the cache record true."""
+        end = start + tokens.shape[0]
+        self._cached_len = min(self._cached_len, start)  # rows from ``start`` on are being overwritten
+        frame = self.model.generate_frame(tokens[None].to(self.device), mask[None].to(self.device), start,
+                                          temperature, topk, gen)[0]
+        self._cached_tokens[start:end] = tokens
+        self._cached_mask[start:end] = mask
+        self._cached_len = end
+        return frame
+
     @torch.inference_mode()
     def frames(self, prompt: Prompt, *, temperature: float = 0.9, topk: int = 50, seed: int | None = None,
                cancel: threading.Event | None = None) -> Iterator[Tensor]:
         """Yield sampled audio frames (32,) until the all-zero end frame, the budget or ``cancel``.
 
         The end frame itself is yielded last (it is part of what the model said, and decoding it
-        flushes the codec's tail; see ``stream``) when the model emits one.
+        flushes the codec's tail; see ``stream``) when the model emits one. Only the prompt rows
+        the backbone cache does not already hold are prefilled (the conversation cache).
         """
         device = self.device
         gen = torch.Generator(device=device)
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
         n_cb = self.config.audio_num_codebooks
-        tokens = prompt.tokens.to(device)[None]
-        mask = prompt.mask.to(device)[None]
-        pos = torch.arange(tokens.shape[1], device=device)
+        if cancel is not None and cancel.is_set():
+            return
+        start = self._reusable_prefix(prompt.tokens, prompt.mask)
+        self.last_prefill_rows = prompt.tokens.shape[0] - start
+        frame = self._feed(prompt.tokens[start:], prompt.mask[start:], start, temperature, topk, gen)
+        start = prompt.tokens.shape[0]
         # One row reused for every generated frame: codes in columns 0..31, text column masked out.
-        step_tokens = torch.zeros(1, 1, n_cb + 1, dtype=torch.long, device=device)
-        step_mask = torch.zeros(1, 1, n_cb + 1, dtype=torch.bool, device=device)
-        step_mask[..., :n_cb] = True
-        for _ in range(prompt.max_frames):
-            if cancel is not None and cancel.is_set():
-                return
-            frame = self.model.generate_frame(tokens, mask, pos, temperature, topk, gen)[0]
-            if not frame.any():
-                yield frame
-                return
+        step_tokens = torch.zeros(1, n_cb + 1, dtype=torch.long)
+        step_mask = torch.zeros(1, n_cb + 1, dtype=torch.bool)
+        step_mask[:, :n_cb] = True
+        for n in range(1, prompt.max_frames + 1):
             yield frame
-            step_tokens[0, 0, :n_cb] = frame
-            tokens, mask = step_tokens, step_mask
-            pos = pos[-1:] + 1
+            if not frame.any() or n == prompt.max_frames or (cancel is not None and cancel.is_set()):
+                return
+            step_tokens[0, :n_cb] = frame
+            frame = self._feed(step_tokens, step_mask, start, temperature, topk, gen)
+            start += 1
 
     # -- public API -------------------------------------------------------------------------
 
@@ -276,10 +328,18 @@ def prepare_text(text: str) -> str:
 
 def load_generator(model_path: str | None = None, *, mimi_path: str | None = None, tokenizer_path: str | None = None,
                    device: str = "cpu", dtype: torch.dtype | str | None = None) -> Generator:
-    """Build a Generator from a checkpoint dir or hub repo id (default: the released CSM-1B)."""
-    from csm_engine import weights
+    """Build a Generator from a checkpoint dir or hub repo id (default: the released CSM-1B).
 
-    model = weights.load_csm_model(model_path, device=device, dtype=dtype)
+    ``dtype``: float32 | bfloat16 | int8 | int8-dynamic; None picks the device's fastest
+    (``csm_engine.quantize.default_precision``). Int8 scales are computed from float32 weights.
+    """
+    from csm_engine import weights
+    from csm_engine.quantize import apply_precision, compute_dtype, resolve_precision
+
+    precision = resolve_precision(dtype, device)
+    load_dtype = torch.float32 if precision.startswith("int8") else compute_dtype(precision)
+    model = weights.load_csm_model(model_path, device=device, dtype=load_dtype)
+    apply_precision(model, precision)
     codec = weights.load_mimi(mimi_path, model_path=model_path, device=device)
     tokenizer = weights.load_text_tokenizer(tokenizer_path, model_path=model_path)
     return Generator(model, codec, tokenizer)

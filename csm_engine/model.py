@@ -55,19 +55,25 @@ def llama3_inv_freq(head_dim: int, base: float, scaling: RopeScaling | None) -> 
 
 
 def rope_cache(cfg: TransformerConfig) -> Tensor:
-    """(max_seq_len, head_dim // 2, 2) table of [cos, sin] per position and frequency."""
+    """(max_seq_len, 2, head_dim) table per position: [cos, signed sin], each repeated per interleaved pair.
+
+    Row 0 is (c0, c0, c1, c1, ...), row 1 is (-s0, s0, -s1, s1, ...), so that rotating the pairs
+    (x[2i], x[2i+1]) is ``x * cos + swap_pairs(x) * sin``: the same products and sums as the
+    textbook ``(x0 c - x1 s, x1 c + x0 s)``, bit for bit, in three elementwise ops.
+    """
     inv_freq = llama3_inv_freq(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
     angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    cos2 = torch.stack([cos, cos], dim=-1).flatten(-2)
+    sin2 = torch.stack([-sin, sin], dim=-1).flatten(-2)
+    return torch.stack([cos2, sin2], dim=1)
 
 
-def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by the (B, T, D/2, 2) table."""
-    xp = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = rope[..., 0].unsqueeze(2), rope[..., 1].unsqueeze(2)
-    x0, x1 = xp[..., 0], xp[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by tables cos, sin broadcastable to it."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (xf * cos + swapped * sin).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -80,11 +86,25 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, H, T, D) at positions ``pos`` (T,) and return the whole cache."""
+    def update(self, pos: Tensor | int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, H, T, D) at positions ``pos`` and return the keys/values to attend over.
+
+        ``pos`` a tensor (T,) of positions: the whole cache is returned (the mask hides the rest).
+        ``pos`` an int: the rows are contiguous from there and only ``[:pos + T]`` is returned, so
+        a step attends over the filled part of the cache, not over all of it.
+        """
+        if isinstance(pos, int):
+            end = pos + k.shape[2]
+            self.k[:, :, pos:end].copy_(k)
+            self.v[:, :, pos:end].copy_(v)
+            return self.k[:, :, :end], self.v[:, :, :end]
         self.k.index_copy_(2, pos, k)
         self.v.index_copy_(2, pos, v)
         return self.k, self.v
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
 
 
 class Attention(nn.Module):
@@ -97,10 +117,10 @@ class Attention(nn.Module):
         self.output_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos: Tensor | int) -> Tensor:
         b, t, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, t, self.n_heads, self.head_dim), rope).transpose(1, 2)
-        k = apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
+        q = apply_rope(self.q_proj(x).view(b, t, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.kv_cache is None:
             raise RuntimeError("call setup_caches() before running the model")
@@ -128,8 +148,8 @@ class TransformerLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
-        h = x + self.attn(self.sa_norm(x), rope, mask, pos)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos: Tensor | int) -> Tensor:
+        h = x + self.attn(self.sa_norm(x), cos, sin, mask, pos)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -141,7 +161,10 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.register_buffer("rope", rope_cache(cfg), persistent=False)
+        # (S, 1, head_dim) each: the singleton broadcasts over heads once sliced by position.
+        rope = rope_cache(cfg).unsqueeze(1)
+        self.register_buffer("rope_cos", rope[:, :, 0].contiguous(), persistent=False)
+        self.register_buffer("rope_sin", rope[:, :, 1].contiguous(), persistent=False)
         self.register_buffer(
             "causal_mask", torch.tril(torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool)), persistent=False
         )
@@ -156,12 +179,27 @@ class Transformer(nn.Module):
     def caches_are_setup(self) -> bool:
         return all(layer.attn.kv_cache is not None for layer in self.layers)
 
-    def forward(self, x: Tensor, pos: Tensor) -> Tensor:
-        """x (B, T, dim) at positions pos (T,) -> normed hidden states (B, T, dim)."""
-        rope = self.rope[pos].unsqueeze(0)
-        mask = self.causal_mask[pos].unsqueeze(0).unsqueeze(0)  # (1, 1, T, S)
+    def reset_caches(self) -> None:
         for layer in self.layers:
-            x = layer(x, rope, mask, pos)
+            if layer.attn.kv_cache is not None:
+                layer.attn.kv_cache.reset()
+
+    def forward(self, x: Tensor, pos: Tensor | int) -> Tensor:
+        """x (B, T, dim) at positions ``pos`` -> normed hidden states (B, T, dim).
+
+        ``pos`` is a tensor (T,) of positions, or an int: the first of T contiguous positions.
+        The int form is the generation fast path: rope and mask are views of the precomputed
+        tables, attention covers only the filled cache, and a single new row needs no mask.
+        """
+        if isinstance(pos, int):
+            t = x.shape[1]
+            cos, sin = self.rope_cos[pos:pos + t], self.rope_sin[pos:pos + t]
+            mask = None if t == 1 else self.causal_mask[pos:pos + t, :pos + t]
+        else:
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+            mask = self.causal_mask[pos].unsqueeze(0).unsqueeze(0)  # (1, 1, T, S)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, pos)
         return self.norm(x)
 
 
@@ -221,6 +259,11 @@ class CSMModel(nn.Module):
     def caches_are_setup(self) -> bool:
         return self.backbone.caches_are_setup()
 
+    def reset_caches(self) -> None:
+        """Zero the KV caches (they stay allocated)."""
+        self.backbone.reset_caches()
+        self.decoder.reset_caches()
+
     # -- embeddings ---------------------------------------------------------------------------
 
     def embed_frames(self, tokens: Tensor, mask: Tensor) -> Tensor:
@@ -231,17 +274,23 @@ class CSMModel(nn.Module):
         return (emb * mask.unsqueeze(-1).to(emb.dtype)).sum(dim=-2)
 
     def embed_audio(self, codebook: int, token: Tensor) -> Tensor:
-        return self.audio_embeddings(token + codebook * self.config.audio_vocab_size)
+        v = self.config.audio_vocab_size
+        # A view of this codebook's rows instead of an offset add: one op less per decoder step.
+        return F.embedding(token, self.audio_embeddings.weight[codebook * v:(codebook + 1) * v])
 
     # -- forward pieces (public for parity tests and benchmarks) -----------------------------
 
-    def backbone_hidden(self, tokens: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-        """Normed backbone hidden states (B, T, dim) for token frames at positions input_pos (T,) or (B, T)."""
-        pos = input_pos[0] if input_pos.dim() == 2 else input_pos
+    def backbone_hidden(self, tokens: Tensor, mask: Tensor, input_pos: Tensor | int) -> Tensor:
+        """Normed backbone hidden states (B, T, dim) for token frames at positions input_pos.
+
+        ``input_pos``: (T,) or (B, T) positions, or an int, the first of T contiguous positions
+        (the generation fast path: attention over the filled cache only).
+        """
+        pos = input_pos[0] if isinstance(input_pos, Tensor) and input_pos.dim() == 2 else input_pos
         return self.backbone(self.embed_frames(tokens, mask), pos)
 
-    def decoder_hidden(self, x: Tensor, input_pos: Tensor) -> Tensor:
-        """Decoder hidden states for projected inputs x (B, t, dec_dim) at positions input_pos (t,)."""
+    def decoder_hidden(self, x: Tensor, input_pos: Tensor | int) -> Tensor:
+        """Decoder hidden states for projected inputs x (B, t, dec_dim) at positions input_pos (t,) or from an int."""
         return self.decoder(x, input_pos)
 
     # -- generation ---------------------------------------------------------------------------
@@ -251,21 +300,28 @@ class CSMModel(nn.Module):
         self,
         tokens: Tensor,
         tokens_mask: Tensor,
-        input_pos: Tensor,
+        input_pos: Tensor | int,
         temperature: float = 0.9,
         topk: int = 50,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Prefill/extend the backbone with new token frames and sample the next audio frame (B, 32)."""
+        """Prefill/extend the backbone with new token frames and sample the next audio frame (B, 32).
+
+        ``input_pos`` as an int (the position of the first new row) is the fast path the
+        Generator uses. The 31 decoder steps do nothing but the model's own ops: positions,
+        rope and masks are views of precomputed tables, codes go into a preallocated row, and
+        nothing waits on the device (sampling draws without a host sync).
+        """
         h = self.backbone_hidden(tokens, tokens_mask, input_pos)[:, -1]  # (B, D)
+        n_cb = self.config.audio_num_codebooks
+        codes = torch.empty(h.shape[0], n_cb, dtype=torch.long, device=h.device)
         c0 = sample_topk(self.codebook0_head(h), topk, temperature, generator)  # (B, 1)
-        frame = [c0]
+        codes[:, :1] = c0
+        # Decoder positions 0, 1 = [h, c0]; then codebook i enters at position i.
         dec_in = self.projection(torch.stack([h, self.embed_audio(0, c0[:, 0])], dim=1))  # (B, 2, Dd)
-        pos = torch.arange(2, device=h.device)
-        for i in range(1, self.config.audio_num_codebooks):
-            dh = self.decoder(dec_in, pos)[:, -1]
+        for i in range(1, n_cb):
+            dh = self.decoder(dec_in, 0 if i == 1 else i)[:, -1]
             ci = sample_topk(dh @ self.audio_head[i - 1], topk, temperature, generator)
-            frame.append(ci)
+            codes[:, i:i + 1] = ci
             dec_in = self.projection(self.embed_audio(i, ci))  # (B, 1, Dd)
-            pos = pos[-1:] + 1
-        return torch.cat(frame, dim=1)
+        return codes
