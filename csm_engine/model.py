@@ -33,6 +33,8 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and self.scale.dtype == torch.float32:  # same math, no no-op casts
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.scale.float()).type_as(x)
@@ -71,9 +73,10 @@ def rope_cache(cfg: TransformerConfig) -> Tensor:
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by tables cos, sin broadcastable to it."""
-    xf = x.float()
+    xf = x if x.dtype == torch.float32 else x.float()
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return (xf * cos + swapped * sin).type_as(x)
+    out = xf * cos + swapped * sin
+    return out if x.dtype == torch.float32 else out.type_as(x)
 
 
 class KVCache(nn.Module):
@@ -94,10 +97,10 @@ class KVCache(nn.Module):
         a step attends over the filled part of the cache, not over all of it.
         """
         if isinstance(pos, int):
-            end = pos + k.shape[2]
-            self.k[:, :, pos:end].copy_(k)
-            self.v[:, :, pos:end].copy_(v)
-            return self.k[:, :, :end], self.v[:, :, :end]
+            t = k.shape[2]
+            self.k.narrow(2, pos, t).copy_(k)
+            self.v.narrow(2, pos, t).copy_(v)
+            return self.k.narrow(2, 0, pos + t), self.v.narrow(2, 0, pos + t)
         self.k.index_copy_(2, pos, k)
         self.v.index_copy_(2, pos, v)
         return self.k, self.v
