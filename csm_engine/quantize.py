@@ -1,0 +1,310 @@
+"""Precision of a CSMModel: float32 (the reference), bfloat16, and int8 weights for its Linear layers.
+
+Quantization never enters model code: a handler turns a float state dict into int8 weights plus
+per-output-channel scales, and swaps each chosen ``nn.Linear`` for a drop-in module that reads
+them. Two int8 modules share that state-dict layout (``<name>.weight`` int8, ``<name>.scales``):
+
+- ``Int8WeightOnlyLinear`` (precision ``"int8"``): bf16 activations times int8 weights through
+  ``torch.ops.aten._weight_int8pack_mm`` (a CPU kernel that dequantizes on the fly).
+- ``DynamicInt8Linear`` (precision ``"int8-dynamic"``): fbgemm's dynamically quantized matmul
+  (activations quantized per call to 8 bits, int8 x int8 products) with float32 around it.
+
+At batch 1 a frame is bound by reading weights, so bytes per weight decide speed. The
+``audio_head`` (a raw (31, D, 2051) parameter read one slice per decoder step, ~3% of a step's
+bytes) and the embeddings (gathered row by row, never read whole) stay in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from csm_engine.errors import CSMError
+
+PRECISIONS = ("float32", "bfloat16", "int8", "int8-dynamic")
+_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "int8-dyn": "int8-dynamic",
+            "w8a8": "int8-dynamic", "int8-weight-only": "int8"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing a precision
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
+def int8pack_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def default_precision(device: str | torch.device) -> str:
+    """The fastest precision measured for a device (see benchmarks/README.md).
+
+    CPU: int8 weights (a frame is bound by reading weights; int8 halves bf16's bytes).
+    CUDA: bfloat16 (not measured here: no GPU was available while this was written).
+    """
+    kind = torch.device(device).type
+    if kind == "cpu":
+        if fbgemm_available():
+            return "int8-dynamic"
+        return "int8" if int8pack_available() else "bfloat16"
+    if kind in ("cuda", "mps"):
+        return "bfloat16"
+    return "float32"
+
+
+def resolve_precision(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> str:
+    """A precision name from a ``--dtype`` value (``None`` = the device's default); CSMError if unknown."""
+    if dtype is None or dtype == "auto":
+        return default_precision(device)
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        name = str(dtype).lower().removeprefix("torch.")
+    name = _ALIASES.get(name, name)
+    if name not in PRECISIONS:
+        raise CSMError(f"unknown dtype {dtype!r}: choose one of {', '.join(PRECISIONS)} (or auto)")
+    if name == "int8-dynamic" and not fbgemm_available():
+        raise CSMError("--dtype int8-dynamic needs torch's fbgemm backend (x86 CPU); use --dtype int8 or bfloat16")
+    if name in ("int8", "int8-dynamic") and torch.device(device).type == "mps":
+        raise CSMError(f"--dtype {name} is not supported on mps; use --dtype bfloat16")
+    return name
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype of activations, KV caches and unquantized parameters for a precision."""
+    return torch.float32 if precision in ("float32", "int8-dynamic") else torch.bfloat16
+
+
+def model_precision(model: nn.Module) -> str:
+    """The precision a model currently runs at."""
+    for m in model.modules():
+        if isinstance(m, DynamicInt8Linear):
+            return "int8-dynamic"
+        if isinstance(m, Int8WeightOnlyLinear):
+            return "int8"
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    return "bfloat16" if dtype == torch.bfloat16 else "float32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Int8 Linear modules (drop-in replacements of nn.Linear without bias)
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per output row: weight (out, in) ~ int8 (out, in) * scales (out,) float32."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """y = x @ (int8 weight * scales).T, with activations in bf16 (or float32) on any device."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+
+
+class DynamicInt8Linear(nn.Module):
+    """y = x @ (int8 weight * scales).T with x quantized to 8 bits per call (fbgemm, x86 CPU, float32)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32, device=device))
+        self._packed = None
+        self._packed_key: tuple = ()
+        # Without VNNI, fbgemm's u8 x s8 pair products can overflow int16 with full-range
+        # activations; 7-bit activations (reduce_range) avoid that (torch.ao's default for x86).
+        self.reduce_range = True
+
+    def pack(self) -> None:
+        """Build fbgemm's packed weight from the int8 buffers (after loading them)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensor creation is deprecated, the kernels are not
+            zero = torch.zeros(self.out_features, dtype=torch.long)
+            qw = torch._make_per_channel_quantized_tensor(self.weight.cpu(), self.scales.double().cpu(), zero, 0)
+            self._packed = torch.ops.quantized.linear_prepack(qw, None)
+        self._packed_key = self._buffers_key()
+
+    def _buffers_key(self) -> tuple:
+        w, s = self.weight, self.scales
+        return (w.data_ptr(), w._version, s.data_ptr(), s._version)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Repack when the buffers were replaced or changed in place (load_state_dict, zero_()).
+        if self._packed is None or self._packed_key != self._buffers_key():
+            self.pack()
+        y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, self.reduce_range)
+        return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The handler: which Linears, state dict conversion, module swap
+# ---------------------------------------------------------------------------------------------
+
+
+def default_filter(name: str, module: nn.Module) -> bool:
+    """Every Linear of both transformers, the projection and codebook0_head."""
+    return isinstance(module, nn.Linear) and module.bias is None
+
+
+def dynamic_filter(name: str, module: nn.Module) -> bool:
+    """As ``default_filter`` but the projection stays float: its first call of a frame takes the
+    backbone's normed state and a raw embedding in one tensor, and one per-tensor activation
+    scale for both rows rounds the (much smaller) embedding row away (measured: decoder logit
+    error 0.42 vs 0.03 relative RMS on the tiny flavor)."""
+    return default_filter(name, module) and name != "projection"
+
+
+class Int8QuantHandler:
+    """Converts a float CSMModel's chosen Linears to int8 (gpt-fast's quantize handler, for CSM)."""
+
+    def __init__(self, model: nn.Module, dynamic: bool = False,
+                 include: Callable[[str, nn.Module], bool] = default_filter):
+        self.model = model
+        self.linear_cls = DynamicInt8Linear if dynamic else Int8WeightOnlyLinear
+        self.names = [name for name, m in model.named_modules() if include(name, m)]
+
+    @torch.no_grad()
+    def create_quantized_state_dict(self) -> dict[str, Tensor]:
+        """The model's state dict with each chosen Linear as ``weight`` int8 + ``scales``."""
+        sd = dict(self.model.state_dict())
+        for name in self.names:
+            q, scales = quantize_per_channel(sd[f"{name}.weight"])
+            sd[f"{name}.weight"] = q
+            sd[f"{name}.scales"] = scales
+        return sd
+
+    def convert_for_runtime(self, dtype: torch.dtype) -> nn.Module:
+        """Swap the chosen Linears for int8 modules (weights still to be loaded)."""
+        for name in self.names:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            old = getattr(parent, child)
+            new = self.linear_cls(old.in_features, old.out_features, dtype=dtype, device=old.weight.device)
+            setattr(parent, child, new)
+        return self.model
+
+
+@torch.no_grad()
+def apply_precision(model: nn.Module, precision: str | torch.dtype | None, *,
+                    include: Callable[[str, nn.Module], bool] | None = None) -> nn.Module:
+    """Convert a float model in place to a precision (float32 | bfloat16 | int8 | int8-dynamic).
+
+    Quantize from the float32 weights when you have them (scales are computed before any
+    rounding to bf16). The KV caches are rebuilt in the new compute dtype, so any conversation
+    cache kept outside the model is stale afterwards.
+    """
+    device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)
+    current = model_precision(model)
+    if current == precision:
+        return model
+    if current in ("int8", "int8-dynamic"):
+        raise CSMError(f"model is already quantized ({current}); load the float checkpoint again for {precision}")
+    dtype = compute_dtype(precision)
+    if precision in ("int8", "int8-dynamic"):
+        dynamic = precision == "int8-dynamic"
+        include = include or (dynamic_filter if dynamic else default_filter)
+        handler = Int8QuantHandler(model, dynamic=dynamic, include=include)
+        sd = handler.create_quantized_state_dict()
+        handler.convert_for_runtime(dtype)
+        for k, v in sd.items():
+            if v.is_floating_point() and not k.endswith(".scales"):
+                sd[k] = v.to(dtype)
+            elif k.endswith(".scales"):
+                sd[k] = v.to(torch.float32 if precision == "int8-dynamic" else dtype)
+        model.load_state_dict(sd, strict=True, assign=True)
+        if precision == "int8-dynamic":
+            for m in model.modules():
+                if isinstance(m, DynamicInt8Linear):
+                    m.pack()
+    else:
+        model.to(dtype)
+    # Non-persistent float buffers (rope tables) stay float32: rope is computed in float32.
+    for tf in (model.backbone, model.decoder):
+        tf.rope_cos.data = tf.rope_cos.float()
+        tf.rope_sin.data = tf.rope_sin.float()
+    if model.caches_are_setup():
+        batch = model.backbone.layers[0].attn.kv_cache.k.shape[0]
+        model.setup_caches(batch)
+    return model
+
+
+def weight_bytes_per_frame(model: nn.Module) -> int:
+    """Bytes of weights one generated frame reads at batch 1: 1 backbone step + 31 decoder steps.
+
+    Counts what the kernels stream from memory: every Linear of the backbone and codebook0_head
+    once; the decoder's Linears, the projection and one audio_head slice once per decoder step.
+    Embedding rows (a few KB) are not counted.
+    """
+    def nbytes(module: nn.Module) -> int:
+        total = 0
+        for m in module.modules():
+            if isinstance(m, (nn.Linear, Int8WeightOnlyLinear, DynamicInt8Linear)):
+                total += m.weight.numel() * m.weight.element_size()
+        return total
+
+    n_steps = model.config.audio_num_codebooks - 1
+    head_slice = model.audio_head[0].numel() * model.audio_head.element_size()
+    backbone = nbytes(model.backbone) + nbytes(model.codebook0_head)
+    decoder_step = nbytes(model.decoder) + nbytes(model.projection) + head_slice
+    return backbone + n_steps * decoder_step
+
+
+@torch.inference_mode()
+def probe_logits(model: nn.Module, tokens: Tensor, mask: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits to compare precisions on: codebook 0 after a prompt, and codebooks 1..31 teacher-forced.
+
+    tokens, mask (1, T, 33) a prompt; codes (1, 32) the frame fed to the decoder. Returns
+    float32 (T, 2051) codebook-0 logits of every prompt row and (31, 2051) decoder logits.
+    """
+    model.reset_caches()
+    h = model.backbone_hidden(tokens, mask, 0)
+    logits0 = model.codebook0_head(h)[0].float()
+    n_cb = model.config.audio_num_codebooks
+    emb = torch.cat([model.embed_audio(i, codes[:, i:i + 1]) for i in range(n_cb - 1)], dim=1)
+    x = model.projection(torch.cat([h[:, -1:], emb.to(h.dtype)], dim=1))
+    dh = model.decoder_hidden(x, 0)[0]
+    logits = torch.stack([dh[i] @ model.audio_head[i - 1] for i in range(1, n_cb)]).float()
+    return logits0, logits
+
+
+def logit_error(reference: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor]) -> dict[str, float]:
+    """How far ``other``'s probe logits are from the reference: relative RMS and max error, top-1 agreement."""
+    out: dict[str, float] = {}
+    for name, a, b in (("codebook0", reference[0], other[0]), ("decoder", reference[1], other[1])):
+        scale = float(a.std())
+        out[f"{name}_rel_rms"] = float((a - b).pow(2).mean().sqrt()) / scale
+        out[f"{name}_rel_max"] = float((a - b).abs().max()) / scale
+        out[f"{name}_top1_agree"] = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    return out

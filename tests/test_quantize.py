@@ -1,0 +1,150 @@
+"""Precision: bf16 and int8 stay close to float32 and never change behaviour silently."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from csm_engine import quantize as Q
+from csm_engine.errors import CSMError
+
+from _engine_helpers import random_tiny_model, tiny_generator
+
+# Relative RMS logit error allowed vs float32 on the tiny flavor (measured: bf16 ~0.008,
+# int8 ~0.017, int8-dynamic ~0.028; see benchmarks/quant_error.py for the 1B shapes).
+TOLERANCE = {"bfloat16": 0.03, "int8": 0.05, "int8-dynamic": 0.08}
+PRECISIONS = [p for p in TOLERANCE if p != "int8-dynamic" or Q.fbgemm_available()]
+
+
+def _probe_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 500, (1, 24, 33), generator=g)
+    tokens[..., :32] = torch.randint(0, 2051, (1, 24, 32), generator=g)
+    mask = torch.zeros(1, 24, 33, dtype=torch.bool)
+    mask[:, :12, -1] = True
+    mask[:, 12:, :32] = True
+    return tokens, mask, torch.randint(0, 2051, (1, 32), generator=g)
+
+
+def _model(precision: str | None = None):
+    m = random_tiny_model(seed=1, std=0.02)
+    m.setup_caches(1)
+    if precision is not None:
+        Q.apply_precision(m, precision)
+    return m
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return Q.probe_logits(_model(), *_probe_inputs())
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_logits_stay_close_to_float32(reference, precision):
+    err = Q.logit_error(reference, Q.probe_logits(_model(precision), *_probe_inputs()))
+    assert err["codebook0_rel_rms"] < TOLERANCE[precision], err
+    assert err["decoder_rel_rms"] < TOLERANCE[precision], err
+    assert err["codebook0_top1_agree"] >= 0.8 and err["decoder_top1_agree"] >= 0.8, err
+
+
+def test_float32_is_the_untouched_reference(reference):
+    m = _model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    Q.apply_precision(m, "float32")
+    assert all(torch.equal(before[k], v) and v.dtype == torch.float32 for k, v in m.state_dict().items())
+    after = Q.probe_logits(m, *_probe_inputs())
+    assert torch.equal(after[0], reference[0]) and torch.equal(after[1], reference[1])
+
+
+def test_quantized_state_dict_has_int8_linears_and_float_rest():
+    m = _model()
+    sd = Q.Int8QuantHandler(m).create_quantized_state_dict()
+    assert sd["backbone.layers.0.attn.q_proj.weight"].dtype == torch.int8
+    assert sd["decoder.layers.1.mlp.w2.weight"].dtype == torch.int8
+    assert sd["codebook0_head.weight"].dtype == torch.int8
+    assert sd["decoder.layers.1.mlp.w2.scales"].shape == (m.config.decoder.dim,)
+    # Raw parameters read by slices or rows stay float.
+    for key in ("audio_head", "text_embeddings.weight", "audio_embeddings.weight", "backbone.norm.scale"):
+        assert sd[key].dtype == torch.float32
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_model_converts_whole_caches_included(precision):
+    m = _model(precision)
+    assert Q.model_precision(m) == precision
+    cache = m.backbone.layers[0].attn.kv_cache.k
+    assert cache.dtype == Q.compute_dtype(precision)
+    assert m.backbone.rope_cos.dtype == torch.float32  # rope math stays float32
+    with pytest.raises(CSMError, match="already quantized") if precision.startswith("int8") else _noop():
+        Q.apply_precision(m, "float32")
+
+
+class _noop:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_unknown_dtype_is_a_one_line_error():
+    with pytest.raises(CSMError, match="choose one of") as e:
+        Q.resolve_precision("int3", "cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_dtype_aliases_and_default():
+    assert Q.resolve_precision(torch.bfloat16, "cpu") == "bfloat16"
+    assert Q.resolve_precision("bf16", "cpu") == "bfloat16"
+    assert Q.resolve_precision("fp32", "cpu") == "float32"
+    assert Q.resolve_precision(None, "cpu") == Q.default_precision("cpu")
+    assert Q.default_precision("cpu") in ("int8-dynamic", "int8", "bfloat16")
+
+
+@pytest.mark.skipif(not Q.fbgemm_available(), reason="fbgemm (x86) only")
+def test_dynamic_linear_sees_in_place_weight_changes():
+    m = _model("int8-dynamic")
+    x = torch.randn(1, 1, m.config.backbone.dim)
+    assert m.codebook0_head(x).abs().sum() > 0
+    with torch.no_grad():
+        m.codebook0_head.weight.zero_()
+    assert m.codebook0_head(x).abs().sum() == 0
+
+
+def test_weight_only_linear_float32_fallback_is_the_dequantized_matmul():
+    lin = torch.nn.Linear(64, 48, bias=False)
+    q, scales = Q.quantize_per_channel(lin.weight)
+    mod = Q.Int8WeightOnlyLinear(64, 48, dtype=torch.float32)
+    mod.load_state_dict({"weight": q, "scales": scales})
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(mod(x), x @ (q.float() * scales[:, None]).T, atol=1e-5, rtol=1e-5)
+    # The bf16 CPU kernel computes the same product.
+    mod_bf16 = Q.Int8WeightOnlyLinear(64, 48, dtype=torch.bfloat16)
+    mod_bf16.load_state_dict({"weight": q, "scales": scales.bfloat16()})
+    torch.testing.assert_close(mod_bf16(x.bfloat16()).float(), mod(x), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_generator_dtype_converts_the_model_and_generates(precision):
+    gen = tiny_generator(seed=2)
+    gen2 = type(gen)(gen.model, gen.codec, gen.tokenizer, dtype=precision)
+    assert Q.model_precision(gen2.model) == precision
+    prompt = gen2.build_prompt("hello there", 0, [], 80 * 3, runaway_guard=False)
+    frames = list(gen2.frames(prompt, seed=1))
+    assert len(frames) == 3 and all(f.shape == (32,) and f.dtype == torch.long for f in frames)
+
+
+def test_load_generator_passes_dtype_through(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("csm_engine.testing")
+    pytest.importorskip("csm_engine.weights")
+    from csm_engine.generator import load_generator
+
+    subprocess.run([sys.executable, "-m", "csm_engine.testing", "make-checkpoint", str(tmp_path), "--flavor", "tiny"],
+                   check=True)
+    for precision in ("float32", "bfloat16", "int8"):
+        gen = load_generator(str(tmp_path), dtype=precision)
+        assert Q.model_precision(gen.model) == precision
+    assert Q.model_precision(load_generator(str(tmp_path)).model) == Q.default_precision("cpu")
