@@ -1,0 +1,352 @@
+"""Turn-taking: when the user starts speaking and when their turn is over.
+
+Two detectors with one stream interface: ``feed(block) -> list[VadEvent]``.
+``VoiceActivityDetector`` runs Silero VAD (the model packaged in ``silero-vad``, on ONNX
+Runtime or TorchScript) on 32 ms windows and ends a turn after a pause; ``PushToTalk`` starts and ends turns on key press and
+release. A ``speech_end`` event carries the turn's audio, ready for ASR. Times are seconds of
+stream audio fed since the detector was made or reset (not wall-clock time).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from agent.audio import PIPELINE_RATE
+from agent.errors import AgentError
+
+WINDOW = 512  # samples per Silero window at 16 kHz (32 ms)
+
+
+@dataclass(frozen=True)
+class VadEvent:
+    """``speech_start`` or ``speech_end`` at ``t`` seconds of stream time.
+
+    ``speech_end`` carries ``audio``: the whole turn (float32, 16 kHz, with a little lead-in
+    and tail around the speech) and ``forced`` when it was cut by ``max_speech_s`` or flush.
+    For ``speech_end``, ``t`` is where the speech stopped, before the end-of-turn pause.
+    """
+
+    kind: Literal["speech_start", "speech_end"]
+    t: float
+    audio: np.ndarray | None = field(default=None, repr=False, compare=False)
+    forced: bool = False
+
+    @property
+    def duration_s(self) -> float:
+        return 0.0 if self.audio is None else len(self.audio) / PIPELINE_RATE
+
+
+@dataclass(frozen=True)
+class VadSettings:
+    """Tuning for ``VoiceActivityDetector`` (milliseconds unless named otherwise)."""
+
+    threshold: float = 0.5  # speech probability that starts/continues speech
+    end_silence_ms: int = 600  # pause that ends a turn (the hangover)
+    min_speech_ms: int = 200  # shorter bursts (clicks, coughs) are not a turn
+    lead_in_ms: int = 200  # audio kept before the detected start (soft onsets)
+    tail_ms: int = 150  # audio kept after the detected end
+    max_speech_s: float = 30.0  # a turn longer than this is cut (and a new one begins)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise AgentError(f"VAD threshold must be between 0 and 1, got {self.threshold}")
+        if self.end_silence_ms < 32 or self.min_speech_ms < 0 or self.max_speech_s <= 0:
+            raise AgentError("VAD timings must be positive (end-of-turn pause at least 32 ms)")
+
+
+class SileroModel:
+    """Silero VAD with its recurrent state: ``probability(window)`` for 512-sample 16 kHz windows.
+
+    Two runtimes for the same packaged model. ONNX Runtime (the default when installed; it
+    comes with faster-whisper) runs it on one thread of its own in ~0.2 ms a window.
+    TorchScript needs only torch but runs on torch's shared intra-op pool, where it contends
+    with CSM generation (torch.set_num_threads is process-wide, so it is not touched here).
+    """
+
+    CONTEXT = 64  # samples of the previous window the ONNX graph expects in front of each window
+
+    def __init__(self, path: Path, runtime: str) -> None:
+        self.path, self.runtime = path, runtime
+        try:
+            if runtime == "onnx":
+                import onnxruntime
+
+                options = onnxruntime.SessionOptions()
+                options.intra_op_num_threads = 1
+                options.inter_op_num_threads = 1
+                options.log_severity_level = 3
+                self._session = onnxruntime.InferenceSession(
+                    str(path), options, providers=["CPUExecutionProvider"]
+                )
+            else:
+                import torch
+
+                self._jit = torch.jit.load(str(path), map_location="cpu").eval()
+        except Exception as error:  # a truncated or foreign file
+            raise AgentError(
+                f"cannot load the VAD model {path}: {error}: reinstall it with "
+                "`pip install --force-reinstall silero-vad`"
+            ) from None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the recurrent state (start of a new stream)."""
+        self._state = np.zeros((2, 1, 128), np.float32)
+        self._context = np.zeros((1, self.CONTEXT), np.float32)
+        if self.runtime == "jit":
+            self._jit.reset_states()
+
+    def probability(self, window: np.ndarray) -> float:
+        """Speech probability (0..1) of one 512-sample float32 16 kHz window."""
+        if self.runtime == "onnx":
+            x = np.concatenate([self._context, window.reshape(1, WINDOW)], axis=1)
+            out, self._state = self._session.run(
+                None, {"input": x, "state": self._state, "sr": np.array(PIPELINE_RATE, dtype=np.int64)}
+            )
+            self._context = x[:, -self.CONTEXT :]
+            return float(out.reshape(-1)[0])
+        import torch
+
+        with torch.inference_mode():
+            return float(self._jit(torch.from_numpy(np.ascontiguousarray(window)).unsqueeze(0), PIPELINE_RATE))
+
+
+def load_silero_model(path: str | Path | None = None, *, runtime: str = "auto") -> SileroModel:
+    """Load Silero VAD from the silero-vad package (or ``path``); runtime "onnx", "jit" or "auto"."""
+    from agent.embedded import silero_vad_jit
+
+    if runtime not in ("auto", "onnx", "jit"):
+        raise AgentError(f"unknown VAD runtime {runtime!r}: use onnx, jit or auto")
+    if runtime == "auto":
+        runtime = "onnx" if importlib.util.find_spec("onnxruntime") is not None else "jit"
+    if path is None:
+        jit = silero_vad_jit()
+        path = jit.with_name("silero_vad.onnx") if runtime == "onnx" else jit
+    return SileroModel(Path(path), runtime)
+
+
+class _TurnBuffer:
+    """The current turn's audio, plus recent history so a turn can start a little in the past."""
+
+    def __init__(self, lead_in: int, history: int) -> None:
+        self.lead_in, self.history = lead_in, history
+        self.clear()
+
+    def clear(self) -> None:
+        self._chunks: list[np.ndarray] = []
+        self._start = 0  # stream sample of the first sample held
+        self._len = 0
+        self._recording = False
+
+    def push(self, samples: np.ndarray) -> None:
+        self._chunks.append(samples)
+        self._len += len(samples)
+        if not self._recording:  # idle: keep only enough history for a late-confirmed start
+            while self._chunks and self._len - len(self._chunks[0]) >= self.history:
+                n = len(self._chunks.pop(0))
+                self._len -= n
+                self._start += n
+
+    def begin(self, start_sample: int) -> None:
+        """Record a turn from stream sample ``start_sample`` minus the lead-in."""
+        keep_from = max(self._start, start_sample - self.lead_in)
+        audio = self.audio()[keep_from - self._start :]
+        self._chunks, self._len, self._start = [audio], len(audio), keep_from
+        self._recording = True
+
+    def end(self, end_sample: int) -> np.ndarray:
+        """Stop recording at stream sample ``end_sample``; returns the turn's audio."""
+        audio = self.audio()
+        cut = max(0, min(len(audio), end_sample - self._start))
+        rest = audio[cut:]  # stays as history for the next turn's lead-in
+        self._chunks, self._len, self._start = [rest], len(rest), self._start + cut
+        self._recording = False
+        return audio[:cut]
+
+    def audio(self) -> np.ndarray:
+        return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32)
+
+
+class VoiceActivityDetector:
+    """Silero VAD over a 16 kHz stream: speech_start once speech lasts ``min_speech_ms``,
+    speech_end (with the turn's audio) after ``end_silence_ms`` of pause.
+
+    Not thread-safe: feed it from one thread (the capture loop). The detector owns its
+    ``SileroModel`` (recurrent state included): give each detector its own.
+    """
+
+    sample_rate = PIPELINE_RATE
+
+    def __init__(self, settings: VadSettings | None = None, *, model: SileroModel | None = None) -> None:
+        self.settings = settings or VadSettings()
+        self._model = model if model is not None else load_silero_model()
+        s = self.settings
+        self._end_silence = s.end_silence_ms * PIPELINE_RATE // 1000
+        self._min_speech = s.min_speech_ms * PIPELINE_RATE // 1000
+        self._tail = s.tail_ms * PIPELINE_RATE // 1000
+        self._max_speech = int(s.max_speech_s * PIPELINE_RATE)
+        lead_in = s.lead_in_ms * PIPELINE_RATE // 1000
+        self._buffer = _TurnBuffer(lead_in, lead_in + self._min_speech + 2 * WINDOW)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the model state, any turn in progress, and restart the clock at 0 s."""
+        self._model.reset()
+        self._pending = np.zeros(0, np.float32)
+        self._pos = 0  # stream samples run through the model
+        self._buffer.clear()
+        self._candidate: int | None = None  # stream sample where unconfirmed speech began
+        self._speaking = False
+        self._start = 0
+        self._silence_from: int | None = None  # first sample of the current pause
+        self.last_probability = 0.0
+
+    @property
+    def speaking(self) -> bool:
+        """True between a speech_start and its speech_end."""
+        return self._speaking
+
+    @property
+    def time_s(self) -> float:
+        """Stream time reached so far, in seconds."""
+        return self._pos / PIPELINE_RATE
+
+    def current_audio(self) -> np.ndarray:
+        """Audio of the turn in progress (for a partial transcript); empty when not speaking."""
+        return self._buffer.audio() if self._speaking else np.zeros(0, np.float32)
+
+    def feed(self, block: np.ndarray) -> list[VadEvent]:
+        """Run the detector over a block of float32 16 kHz samples (any length)."""
+        self._pending = np.concatenate([self._pending, np.asarray(block, dtype=np.float32).reshape(-1)])
+        events: list[VadEvent] = []
+        n = len(self._pending) // WINDOW
+        if n == 0:
+            return events
+        windows = self._pending[: n * WINDOW].reshape(n, WINDOW)
+        self._pending = self._pending[n * WINDOW :]
+        for window in windows:
+            probability = self._model.probability(window)
+            self._buffer.push(window)
+            self._pos += WINDOW
+            events.extend(self._step(probability))
+        return events
+
+    def flush(self) -> list[VadEvent]:
+        """End the stream: a turn still in progress ends now (``forced``)."""
+        if not self._speaking:
+            self._candidate = None
+            return []
+        end = self._silence_from if self._silence_from is not None else self._pos
+        return [self._end_turn(end, forced=True)]
+
+    def _step(self, probability: float) -> list[VadEvent]:
+        self.last_probability = probability
+        s = self.settings
+        window_start = self._pos - WINDOW
+        is_speech = probability >= s.threshold
+        is_silence = probability < s.threshold - 0.15  # hysteresis: in between keeps the state
+        if not self._speaking:
+            if is_speech and self._candidate is None:
+                self._candidate = window_start
+            elif is_silence:
+                self._candidate = None
+            if self._candidate is not None and self._pos - self._candidate >= max(self._min_speech, WINDOW):
+                self._speaking, self._start, self._silence_from = True, self._candidate, None
+                self._candidate = None
+                self._buffer.begin(self._start)
+                return [VadEvent("speech_start", self._start / PIPELINE_RATE)]
+            return []
+        if is_speech:
+            self._silence_from = None
+        elif is_silence and self._silence_from is None:
+            self._silence_from = window_start
+        if self._silence_from is not None and self._pos - self._silence_from >= self._end_silence:
+            return [self._end_turn(self._silence_from)]
+        if self._pos - self._start >= self._max_speech:
+            event = self._end_turn(self._pos, forced=True)
+            # The user is still talking: what follows is a new turn.
+            self._speaking, self._start, self._silence_from = True, self._pos, None
+            self._buffer.begin(self._pos)
+            return [event, VadEvent("speech_start", self._pos / PIPELINE_RATE)]
+        return []
+
+    def _end_turn(self, speech_end: int, *, forced: bool = False) -> VadEvent:
+        """End the turn whose speech stopped at stream sample ``speech_end`` (audio gets the tail)."""
+        audio = self._buffer.end(min(self._pos, speech_end + self._tail))
+        self._speaking, self._silence_from = False, None
+        return VadEvent("speech_end", speech_end / PIPELINE_RATE, audio, forced)
+
+
+class PushToTalk:
+    """Turns by key: press starts a turn, release ends it; same stream interface as the VAD.
+
+    ``press()`` and ``release()`` may be called from any thread (the UI); the events come out
+    of the next ``feed()``, in stream time, so one thread consumes all events.
+    """
+
+    sample_rate = PIPELINE_RATE
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pressed = False
+        self.reset()
+
+    def press(self) -> None:
+        with self._lock:
+            self._pressed = True
+
+    def release(self) -> None:
+        with self._lock:
+            self._pressed = False
+
+    def reset(self) -> None:
+        """Forget any turn in progress and restart the clock at 0 s (the key state is kept)."""
+        self._pos = 0
+        self._speaking = False
+        self._turn: list[np.ndarray] = []
+        self._start = 0
+
+    @property
+    def speaking(self) -> bool:
+        return self._speaking
+
+    @property
+    def time_s(self) -> float:
+        return self._pos / PIPELINE_RATE
+
+    def current_audio(self) -> np.ndarray:
+        return np.concatenate(self._turn) if self._speaking and self._turn else np.zeros(0, np.float32)
+
+    def feed(self, block: np.ndarray) -> list[VadEvent]:
+        """Record the block into the turn while the key is held; report press/release edges."""
+        block = np.asarray(block, dtype=np.float32).reshape(-1)
+        with self._lock:
+            pressed = self._pressed
+        events: list[VadEvent] = []
+        if pressed and not self._speaking:
+            self._speaking, self._start, self._turn = True, self._pos, []
+            events.append(VadEvent("speech_start", self._pos / PIPELINE_RATE))
+        elif not pressed and self._speaking:
+            events.append(self._end(forced=False))
+        if self._speaking:
+            self._turn.append(block)
+        self._pos += len(block)
+        return events
+
+    def flush(self) -> list[VadEvent]:
+        """End the stream: a turn still held ends now (``forced``)."""
+        return [self._end(forced=True)] if self._speaking else []
+
+    def _end(self, *, forced: bool) -> VadEvent:
+        audio = np.concatenate(self._turn) if self._turn else np.zeros(0, np.float32)
+        self._speaking, self._turn = False, []
+        return VadEvent("speech_end", self._pos / PIPELINE_RATE, audio, forced)
+
+
+TurnDetector = VoiceActivityDetector | PushToTalk
