@@ -8,12 +8,10 @@ a clip path plus its transcript works without any table.
 
 from __future__ import annotations
 
-import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from csm_engine.config import SAMPLE_RATE
@@ -227,30 +225,12 @@ def _fetch_hub_clip(prompt: VoicePrompt, download: bool) -> Path:
 
 
 def _read_clip_24k(path: Path, voice_name: str) -> torch.Tensor:
-    """Read a clip as 24 kHz mono float32 (audio_io.load_audio once that module exists)."""
-    try:
-        from csm_engine.audio_io import load_audio  # the engine's shared reader, when present
-    except ImportError:
-        load_audio = None
-    if load_audio is not None:
-        return load_audio(path)
-
-    import soundfile
-    from scipy.signal import resample_poly
+    from csm_engine.audio_io import load_audio
 
     try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except Exception as error:  # noqa: BLE001 - libsndfile reports every unreadable file alike
-        raise CSMError(
-            f"voice {voice_name!r}: cannot read {path} as audio ({_first_line(error)}); use a WAV, FLAC or OGG clip"
-        ) from error
-    if data.shape[0] == 0:
-        raise CSMError(f"voice {voice_name!r}: {path} holds no audio; record a clip of 5-20 s")
-    mono = data.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        divisor = math.gcd(int(rate), SAMPLE_RATE)
-        mono = resample_poly(mono, SAMPLE_RATE // divisor, int(rate) // divisor)
-    return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
+        return load_audio(path, sample_rate=SAMPLE_RATE)
+    except CSMError as error:
+        raise CSMError(f"voice {voice_name!r}: {error}") from error
 
 
 def _first_line(error: BaseException) -> str:

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.signal import resample_poly
 
 from csm_engine.errors import CSMError
 
@@ -374,27 +373,11 @@ def verify(wav: torch.Tensor | np.ndarray, sample_rate: int, watermarker: Waterm
 
 
 def verify_file(path: str | Path, watermarker: Watermarker | None = None, **options) -> WatermarkResult:
-    """Whether CSM's watermark is in an audio file (any WAV/FLAC/OGG; channels are averaged)."""
-    samples, sample_rate = read_audio_file(path)
-    return verify(samples, sample_rate, watermarker, **options)
+    """Whether CSM's watermark is in an audio file (WAV/FLAC/OGG; channels are averaged)."""
+    from csm_engine.audio_io import load_audio  # missing/unreadable/empty files -> CSMError
 
-
-def read_audio_file(path: str | Path) -> tuple[np.ndarray, int]:
-    """Read an audio file as float32 mono samples at its own rate; bad files -> CSMError."""
-    import soundfile
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CSMError(f"audio file {path} does not exist; check the path")
-    try:
-        data, sample_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except Exception as error:  # noqa: BLE001 - libsndfile reports every bad file this way
-        raise CSMError(
-            f"cannot read {path} as audio ({_first_line(error)}); pass a WAV, FLAC or OGG file"
-        ) from error
-    if data.shape[0] == 0:
-        raise CSMError(f"{path} holds no audio samples; pass a non-empty recording")
-    return data.mean(axis=1).astype(np.float32), int(sample_rate)
+    samples = load_audio(path, sample_rate=WATERMARK_SAMPLE_RATE)
+    return verify(samples, WATERMARK_SAMPLE_RATE, watermarker, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,11 +421,9 @@ def _check_rate(sample_rate: int) -> None:
 
 
 def _resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
-    if from_rate == to_rate:
-        return samples.astype(np.float32, copy=False)
-    divisor = math.gcd(int(from_rate), int(to_rate))
-    out = resample_poly(samples, int(to_rate) // divisor, int(from_rate) // divisor)
-    return out.astype(np.float32)
+    from csm_engine.audio_io import resample
+
+    return np.asarray(resample(samples, int(from_rate), int(to_rate)), dtype=np.float32)
 
 
 def _fit_length(samples: np.ndarray, length: int) -> np.ndarray:
