@@ -78,7 +78,9 @@ def build_generate_parser(prog: str = "csm-generate") -> argparse.ArgumentParser
     p.add_argument("--text", required=True, help="the words to speak")
     p.add_argument("--speaker", type=int, default=None,
                    help="speaker id of the new line (default 0, or the --voice's speaker)")
-    p.add_argument("--voice", metavar="NAME", help="a named voice prompt (its audio + transcript become context)")
+    p.add_argument("--voice", metavar="NAME|CLIP",
+                   help="a named voice, or a clip of the voice to continue (its audio + transcript become context)")
+    p.add_argument("--voice-text", metavar="TEXT", help="transcript of a --voice CLIP (default: the clip's .txt file)")
     ctx = p.add_argument_group("context (repeat each option once per earlier utterance, oldest first)")
     ctx.add_argument("--context-audio", action="append", default=[], metavar="WAV",
                      help="recording of an earlier utterance (any rate; stereo is downmixed)")
@@ -125,6 +127,8 @@ def check_generate_args(args: argparse.Namespace) -> None:
         raise CSMError(f"--topk must be >= 1, got {args.topk}")
     if args.speaker is not None and args.speaker < 0:
         raise CSMError(f"--speaker must be >= 0, got {args.speaker}")
+    if args.voice_text is not None and not args.voice:
+        raise CSMError("--voice-text is the transcript of a --voice CLIP: pass --voice too")
     out = Path(args.output).expanduser()
     if out.is_dir():
         raise CSMError(f"--output {out} is a directory; pass a file name such as {out / 'audio.wav'}")
@@ -139,7 +143,7 @@ def build_context(args: argparse.Namespace, speaker: int, voice=None) -> list:
 
     segments = []
     if voice is not None:
-        segments.append(Segment(speaker=int(voice.speaker), text=voice.text, audio=load_audio(voice.audio_path)))
+        segments.append(importlib.import_module("csm_engine.voices").load_voice_segment(voice))
     speakers = args.context_speaker or [speaker] * len(args.context_audio)
     for audio_path, text, who in zip(args.context_audio, args.context_text, speakers):
         if not text.strip():
@@ -148,13 +152,13 @@ def build_context(args: argparse.Namespace, speaker: int, voice=None) -> list:
     return segments
 
 
-def resolve_voice(name: str):
-    """A ``VoicePrompt(speaker, text, audio_path)`` from ``csm_engine.voices``."""
+def resolve_voice(args: argparse.Namespace):
+    """The ``VoicePrompt`` of --voice (a name or a clip + --voice-text), with --speaker applied."""
     voices = _optional_module("csm_engine.voices")
     if voices is None:
         raise CSMError("--voice needs csm_engine.voices, which this install lacks; pass the prompt with "
                        "--context-audio/--context-text instead")
-    return voices.resolve_voice(name)
+    return voices.resolve_voice(args.voice, text=args.voice_text, speaker=args.speaker)
 
 
 def load_watermarker(args: argparse.Namespace, device: str):
@@ -177,7 +181,7 @@ def run_generate(args: argparse.Namespace, load: Callable[[argparse.Namespace, s
     import torch
 
     check_generate_args(args)
-    voice = resolve_voice(args.voice) if args.voice else None
+    voice = resolve_voice(args) if args.voice else None
     speaker = args.speaker if args.speaker is not None else (int(voice.speaker) if voice is not None else 0)
     device = resolve_device(args.device)
     context = build_context(args, speaker, voice)  # read context audio before loading any model
