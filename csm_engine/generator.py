@@ -25,6 +25,9 @@ from csm_engine.tokens import Segment, TextTokenizer, audio_frames, text_frames
 
 FrameCallback = Callable[[int, Tensor], None]
 
+# Mimi decodes codes 0..2047; CSM's audio vocabulary (2051) has 3 more ids it must never be fed.
+MIMI_CODEBOOK_SIZE = 2048
+
 
 # ---------------------------------------------------------------------------------------------
 # Pure helpers: frame budget, context trimming, silent-tail detection
@@ -84,6 +87,8 @@ class Prompt:
 
 class Generator:
     sample_rate = 24_000
+    # Prompt rows are prefilled in blocks of this many positions (see _prefill).
+    prefill_block = 64
 
     def __init__(self, model: CSMModel, codec: MimiCodec, tokenizer: TextTokenizer, *,
                  dtype: str | torch.dtype | None = None):
@@ -202,16 +207,38 @@ class Generator:
         return n if differs.numel() == 0 else int(differs[0, 0])
 
     def _feed(self, tokens: Tensor, mask: Tensor, start: int, temperature: float, topk: int,
-              gen: torch.Generator) -> Tensor:
-        """One generate_frame over rows ``tokens`` at ``start`` that keeps the cache record true."""
+              gen: torch.Generator | None, sample: bool = True) -> Tensor | None:
+        """Run rows ``tokens`` at ``start`` through the backbone (and sample a frame), keeping the cache record true."""
         end = start + tokens.shape[0]
         self._cached_len = min(self._cached_len, start)  # rows from ``start`` on are being overwritten
-        frame = self.model.generate_frame(tokens[None].to(self.device), mask[None].to(self.device), start,
-                                          temperature, topk, gen)[0]
+        t, m = tokens[None].to(self.device), mask[None].to(self.device)
+        if sample:
+            frame = self.model.generate_frame(t, m, start, temperature, topk, gen, n_codes=MIMI_CODEBOOK_SIZE)[0]
+        else:
+            self.model.backbone_hidden(t, m, start)
+            frame = None
         self._cached_tokens[start:end] = tokens
         self._cached_mask[start:end] = mask
         self._cached_len = end
         return frame
+
+    def _prefill(self, prompt: Prompt, temperature: float, topk: int, gen: torch.Generator) -> Tensor:
+        """Prefill the prompt rows the cache lacks, in blocks aligned to ``prefill_block``; sample the first frame.
+
+        Rows are always computed in the same blocks (same positions, same neighbours), whether
+        or not the cache held part of the prompt: kernels whose numerics depend on the batch of
+        rows (int8-dynamic quantizes activations per call) then give the same result both ways.
+        """
+        n = prompt.tokens.shape[0]
+        block = self.prefill_block
+        start = self._reusable_prefix(prompt.tokens, prompt.mask) // block * block
+        self.last_prefill_rows = n - start
+        while True:
+            end = min(n, (start // block + 1) * block)
+            if end == n:
+                return self._feed(prompt.tokens[start:], prompt.mask[start:], start, temperature, topk, gen)
+            self._feed(prompt.tokens[start:end], prompt.mask[start:end], start, temperature, topk, None, sample=False)
+            start = end
 
     @torch.inference_mode()
     def frames(self, prompt: Prompt, *, temperature: float = 0.9, topk: int = 50, seed: int | None = None,
@@ -228,9 +255,7 @@ class Generator:
         n_cb = self.config.audio_num_codebooks
         if cancel is not None and cancel.is_set():
             return
-        start = self._reusable_prefix(prompt.tokens, prompt.mask)
-        self.last_prefill_rows = prompt.tokens.shape[0] - start
-        frame = self._feed(prompt.tokens[start:], prompt.mask[start:], start, temperature, topk, gen)
+        frame = self._prefill(prompt, temperature, topk, gen)
         start = prompt.tokens.shape[0]
         # One row reused for every generated frame: codes in columns 0..31, text column masked out.
         step_tokens = torch.zeros(1, n_cb + 1, dtype=torch.long)

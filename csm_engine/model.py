@@ -307,8 +307,13 @@ class CSMModel(nn.Module):
         temperature: float = 0.9,
         topk: int = 50,
         generator: torch.Generator | None = None,
+        *,
+        n_codes: int | None = None,
     ) -> Tensor:
         """Prefill/extend the backbone with new token frames and sample the next audio frame (B, 32).
+
+        ``n_codes``: sample only ids below it (the codec's codebook size; the audio vocabulary
+        has 3 ids more than Mimi can decode). None samples the whole vocabulary.
 
         ``input_pos`` as an int (the position of the first new row) is the fast path the
         Generator uses. The 31 decoder steps do nothing but the model's own ops: positions,
@@ -318,13 +323,13 @@ class CSMModel(nn.Module):
         h = self.backbone_hidden(tokens, tokens_mask, input_pos)[:, -1]  # (B, D)
         n_cb = self.config.audio_num_codebooks
         codes = torch.empty(h.shape[0], n_cb, dtype=torch.long, device=h.device)
-        c0 = sample_topk(self.codebook0_head(h), topk, temperature, generator)  # (B, 1)
+        c0 = sample_topk(self.codebook0_head(h)[..., :n_codes], topk, temperature, generator)  # (B, 1)
         codes[:, :1] = c0
         # Decoder positions 0, 1 = [h, c0]; then codebook i enters at position i.
         dec_in = self.projection(torch.stack([h, self.embed_audio(0, c0[:, 0])], dim=1))  # (B, 2, Dd)
         for i in range(1, n_cb):
             dh = self.decoder(dec_in, 0 if i == 1 else i)[:, -1]
-            ci = sample_topk(dh @ self.audio_head[i - 1], topk, temperature, generator)
+            ci = sample_topk((dh @ self.audio_head[i - 1])[..., :n_codes], topk, temperature, generator)
             codes[:, i:i + 1] = ci
             dec_in = self.projection(self.embed_audio(i, ci))  # (B, 1, Dd)
         return codes

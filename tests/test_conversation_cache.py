@@ -14,9 +14,14 @@ from csm_engine.tokens import Segment
 from _engine_helpers import tiny_generator
 
 
+BLOCK = 4  # small prefill blocks: prompts span several, and reuse rounds down to a block start
+
+
 @pytest.fixture(scope="module")
 def gen():
-    return tiny_generator(seed=3)
+    g = tiny_generator(seed=3)
+    g.prefill_block = BLOCK
+    return g
 
 
 def _audio_with_codes(gen, codes: torch.Tensor, tag: float) -> torch.Tensor:
@@ -57,7 +62,7 @@ def test_second_turn_prefills_only_new_rows_and_matches_uncached(gen):
     # Held: turn 1's prompt and the 4 frames fed back; all of it is a prefix of turn 2's prompt.
     held = p1.tokens.shape[0] + reply1.shape[0] - 1
     assert torch.equal(p2.tokens[:held, :32][p1.tokens.shape[0]:], reply1[:-1])
-    assert gen.last_prefill_rows == p2.tokens.shape[0] - held
+    assert gen.last_prefill_rows == p2.tokens.shape[0] - held // BLOCK * BLOCK
 
     assert torch.equal(cached, _uncached(gen, "it is sunny today", 1, context2, 5, seed=2))
 
@@ -74,17 +79,38 @@ def test_trimmed_context_invalidates_the_cache(gen):
     equal = (p_old.tokens[:n] == p.tokens[:n]).all(1) & (p_old.mask[:n] == p.mask[:n]).all(1)
     common = int((~equal).nonzero()[0, 0])
     assert common < gen.segment_frames(turns[1])[0].shape[0]
-    assert gen.last_prefill_rows == p.tokens.shape[0] - common
+    assert gen.last_prefill_rows == p.tokens.shape[0] - common // BLOCK * BLOCK
     assert torch.equal(cached, _uncached(gen, "fine thanks", 1, turns[1:], 3, seed=5))
 
 
-def test_identical_prompt_recomputes_only_its_last_row(gen):
+def test_identical_prompt_recomputes_only_its_last_block(gen):
     ctx = [_user_turn(gen, "how are you ?", 4, seed=30)]
     gen.forget_cache()
-    _, first = _frames(gen, "fine", 1, ctx, 3, seed=9)
+    p, first = _frames(gen, "fine", 1, ctx, 3, seed=9)
     _, again = _frames(gen, "fine", 1, ctx, 3, seed=9)
-    assert gen.last_prefill_rows == 1
+    n = p.tokens.shape[0]
+    assert gen.last_prefill_rows == n - (n - 1) // BLOCK * BLOCK
     assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-dynamic"])
+def test_repeated_call_is_reproducible_at_quantized_precisions(precision):
+    """Blocks are aligned to positions, so a reused prefix never changes how a row is batched."""
+    from csm_engine.quantize import apply_precision, fbgemm_available
+
+    if precision == "int8-dynamic" and not fbgemm_available():
+        pytest.skip("fbgemm (x86) only")
+    g = tiny_generator(seed=4)
+    g.prefill_block = BLOCK
+    apply_precision(g.model, precision)
+    ctx = [_user_turn(g, "how are you ?", 6, seed=31), _user_turn(g, "hello there .", 5, seed=32)]
+    _, first = _frames(g, "fine", 1, ctx, 4, seed=9)
+    _, again = _frames(g, "fine", 1, ctx, 4, seed=9)
+    assert 0 < g.last_prefill_rows <= BLOCK
+    assert torch.equal(first, again)
+    g.forget_cache()
+    _, cold = _frames(g, "fine", 1, ctx, 4, seed=9)
+    assert torch.equal(first, cold)
 
 
 def test_cancelled_turn_leaves_a_valid_cache(gen):
