@@ -51,11 +51,16 @@ MESSAGE_PERIOD_S = MESSAGE_FRAMES * STFT_HOP / WATERMARK_SAMPLE_RATE  # ~0.975 s
 # Decoding needs at least one whole message; shorter clips cannot carry a verifiable mark.
 MIN_VERIFY_S = (MESSAGE_FRAMES - 1) * STFT_HOP / WATERMARK_SAMPLE_RATE  # ~0.93 s
 DEFAULT_VERIFY_S = 8.0
+# Long clips are embedded in blocks of whole messages: silentcipher's activations grow with
+# length (~90 MB per second of audio; 15 s peaked at +1.35 GB here) and a 90 s reply would
+# need several GB. Blocks start on message boundaries, so the repeating pattern carries on.
+BLOCK_MESSAGES = 6
+BLOCK_SAMPLES = BLOCK_MESSAGES * MESSAGE_FRAMES * STFT_HOP  # at 44.1 kHz, ~5.9 s
 
 _FIX_HINT = (
     f"set {WATERMARK_DIR_ENV} (or --watermark-dir) to a folder with "
     f"{', '.join(CHECKPOINT_FILES)} from the {HUB_REPO_ID} repo ({HUB_MODEL_SUBDIR}), "
-    "or pass --no-watermark"
+    "or, when generating, pass --no-watermark"
 )
 
 # silentcipher keeps per-call state in shared objects: its STFT is a process-wide singleton
@@ -129,17 +134,23 @@ class Watermarker:
         if samples.size == 0 or not np.any(samples):
             return samples.copy()
         at_44k = _resample(samples, sample_rate, WATERMARK_SAMPLE_RATE)
-        with _SILENTCIPHER_LOCK:
-            encoded, _ = self.model.encode_wav(
-                at_44k, WATERMARK_SAMPLE_RATE, list(self.key),
-                message_sdr=MESSAGE_SDR_DB, calc_sdr=False,  # calc_sdr=True breaks at 24 kHz
-            )
+        encoded = np.concatenate([self._encode_block(block) for block in _blocks(at_44k, BLOCK_SAMPLES)])
         # Carry back only what the watermark changed: the message lives below ~11 kHz (1024 of
         # 2049 bins), inside a 24 kHz clip's band, so the original samples are not put through
         # a second round of resampling filters.
-        delta = np.asarray(encoded, dtype=np.float32) - at_44k
+        delta = encoded - at_44k
         delta = _fit_length(_resample(delta, WATERMARK_SAMPLE_RATE, sample_rate), samples.size)
         return (samples + delta).astype(np.float32)
+
+    def _encode_block(self, block: np.ndarray) -> np.ndarray:
+        if not np.any(block):
+            return block  # silence carries no mark (silentcipher would print and skip it)
+        with _SILENTCIPHER_LOCK:
+            encoded, _ = self.model.encode_wav(
+                block, WATERMARK_SAMPLE_RATE, list(self.key),
+                message_sdr=MESSAGE_SDR_DB, calc_sdr=False,  # the SDR report is unused (and breaks off 44.1 kHz)
+            )
+        return np.asarray(encoded, dtype=np.float32)
 
     def verify(self, wav: torch.Tensor | np.ndarray, sample_rate: int, *,
                phase_shift_search: bool = False,
@@ -335,7 +346,7 @@ def _load_silentcipher(folder: Path, device: str):
             config_path=str(folder / "hparams.yaml"),
             device=device,
         )
-    except (RuntimeError, KeyError, AttributeError, ValueError, TypeError) as error:
+    except (RuntimeError, KeyError, AttributeError, ValueError, TypeError, AssertionError) as error:
         raise CSMError(
             f"could not load the watermark model from {folder} ({_first_line(error)}); {_FIX_HINT}"
         ) from error
@@ -424,6 +435,10 @@ def _resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     from csm_engine.audio_io import resample
 
     return np.asarray(resample(samples, int(from_rate), int(to_rate)), dtype=np.float32)
+
+
+def _blocks(samples: np.ndarray, size: int) -> list[np.ndarray]:
+    return [samples[i:i + size] for i in range(0, samples.size, size)] or [samples]
 
 
 def _fit_length(samples: np.ndarray, length: int) -> np.ndarray:

@@ -76,6 +76,23 @@ def test_apply_works_at_other_sample_rates(watermarker, speech_24k):
     assert torch.isfinite(marked).all() and not torch.equal(marked, clip_16k)
 
 
+def test_long_clips_are_embedded_in_message_aligned_blocks_without_clicks(watermarker, espeak_speech_wav,
+                                                                          monkeypatch):
+    import csm_engine.watermark as wm
+
+    # One message per block (instead of six) so a 2 s clip crosses two block seams.
+    monkeypatch.setattr(wm, "BLOCK_SAMPLES", wm.MESSAGE_FRAMES * wm.STFT_HOP)
+    data, rate = soundfile.read(str(espeak_speech_wav), dtype="float32")
+    clip = resample_poly(data, 24000 // math.gcd(rate, 24000), rate // math.gcd(rate, 24000)).astype(np.float32)
+    marked = watermarker.apply_numpy(clip, 24000)
+    assert marked.shape == clip.shape and np.all(np.isfinite(marked))
+    assert 25.0 < _snr_db(clip, marked) < 50.0
+    delta = np.abs(marked - clip)
+    seam = round(wm.BLOCK_SAMPLES * 24000 / 44100)
+    near_seam = slice(seam - 240, seam + 240)  # +-10 ms
+    assert delta[near_seam].max() <= 2 * np.delete(delta, np.r_[near_seam]).max()
+
+
 def test_apply_returns_silence_unchanged(watermarker):
     silence = torch.zeros(4800)
     assert torch.equal(watermarker.apply(silence, 24000), silence)
