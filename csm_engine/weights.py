@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from csm_engine.config import TRANSFORMER_FLAVORS, CSMConfig, RopeScaling, TransformerConfig
 from csm_engine.errors import CSMError
@@ -525,26 +526,56 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return value
 
 
+class _WeightsOnMeta(TorchFunctionMode):
+    """While active (in this thread only), ``torch.empty`` allocates on the meta device.
+
+    ``nn.Linear``/``nn.Embedding`` create their weights with ``torch.empty`` and then
+    random-initialise them; on meta both cost nothing. Buffers computed from the config (rope
+    tables, masks) are made by other ops and stay real. This halves peak memory and skips
+    seconds of initialisation for weights the checkpoint replaces anyway.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.empty:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def _has_meta_tensors(module: torch.nn.Module) -> bool:
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
 def load_csm_model(path_or_repo: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                    dtype: torch.dtype | str | None = None):
     """A ``CSMModel`` in eval mode with the checkpoint's weights (``dtype`` None = float32).
 
-    Parameters are replaced one tensor at a time, so peak memory is one model plus one tensor.
+    Parameters are created empty and filled one checkpoint tensor at a time, so peak memory is
+    one model in ``dtype`` plus one tensor, never a random-init copy next to the loaded one.
     """
     from csm_engine.model import CSMModel
 
     target = as_dtype(dtype) or torch.float32
     ckpt = open_checkpoint(path_or_repo)
-    model = CSMModel(ckpt.config)
+    with _WeightsOnMeta():
+        model = CSMModel(ckpt.config)
+    _fill_parameters(model, ckpt, device, target)
+    if _has_meta_tensors(model):  # model.py made something else with torch.empty: build it the plain way
+        model = CSMModel(ckpt.config)
+        _fill_parameters(model, ckpt, device, target)
+    return model.to(device).eval()
+
+
+def _fill_parameters(model: torch.nn.Module, ckpt: Checkpoint, device: str | torch.device,
+                     dtype: torch.dtype) -> None:
+    """Replace every parameter of ``model`` by the checkpoint's tensor (names were validated on open)."""
     modules = dict(model.named_modules())
     for name, tensor in ckpt.tensors():
         owner, _, leaf = name.rpartition(".")
         module = modules[owner]
-        param = getattr(module, leaf)
-        setattr(module, leaf, torch.nn.Parameter(tensor.to(device=device, dtype=target),
-                                                 requires_grad=param.requires_grad))
-        del tensor, param
-    return model.to(device).eval()
+        requires_grad = getattr(module, leaf).requires_grad
+        setattr(module, leaf, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=requires_grad))
+        del tensor
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from csm_engine import weights
 from csm_engine.config import get_flavor
 from csm_engine.errors import CSMError
 from csm_engine.model import CSMModel
-from csm_engine.testing import main as testing_main
+from csm_engine.testing import main as make_checkpoint_main
 from csm_engine.testing import random_state_dict, write_model_weights
 
 TINY = get_flavor("tiny")
@@ -90,6 +90,16 @@ def test_load_csm_model_puts_weights_in_the_requested_dtype(tiny_checkpoint):
         assert torch.equal(p, sd[name].to(torch.bfloat16)), name
 
 
+def test_load_csm_model_has_real_buffers_equal_to_a_plain_model(tiny_checkpoint):
+    # Weights are created empty (meta) and filled from the file; nothing may be left on meta.
+    model = weights.load_csm_model(tiny_checkpoint)
+    plain = dict(CSMModel(TINY).named_buffers())
+    for name, buf in model.named_buffers():
+        assert not buf.is_meta, name
+        assert torch.equal(buf, plain[name]), name
+    assert not any(p.is_meta for p in model.parameters())
+
+
 def test_make_checkpoint_command_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "csm_engine.testing", "make-checkpoint", str(tmp_path / "ck"),
                           "--flavor", "tiny", "--seed", "3", "--no-mimi"], capture_output=True, text=True, timeout=300)
@@ -100,7 +110,7 @@ def test_make_checkpoint_command_line(tmp_path):
 
 def test_make_checkpoint_rejects_an_unknown_flavor(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        testing_main(["make-checkpoint", str(tmp_path / "ck"), "--flavor", "huge"])
+        make_checkpoint_main(["make-checkpoint", str(tmp_path / "ck"), "--flavor", "huge"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'huge'" in capsys.readouterr().err
     assert not (tmp_path / "ck").exists()
