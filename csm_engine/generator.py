@@ -87,8 +87,10 @@ class Prompt:
 
 class Generator:
     sample_rate = 24_000
-    # Prompt rows are prefilled in blocks of this many positions (see _prefill).
-    prefill_block = 64
+    # Prompt rows are prefilled in blocks of this many positions (see _prefill). 32 rows per
+    # call already run fbgemm's int8 matmul at its per-row efficiency (measured: 0.50 ms/row at
+    # 32 and 0.43 at 256 for an 8192x2048 weight), and a warm turn redoes at most 31 rows.
+    prefill_block = 32
 
     def __init__(self, model: CSMModel, codec: MimiCodec, tokenizer: TextTokenizer, *,
                  dtype: str | torch.dtype | None = None):
