@@ -357,16 +357,17 @@ def load_generator(model_path: str | None = None, *, mimi_path: str | None = Non
                    device: str = "cpu", dtype: torch.dtype | str | None = None) -> Generator:
     """Build a Generator from a checkpoint dir or hub repo id (default: the released CSM-1B).
 
-    ``dtype``: float32 | bfloat16 | int8 | int8-dynamic; None picks the device's fastest
-    (``csm_engine.quantize.default_precision``). Int8 scales are computed from float32 weights.
+    ``dtype``: float32 | bfloat16 | int8 | int8-dynamic; None / "auto" picks the fastest for the
+    device and model size (``csm_engine.quantize.default_precision``). Int8 scales are computed
+    from float32 weights.
     """
     from csm_engine import weights
-    from csm_engine.quantize import apply_precision, compute_dtype, resolve_precision
+    from csm_engine.quantize import apply_precision, resolve_precision
 
-    precision = resolve_precision(dtype, device)
-    load_dtype = torch.float32 if precision.startswith("int8") else compute_dtype(precision)
+    chosen = None if dtype in (None, "auto") else resolve_precision(dtype, device)
+    load_dtype = torch.bfloat16 if chosen == "bfloat16" else torch.float32
     model = weights.load_csm_model(model_path, device=device, dtype=load_dtype)
-    apply_precision(model, precision)
+    apply_precision(model, chosen or "auto")
     codec = weights.load_mimi(mimi_path, model_path=model_path, device=device)
     tokenizer = weights.load_text_tokenizer(tokenizer_path, model_path=model_path)
     return Generator(model, codec, tokenizer)

@@ -51,14 +51,22 @@ def int8pack_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
-def default_precision(device: str | torch.device) -> str:
-    """The fastest precision measured for a device (see benchmarks/README.md).
+# Below this many bytes of float32 weights a model is bound by per-op overhead, not by reading
+# weights, and float32 is fastest (measured: tiny flavor 24 frames/s float32 vs 13 int8-dynamic).
+SMALL_MODEL_BYTES = 256 * 2**20
 
-    CPU: int8 weights (a frame is bound by reading weights; int8 halves bf16's bytes).
+
+def default_precision(device: str | torch.device, n_params: int | None = None) -> str:
+    """The fastest precision measured for a device and model size (see benchmarks/README.md).
+
+    CPU: int8 weights for models big enough to be bound by reading weights (CSM-1B: int8
+    halves bf16's bytes, and this CPU has no AVX512-BF16), float32 for small test models.
     CUDA: bfloat16 (not measured here: no GPU was available while this was written).
     """
     kind = torch.device(device).type
     if kind == "cpu":
+        if n_params is not None and n_params * 4 < SMALL_MODEL_BYTES:
+            return "float32"
         if fbgemm_available():
             return "int8-dynamic"
         return "int8" if int8pack_available() else "bfloat16"
@@ -67,10 +75,14 @@ def default_precision(device: str | torch.device) -> str:
     return "float32"
 
 
-def resolve_precision(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> str:
-    """A precision name from a ``--dtype`` value (``None`` = the device's default); CSMError if unknown."""
+def resolve_precision(dtype: str | torch.dtype | None, device: str | torch.device = "cpu",
+                      n_params: int | None = None) -> str:
+    """A precision name from a ``--dtype`` value (``None`` / auto = the default for the device and model size).
+
+    Raises CSMError naming the choices for an unknown value.
+    """
     if dtype is None or dtype == "auto":
-        return default_precision(device)
+        return default_precision(device, n_params)
     if isinstance(dtype, torch.dtype):
         name = str(dtype).removeprefix("torch.")
     else:
@@ -225,7 +237,7 @@ def apply_precision(model: nn.Module, precision: str | torch.dtype | None, *,
     cache kept outside the model is stale afterwards.
     """
     device = next(model.parameters()).device
-    precision = resolve_precision(precision, device)
+    precision = resolve_precision(precision, device, sum(p.numel() for p in model.parameters()))
     current = model_precision(model)
     if current == precision:
         return model

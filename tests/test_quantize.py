@@ -98,6 +98,7 @@ def test_dtype_aliases_and_default():
     assert Q.resolve_precision("bf16", "cpu") == "bfloat16"
     assert Q.resolve_precision("fp32", "cpu") == "float32"
     assert Q.resolve_precision(None, "cpu") == Q.default_precision("cpu")
+    assert Q.resolve_precision("auto", "cpu", n_params=1000) == "float32"
     assert Q.default_precision("cpu") in ("int8-dynamic", "int8", "bfloat16")
 
 
@@ -147,4 +148,6 @@ def test_load_generator_passes_dtype_through(tmp_path):
     for precision in ("float32", "bfloat16", "int8"):
         gen = load_generator(str(tmp_path), dtype=precision)
         assert Q.model_precision(gen.model) == precision
-    assert Q.model_precision(load_generator(str(tmp_path)).model) == Q.default_precision("cpu")
+    # Left to choose, a tiny model runs float32 (overhead-bound); a 1B one int8 (bandwidth-bound).
+    assert Q.model_precision(load_generator(str(tmp_path)).model) == "float32"
+    assert Q.default_precision("cpu", n_params=1_600_000_000) in ("int8-dynamic", "int8")
