@@ -34,3 +34,84 @@ def espeak_speech_wav(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("espeak") / "speech.wav"
     subprocess.run(["espeak-ng", "-w", str(path), "hello there, this is a short test of my voice"], check=True)
     return path
+
+
+# ---- agent building blocks (audio, VAD, ASR, LLM): real espeak-ng speech and embedded models ----
+
+
+@pytest.fixture(scope="session")
+def espeak_wav(tmp_path_factory):
+    """Factory: ``espeak_wav(text, voice="en-us", wpm=160) -> Path`` of a real spoken WAV (22.05 kHz
+    mono), made once per distinct arguments per session."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is not installed; run `make test` (or apt-get install espeak-ng)")
+    directory = tmp_path_factory.mktemp("espeak_clips")
+    cache: dict[tuple, Path] = {}
+
+    def make(text: str, voice: str = "en-us", wpm: int = 160) -> Path:
+        key = (text, voice, wpm)
+        if key not in cache:
+            name = hashlib.sha1(repr(key).encode()).hexdigest()[:12]
+            path = directory / f"{name}.wav"
+            subprocess.run(["espeak-ng", "-v", voice, "-s", str(wpm), "-w", str(path), text], check=True)
+            cache[key] = path
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def spoken_turns_wav(espeak_wav, tmp_path_factory):
+    """Factory: ``spoken_turns_wav(["first turn", "second turn"], gap_s=1.5, lead_s=0.5, tail_s=1.0,
+    sample_rate=16000) -> Path``: espeak-ng turns joined by silence in one mono WAV, like a user
+    speaking into the microphone. Made once per distinct arguments."""
+    import numpy as np
+
+    from agent.audio import load_audio, write_wav
+
+    directory = tmp_path_factory.mktemp("spoken_turns")
+    cache: dict[tuple, Path] = {}
+
+    def make(texts, gap_s: float = 1.5, lead_s: float = 0.5, tail_s: float = 1.0, sample_rate: int = 16000) -> Path:
+        key = (tuple(texts), gap_s, lead_s, tail_s, sample_rate)
+        if key not in cache:
+            silence = lambda s: np.zeros(int(round(s * sample_rate)), np.float32)  # noqa: E731
+            parts = [silence(lead_s)]
+            for i, text in enumerate(texts):
+                if i:
+                    parts.append(silence(gap_s))
+                parts.append(load_audio(espeak_wav(text), sample_rate))
+            parts.append(silence(tail_s))
+            cache[key] = write_wav(directory / f"turns_{len(cache)}.wav", np.concatenate(parts), sample_rate)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def faster_whisper_tiny():
+    """The embedded Whisper tiny.en on faster-whisper (int8 CPU), loaded once."""
+    from agent.asr import FasterWhisperTranscriber
+
+    return FasterWhisperTranscriber()
+
+
+@pytest.fixture(scope="session")
+def openai_whisper_tiny_pt(tmp_path_factory) -> Path:
+    """The embedded CTranslate2 tiny.en converted to an openai-whisper checkpoint (.pt), once."""
+    from agent.embedded import whisper_tiny_en_dir
+    from _asr_helpers import convert_ct2_whisper_to_openai
+
+    return convert_ct2_whisper_to_openai(whisper_tiny_en_dir(), tmp_path_factory.mktemp("whisper") / "tiny.en.pt")
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm():
+    """The embedded SmolLM2-135M-Instruct on llama.cpp (fixed seed), loaded once."""
+    from agent.llm import LocalLLM
+
+    return LocalLLM(seed=1234)

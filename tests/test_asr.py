@@ -1,0 +1,91 @@
+"""Speech to text with the real embedded Whisper tiny.en on espeak-ng speech (both engines)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from agent.asr import FasterWhisperTranscriber, OpenAIWhisperTranscriber, make_transcriber
+from agent.audio import load_audio
+from agent.errors import AgentError
+
+SENTENCE = "I would like to hear a short story about a dragon."
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9' ]", " ", text.lower()).split()
+
+
+def roughly_same(heard: str, said: str, allowed_misses: int = 2) -> bool:
+    """Whisper tiny on robot speech may mishear a word or two ("cats" -> "cars")."""
+    expected = words(said)
+    missing = [w for w in expected if w not in words(heard)]
+    return len(missing) <= allowed_misses and abs(len(words(heard)) - len(expected)) <= allowed_misses
+
+
+@pytest.fixture(scope="module")
+def story(espeak_wav) -> np.ndarray:
+    return load_audio(espeak_wav(SENTENCE))
+
+
+def test_faster_whisper_transcribes_espeak_speech(faster_whisper_tiny, story):
+    transcript = faster_whisper_tiny.transcribe(story)
+    assert roughly_same(transcript.text, SENTENCE), transcript.text
+    assert transcript.language == "en"
+    assert transcript.duration_s == pytest.approx(len(story) / 16000)
+    assert transcript.elapsed_s > 0
+
+
+def test_faster_whisper_second_sentence(faster_whisper_tiny, espeak_wav):
+    said = "What is the weather like today?"
+    transcript = faster_whisper_tiny.transcribe(load_audio(espeak_wav(said)))
+    assert roughly_same(transcript.text, said), transcript.text
+
+
+def test_partial_transcript_of_a_growing_buffer(faster_whisper_tiny, story):
+    partial = faster_whisper_tiny.transcribe(story[: len(story) // 2])
+    assert partial.text and words(partial.text)[0] in words(SENTENCE)[:2]
+
+
+def test_silence_and_tiny_buffers_give_empty_transcripts(faster_whisper_tiny):
+    assert faster_whisper_tiny.transcribe(np.zeros(800, np.float32)).is_empty
+    assert faster_whisper_tiny.transcribe(np.zeros(16000, np.float32)).is_empty
+
+
+@pytest.mark.slow
+def test_openai_whisper_on_the_converted_checkpoint_hears_the_same_words(
+    openai_whisper_tiny_pt, faster_whisper_tiny, story
+):
+    transcriber = make_transcriber("openai-whisper", str(openai_whisper_tiny_pt))
+    assert isinstance(transcriber, OpenAIWhisperTranscriber) and transcriber.language == "en"
+    heard = transcriber.transcribe(story).text
+    assert roughly_same(heard, SENTENCE), heard
+    assert words(heard) == words(faster_whisper_tiny.transcribe(story).text)
+
+
+def test_factory_defaults_to_the_embedded_faster_whisper_model():
+    transcriber = make_transcriber()
+    assert isinstance(transcriber, FasterWhisperTranscriber)
+    assert transcriber.model_name.endswith("model") and transcriber.language == "en"
+
+
+@pytest.mark.parametrize(
+    "engine,model,fix",
+    [
+        ("faster-whisper", "/no/such/whisper_dir", "--asr-model"),
+        ("openai-whisper", "/no/such/tiny.pt", "--asr-model PATH.pt"),
+        ("vosk", None, "--asr faster-whisper"),
+    ],
+)
+def test_missing_models_and_unknown_engines_are_one_line_agent_errors(engine, model, fix):
+    with pytest.raises(AgentError) as info:
+        make_transcriber(engine, model)
+    assert fix in str(info.value) and "\n" not in str(info.value)
+
+
+def test_corrupt_ct2_model_dir_is_an_agent_error(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"garbage")
+    with pytest.raises(AgentError, match="cannot load Whisper model"):
+        FasterWhisperTranscriber(tmp_path)

@@ -1,0 +1,234 @@
+"""The LLM stage: real llama.cpp SmolLM2, an OpenAI-compatible server over HTTP, sentence splitting."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from agent.errors import AgentError
+from agent.llm import LocalLLM, OpenAICompatibleLLM, Sampling, SentenceSplitter, chat_completions_url, make_llm
+
+QUESTION = [
+    {"role": "system", "content": "You are a helpful assistant. Answer in two short sentences."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+
+
+def test_smollm2_streams_a_reply_in_several_deltas(smollm2_llm):
+    started = time.perf_counter()
+    deltas = list(smollm2_llm.stream_reply(QUESTION, sampling=Sampling(temperature=0.0, max_tokens=40)))
+    assert len(deltas) > 3 and all(isinstance(d, str) for d in deltas)
+    assert len("".join(deltas).split()) >= 3
+    assert time.perf_counter() - started < 20
+
+
+def test_cancel_stops_the_stream(smollm2_llm):
+    cancel = threading.Event()
+    received = []
+    for delta in smollm2_llm.stream_reply(QUESTION, cancel, sampling=Sampling(max_tokens=100)):
+        received.append(delta)
+        if len(received) == 2:
+            cancel.set()
+    assert len(received) == 2
+    # The model is free again right away.
+    assert smollm2_llm.reply(QUESTION, sampling=Sampling(max_tokens=5))
+
+
+def test_long_history_is_trimmed_to_the_context_window(smollm2_llm):
+    history = [QUESTION[0]]
+    for i in range(60):
+        history.append({"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "blah " * 150})
+    history.append({"role": "user", "content": "Say hello."})
+    kept = smollm2_llm.fit_messages(history, reply_tokens=100)
+    assert kept[0] == history[0] and kept[-1] == history[-1] and len(kept) < len(history)
+    assert sum(smollm2_llm.count_tokens(m["content"]) + 6 for m in kept) <= smollm2_llm.n_ctx - 100
+    # Only whole old turns go: the kept ones are the most recent, in order.
+    assert kept[1:-1] == history[len(history) - len(kept) + 1 : -1]
+
+
+def test_missing_gguf_is_a_one_line_agent_error(tmp_path):
+    with pytest.raises(AgentError) as info:
+        LocalLLM(tmp_path / "nope.gguf")
+    message = str(info.value)
+    assert message.startswith("LLM model not found:") and "--llm-model PATH.gguf" in message
+
+
+def test_corrupt_gguf_is_an_agent_error(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(AgentError, match="cannot load LLM model"):
+        LocalLLM(bad, warmup=False)
+
+
+# ----------------------------------------------------------------------------- HTTP server
+
+
+class _FakeChatServer(ThreadingHTTPServer):
+    """A tiny OpenAI-compatible server on 127.0.0.1 that streams a fixed reply word by word."""
+
+    daemon_threads = True
+
+    def __init__(self, reply: str, status: int = 200, delay_s: float = 0.0) -> None:
+        self.reply, self.status, self.delay_s = reply, status, delay_s
+        self.requests: list[dict] = []
+        self.sent = 0
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _FakeChatServer
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+    def do_GET(self) -> None:
+        body = json.dumps({"data": [{"id": "fake-model"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(request)
+        if self.server.status != 200:
+            body = json.dumps({"error": {"message": "model 'x' not found"}}).encode()
+            self.send_response(self.server.status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        try:
+            for word in self.server.reply.split(" "):
+                chunk = {"choices": [{"index": 0, "delta": {"content": word + " "}}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+                self.server.sent += 1
+                time.sleep(self.server.delay_s)
+            self.wfile.write(b"data: [DONE]\n\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@pytest.fixture
+def chat_server(request):
+    reply, status, delay = getattr(request, "param", ("Paris is the capital. It is lovely.", 200, 0.0))
+    server = _FakeChatServer(reply, status, delay)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_openai_compatible_client_streams_deltas_from_a_server(chat_server):
+    llm = OpenAICompatibleLLM(chat_server.url, timeout_s=5)
+    deltas = list(llm.stream_reply(QUESTION, sampling=Sampling(temperature=0.2, max_tokens=30)))
+    assert "".join(deltas).strip() == "Paris is the capital. It is lovely."
+    assert len(deltas) == 7
+    sent = chat_server.requests[0]
+    assert sent["stream"] is True and sent["messages"] == QUESTION and sent["max_tokens"] == 30
+    assert sent["model"] == "fake-model"  # asked /v1/models since none was given
+
+
+@pytest.mark.parametrize("chat_server", [("one two three four five six seven eight", 200, 0.05)], indirect=True)
+def test_openai_compatible_client_cancel_stops_reading(chat_server):
+    cancel = threading.Event()
+    llm = OpenAICompatibleLLM(chat_server.url + "/v1", model="m", timeout_s=5)
+    got = []
+    for delta in llm.stream_reply(QUESTION, cancel):
+        got.append(delta)
+        cancel.set()
+    assert got == ["one "]
+
+
+@pytest.mark.parametrize("chat_server", [("", 404, 0.0)], indirect=True)
+def test_server_errors_are_one_line_agent_errors(chat_server):
+    with pytest.raises(AgentError) as info:
+        list(OpenAICompatibleLLM(chat_server.url, model="x", timeout_s=5).stream_reply(QUESTION))
+    assert "HTTP 404" in str(info.value) and "model 'x' not found" in str(info.value)
+
+
+def test_unreachable_server_is_an_agent_error():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    llm = make_llm(url=f"http://127.0.0.1:{port}", model="m")
+    with pytest.raises(AgentError, match="cannot reach the LLM server"):
+        list(llm.stream_reply(QUESTION))
+
+
+def test_chat_completions_url_forms():
+    assert chat_completions_url("http://h:8080") == "http://h:8080/v1/chat/completions"
+    assert chat_completions_url("http://h:8080/v1/") == "http://h:8080/v1/chat/completions"
+    assert chat_completions_url("https://h/v1/chat/completions") == "https://h/v1/chat/completions"
+    with pytest.raises(AgentError, match="http://"):
+        chat_completions_url("localhost:8080")
+
+
+# ----------------------------------------------------------------------------- sentences
+
+
+def split(text: str, step: int = 3, **kwargs) -> list[str]:
+    """Feed ``text`` in small deltas, as an LLM streams it."""
+    return list(SentenceSplitter(**kwargs).split(text[i : i + step] for i in range(0, len(text), step)))
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("Hello there. How are you? I'm fine!", ["Hello there.", "How are you?", "I'm fine!"]),
+        ("Dr. Smith paid 3.5 dollars, e.g. for tea. Ok.", ["Dr. Smith paid 3.5 dollars, e.g. for tea.", "Ok."]),
+        ("Well... maybe not. Wait... Really?", ["Well... maybe not.", "Wait...", "Really?"]),
+        ("We sell pears etc. But not plums.", ["We sell pears etc.", "But not plums."]),
+        ("Steps:\n1. Mix it\n2. Bake it", ["Steps:", "1. Mix it", "2. Bake it"]),
+        ("No. Try No. 5 instead.", ["No.", "Try No. 5 instead."]),
+        ("J. R. R. Tolkien wrote it.", ["J. R. R. Tolkien wrote it."]),
+        ('"Really?" she asked. "Yes."', ['"Really?" she asked.', '"Yes."']),
+        ("No punctuation at the end", ["No punctuation at the end"]),
+        ("  ", []),
+    ],
+)
+def test_sentence_splitter_cases(text, expected):
+    assert split(text) == expected
+
+
+def test_first_sentence_comes_out_before_the_reply_ends():
+    splitter = SentenceSplitter()
+    assert splitter.feed("Sure thing") == []
+    assert splitter.feed("! Let me") == ["Sure thing!"]
+    assert splitter.feed(" think about it") == []
+    assert splitter.flush() == ["Let me think about it"]
+
+
+def test_long_sentence_is_cut_at_a_comma():
+    text = "This runs on and on without stopping, listing apples, pears, plums and cherries, and then it goes further still"
+    pieces = split(text, max_chars=60)
+    assert len(pieces) > 1 and all(len(p) <= 60 for p in pieces)
+    assert pieces[0].endswith(",")
+    assert " ".join(pieces) == text
+
+
+def test_splitter_with_smollm2_gives_whole_sentences(smollm2_llm):
+    messages = [QUESTION[0], {"role": "user", "content": "Tell me two facts about cats."}]
+    deltas = smollm2_llm.stream_reply(messages, sampling=Sampling(temperature=0.0, max_tokens=60))
+    sentences = list(SentenceSplitter().split(deltas))
+    assert sentences and all(s == s.strip() and s for s in sentences)
