@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -121,10 +122,13 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     path = Path(path)
     if not path.is_file():
         raise AgentError(f"audio file not found: {path} (check the path)")
+    if path.stat().st_size == 0:
+        raise AgentError(f"audio file {path} is empty (0 bytes): pass a WAV that holds speech")
     try:
         audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as error:  # soundfile raises LibsndfileError/RuntimeError/ValueError by version
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = _one_line(error)
+        reason = re.sub(r"^Error opening .*?: ", "", reason)  # libsndfile repeats the path
         raise AgentError(f"cannot read audio file {path}: {reason} (pass a PCM WAV file)") from None
     if audio.shape[0] == 0:
         raise AgentError(f"audio file {path} is empty (no samples): pass a WAV that holds speech")
