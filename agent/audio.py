@@ -297,7 +297,61 @@ class WavFileSource(AudioSource):
         self._stopped.set()
 
 
-class MicrophoneSource(AudioSource):
+class QueueSource(AudioSource):
+    """A source fed from another thread: ``push(samples, sample_rate)`` any-length float32 audio,
+    ``end()`` when there is no more; ``read()`` hands it out as 16 kHz blocks.
+
+    The microphone is one (its PortAudio callback pushes); tests and tools can push audio live.
+    """
+
+    def __init__(self, input_rate: int = PIPELINE_RATE, *, block_ms: int = BLOCK_MS) -> None:
+        self.input_rate = int(input_rate)
+        self.block_samples = PIPELINE_RATE * block_ms // 1000
+        self._queue: queue.Queue[np.ndarray | None] = queue.Queue()
+        self._ready: deque[np.ndarray] = deque()
+        self._rebuffer = _Rebuffer(self.block_samples)
+        self._resampler = StreamResampler(self.input_rate, PIPELINE_RATE)
+        self._ended = False
+        self._stopped = threading.Event()
+
+    def push(self, samples: np.ndarray) -> None:
+        """Add float32 mono samples at ``input_rate`` (cheap: safe inside an audio callback)."""
+        self._queue.put(samples)
+
+    def end(self) -> None:
+        """No more audio: ``read()`` returns what is left (last block zero-padded), then None."""
+        self._queue.put(None)
+
+    def start(self) -> None:
+        pass
+
+    def read(self, timeout: float | None = None) -> np.ndarray | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._ready:
+            if self._stopped.is_set() or self._ended:
+                return None
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                raw = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                raise TimeoutError("no audio block within the timeout") from None
+            if raw is None:
+                self._ended = True
+                if not self._stopped.is_set():
+                    self._ready.extend(self._rebuffer.push(self._resampler.flush()))
+                    if (tail := self._rebuffer.tail()) is not None:
+                        self._ready.append(tail)
+                continue
+            self._ready.extend(self._rebuffer.push(self._resampler.process(_as_mono_float32(raw))))
+        return None if self._stopped.is_set() else self._ready.popleft()
+
+    def stop(self) -> None:
+        if not self._stopped.is_set():
+            self._stopped.set()
+            self._queue.put(None)  # wakes a blocked read()
+
+
+class MicrophoneSource(QueueSource):
     """Live capture through sounddevice; resampled to 16 kHz mono blocks.
 
     Opens at 16 kHz when the device allows it, else at the device's own rate and resamples.
@@ -307,11 +361,6 @@ class MicrophoneSource(AudioSource):
     def __init__(self, device: int | str | None = None, *, block_ms: int = BLOCK_MS) -> None:
         sd = _sounddevice(NO_MIC_FIX)
         self.device = resolve_device(device, "input")
-        self.block_samples = PIPELINE_RATE * block_ms // 1000
-        self._queue: queue.Queue[np.ndarray | None] = queue.Queue()
-        self._ready: deque[np.ndarray] = deque()
-        self._rebuffer = _Rebuffer(self.block_samples)
-        self._stopped = threading.Event()
         self.overflows = 0
         self._stream = None
         try:
@@ -320,8 +369,7 @@ class MicrophoneSource(AudioSource):
                 sd.check_input_settings(device=self.device, channels=1, samplerate=rate, dtype="float32")
             except Exception:
                 rate = int(sd.query_devices(self.device, "input")["default_samplerate"])
-            self.device_rate = rate
-            self._resampler = StreamResampler(rate, PIPELINE_RATE)
+            super().__init__(rate, block_ms=block_ms)
             self._stream = sd.InputStream(
                 device=self.device,
                 channels=1,
@@ -337,32 +385,16 @@ class MicrophoneSource(AudioSource):
         # PortAudio thread: copy and hand over, nothing else.
         if status:
             self.overflows += 1
-        self._queue.put(indata[:, 0].copy())
+        self.push(indata[:, 0].copy())
 
     def start(self) -> None:
         if self._stream is not None and not self._stream.active and not self._stopped.is_set():
             self._stream.start()
 
-    def read(self, timeout: float | None = None) -> np.ndarray | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._ready:
-            if self._stopped.is_set():
-                return None
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                raw = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                raise TimeoutError("no audio block within the timeout") from None
-            if raw is None:
-                return None
-            self._ready.extend(self._rebuffer.push(self._resampler.process(raw)))
-        return self._ready.popleft()
-
     def stop(self) -> None:
         if self._stopped.is_set():
             return
-        self._stopped.set()
-        self._queue.put(None)
+        super().stop()
         if self._stream is not None:
             try:
                 self._stream.stop()

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError
+from agent.llm import Sampling
+
+LLMSettings = Sampling  # a persona's [llm] table is exactly the LLM's sampling settings
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "prompts"
 DEFAULT_PERSONA = "default"
@@ -78,15 +81,6 @@ class PersonaVoice:
 
 
 @dataclass(frozen=True)
-class LLMSettings:
-    """How the LLM writes for this persona."""
-
-    temperature: float = 0.7
-    max_tokens: int = 160
-    top_p: float = 0.95
-
-
-@dataclass(frozen=True)
 class Persona:
     """Everything a persona file sets; defaults fill what it leaves out."""
 
@@ -98,7 +92,7 @@ class Persona:
     temperature: float = 0.9  # CSM sampling
     topk: int = 50
     max_audio_length_ms: int = 20_000  # per sentence
-    llm: LLMSettings = field(default_factory=LLMSettings)
+    llm: Sampling = field(default_factory=Sampling)  # pass as stream_reply(..., sampling=persona.llm)
     path: Path | None = None  # the file it came from
 
 
@@ -176,10 +170,10 @@ def parse_persona(data: dict[str, Any], source: str, base_dir: Path | None = Non
         if clip.startswith(HUB_PREFIX) and clip[len(HUB_PREFIX) :].count("/") < 2:
             raise voice_fields.fail("clip", "must look like hf://OWNER/REPO/PATH.wav")
         voice = PersonaVoice(clip=clip, transcript=voice_fields.text("transcript", required=True), base_dir=base_dir)
-    llm = LLMSettings()
+    llm = Sampling()
     if (llm_fields := top.table_of("llm")) is not None:
         llm_fields.reject_unknown({"temperature", "max_tokens", "top_p"})
-        llm = LLMSettings(
+        llm = Sampling(
             temperature=llm_fields.number("temperature", llm.temperature, 0.0, 2.0),
             max_tokens=llm_fields.integer("max_tokens", llm.max_tokens, 1, 8192),
             top_p=llm_fields.number("top_p", llm.top_p, 0.0, 1.0),

@@ -12,6 +12,7 @@ import soundfile as sf
 from agent.audio import (
     PIPELINE_RATE,
     MemorySink,
+    QueueSource,
     StreamResampler,
     WavFileSink,
     WavFileSource,
@@ -199,3 +200,33 @@ def test_rms_dbfs():
     assert rms_dbfs(np.zeros(512, np.float32)) == -120.0
     assert rms_dbfs(np.ones(512, np.float32)) == pytest.approx(0.0)
     assert rms_dbfs(tone(440, 0.1, 16_000, amplitude=1.0)) == pytest.approx(-3.01, abs=0.05)
+
+
+def test_queue_source_turns_pushed_44k_audio_into_16k_blocks_across_threads():
+    source = QueueSource(44_100)
+    x = tone(440, 1.0, 44_100)
+
+    def producer():
+        for i in range(0, len(x), 441):  # 10 ms callbacks, like a sound card
+            source.push(x[i : i + 441])
+        source.end()
+
+    threading.Thread(target=producer).start()
+    blocks = list(source)
+    assert all(len(b) == 512 for b in blocks)
+    audio = np.concatenate(blocks)
+    assert len(audio) == 512 * 32  # 16000 samples, last block zero-padded
+    np.testing.assert_allclose(audio[:16000], resample(x, 44_100, 16_000), atol=1e-5)
+
+
+def test_queue_source_read_times_out_and_stop_wakes_a_blocked_reader():
+    source = QueueSource()
+    with pytest.raises(TimeoutError):
+        source.read(timeout=0.05)
+    result = []
+    reader = threading.Thread(target=lambda: result.append(source.read()))
+    reader.start()
+    time.sleep(0.05)
+    source.stop()
+    reader.join(timeout=1)
+    assert result == [None]
