@@ -176,8 +176,13 @@ def load_watermarker(args: argparse.Namespace, device: str):
         raise CSMError(f"cannot watermark the output: {e} (install silentcipher, or pass --no-watermark)") from None
 
 
-def run_generate(args: argparse.Namespace, load: Callable[[argparse.Namespace, str], object]) -> int:
-    """``csm-generate`` once the options are parsed; ``load(args, device)`` builds the generator."""
+def run_generate(args: argparse.Namespace, generator_or_loader) -> int:
+    """``csm-generate`` once the options are parsed.
+
+    ``generator_or_loader``: a loaded generator (anything with ``generate`` and ``sample_rate``),
+    or preferably ``load(args, device) -> generator``, called with the resolved device only after
+    the options, context audio and watermark model have been checked.
+    """
     import torch
 
     check_generate_args(args)
@@ -186,7 +191,10 @@ def run_generate(args: argparse.Namespace, load: Callable[[argparse.Namespace, s
     device = resolve_device(args.device)
     context = build_context(args, speaker, voice)  # read context audio before loading any model
     watermarker = load_watermarker(args, device)
-    generator = load(args, device)
+    if hasattr(generator_or_loader, "generate"):
+        generator = generator_or_loader
+    else:
+        generator = generator_or_loader(args, device)
     wav = generator.generate(args.text, speaker, context, max_audio_length_ms=args.max_audio_length_ms,
                              temperature=args.temperature, topk=args.topk, seed=args.seed)
     sample_rate = generator.sample_rate

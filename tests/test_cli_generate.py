@@ -125,6 +125,14 @@ def test_same_seed_same_audio_other_seed_other_audio(tiny_generator, tmp_path):
     assert not np.array_equal(a, c)
 
 
+def test_run_generate_also_takes_a_loaded_generator(tiny_generator, tmp_path):
+    # The MLX CLI hands over its own generator object instead of a loader.
+    args = build_generate_parser().parse_args(["--text", "Hi.", "--output", str(tmp_path / "g.wav"),
+                                               "--max-audio-length-ms", "160", "--seed", "1", "--no-watermark"])
+    assert run_generate(args, tiny_generator) == 0
+    assert sf.info(str(tmp_path / "g.wav")).frames % SAMPLES_PER_FRAME == 0
+
+
 def test_load_audio_downmixes_and_resamples_to_24khz(tmp_path):
     stereo = _wav(tmp_path / "s.wav", 0.5, 48_000, channels=2)
     wav = load_audio(stereo)
