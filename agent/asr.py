@@ -204,7 +204,9 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def make_transcriber(engine: str = "faster-whisper", model: str | Path | None = None, device: str = "cpu") -> Transcriber:
+def make_transcriber(
+    engine: str = "faster-whisper", model: str | Path | None = None, device: str = "cpu"
+) -> Transcriber:
     """The ``--asr`` / ``--asr-model`` / ``--device`` choice as a ready Transcriber (model loaded)."""
     if engine == "faster-whisper":
         return FasterWhisperTranscriber(model, device=device)

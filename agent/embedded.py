@@ -51,4 +51,5 @@ def whisper_tiny_en_dir() -> Path:
 
 def silero_vad_jit() -> Path:
     """The TorchScript Silero VAD model shipped by the ``silero-vad`` package."""
-    return _existing(package_dir("silero_vad", "silero-vad", no_deps=False) / "data" / "silero_vad.jit", "silero-vad")
+    data_dir = package_dir("silero_vad", "silero-vad", no_deps=False) / "data"
+    return _existing(data_dir / "silero_vad.jit", "silero-vad")

@@ -51,7 +51,7 @@ class PersonaVoice:
         return self.clip is not None and self.clip.startswith(HUB_PREFIX)
 
     def hub_file(self) -> tuple[str, str]:
-        """``(repo_id, filename)`` of a hub clip: hf://sesame/csm-1b/prompts/a.wav -> ("sesame/csm-1b", "prompts/a.wav")."""
+        """``(repo_id, filename)``: hf://sesame/csm-1b/prompts/a.wav -> ("sesame/csm-1b", "prompts/a.wav")."""
         if not self.is_hub:
             raise ValueError(f"{self.clip!r} is not a hub clip")
         owner, repo, filename = self.clip[len(HUB_PREFIX) :].split("/", 2)
@@ -162,7 +162,9 @@ def parse_persona(data: dict[str, Any], source: str, base_dir: Path | None = Non
     if isinstance(data.get("voice"), str):
         name = top.text("voice", required=True)
         if not re.fullmatch(r"[\w.-]+", name):
-            raise top.fail("voice", 'must name a voice from voices.toml, or be a table { clip = "...", transcript = "..." }')
+            raise top.fail(
+                "voice", 'must name a voice from voices.toml, or be a table { clip = "...", transcript = "..." }'
+            )
         voice = PersonaVoice(name=name)
     elif (voice_fields := top.table_of("voice")) is not None:
         voice_fields.reject_unknown({"clip", "transcript"})

@@ -2,8 +2,8 @@
 
 Two detectors with one stream interface: ``feed(block) -> list[VadEvent]``.
 ``VoiceActivityDetector`` runs Silero VAD (the model packaged in ``silero-vad``, on ONNX
-Runtime or TorchScript) on 32 ms windows and ends a turn after a pause; ``PushToTalk`` starts and ends turns on key press and
-release. A ``speech_end`` event carries the turn's audio, ready for ASR. Times are seconds of
+Runtime or TorchScript) on 32 ms windows and ends a turn after a pause; ``PushToTalk`` starts
+and ends turns on key press and release. A ``speech_end`` event carries the turn's audio, ready for ASR. Times are seconds of
 stream audio fed since the detector was made or reset (not wall-clock time).
 """
 
