@@ -150,7 +150,10 @@ def _strip_emoji(text: str) -> str:
     out = []
     for ch in text:
         category = unicodedata.category(ch)
-        if category == "So" or category == "Cs" or ch in "\u200d\ufe0f\ufe0e" or 0x1F3FB <= ord(ch) <= 0x1F3FF:
+        # Emoji and pictographs are "other symbols"; the ones we can say (°, →) are kept for later.
+        if (category == "So" and ch not in _SYMBOLS) or category == "Cs" or ch in "\u200d\ufe0f\ufe0e":
+            continue
+        if 0x1F3FB <= ord(ch) <= 0x1F3FF:  # emoji skin-tone modifiers
             continue
         out.append(ch)
     return "".join(out)
@@ -252,5 +255,7 @@ def normalize_for_speech(text: str) -> str:
     text = re.sub(r"[,;:]+\s*([.!?])", r"\1", text)
     text = re.sub(r"(^|[.!?]\s)\s*[,;:]\s*", r"\1", text)
     text = re.sub(r"\s+", " ", text).strip()
-    text = re.sub(r"^[,;:]\s*|\s*[,;:]$", "", text).strip()
+    text = re.sub(r"^[,;:]\s*", "", text)
+    text = re.sub(r"\s*[;:]$", ".", text)  # "Steps:" said as a sentence of its own
+    text = re.sub(r"\s*,,+$", ",", text).strip()
     return text

@@ -62,6 +62,8 @@ def test_year_to_words(year, words):
         ("Call 555-1234 now.", "Call five five five, one two three four now."),
         ("Room 221B on Baker St. today.", "Room two hundred twenty-one B on Baker Street today."),
         ("```python\nprint(1)\n```\nDone.", "Done."),
+        ("It is 20°C, great 👍🏽!", "It is twenty degrees C, great!"),
+        ("Steps:", "Steps."),
         ("", ""),
     ],
 )
