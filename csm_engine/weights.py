@@ -583,7 +583,7 @@ def _fill_parameters(model: torch.nn.Module, ckpt: Checkpoint, device: str | tor
 # ---------------------------------------------------------------------------------------------
 
 
-def _model_dir_if_local_or_cached(model_path: str | os.PathLike | None) -> Path | None:
+def _model_dir_or_none(model_path: str | os.PathLike | None) -> Path | None:
     """The checkpoint dir for a model path/repo (downloading a repo); None if there is none."""
     try:
         return resolve_model_dir(model_path)
@@ -604,7 +604,7 @@ def find_mimi_file(mimi_path: str | os.PathLike | None = None, *,
             raise CSMError(f"Mimi weights not found: {local} (pass --mimi-path to {MIMI_FILE}, "
                            f"from the hub repo {MIMI_REPO})")
         return local
-    model_dir = _model_dir_if_local_or_cached(model_path)
+    model_dir = _model_dir_or_none(model_path)
     if model_dir is not None and (model_dir / MIMI_FILE).is_file():
         return model_dir / MIMI_FILE
     return download_file(MIMI_REPO, MIMI_FILE, "Mimi codec")
@@ -635,7 +635,7 @@ def find_tokenizer_file(tokenizer_path: str | os.PathLike | None = None, *,
             raise CSMError(f"text tokenizer not found: {local} (pass --tokenizer-path to a tokenizer.json, "
                            f"e.g. from {TOKENIZER_REPO})")
         return local
-    model_dir = _model_dir_if_local_or_cached(model_path)
+    model_dir = _model_dir_or_none(model_path)
     if model_dir is not None and (model_dir / TOKENIZER_FILE).is_file():
         return model_dir / TOKENIZER_FILE
     return download_file(TOKENIZER_REPO, TOKENIZER_FILE, "text tokenizer")

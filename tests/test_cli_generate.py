@@ -7,8 +7,6 @@ same entry points in-process (faster), some with one tiny generator shared by th
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,7 +20,6 @@ import torch
 from csm_engine.audio_io import load_audio, write_wav
 from csm_engine.cli import build_generate_parser, generate_main, run_cli, run_generate, verify_main
 from csm_engine.config import SAMPLE_RATE, SAMPLES_PER_FRAME
-from csm_engine.errors import CSMError
 
 
 def _console_script(name: str) -> list[str]:
