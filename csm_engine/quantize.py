@@ -294,21 +294,27 @@ def weight_bytes_per_frame(model: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def probe_logits(model: nn.Module, tokens: Tensor, mask: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
-    """Logits to compare precisions on: codebook 0 after a prompt, and codebooks 1..31 teacher-forced.
+def probe_logits(model: nn.Module, tokens: Tensor, mask: Tensor, codes: Tensor, block: int = 32) -> tuple[Tensor, Tensor]:
+    """Logits to compare precisions on, computed the way generation batches rows.
 
-    tokens, mask (1, T, 33) a prompt; codes (1, 32) the frame fed to the decoder. Returns
+    tokens, mask (1, T, 33) a prompt, prefilled in position-aligned blocks of ``block`` rows
+    (as ``Generator`` does); codes (1, 32) the frame teacher-forced through the decoder one
+    step at a time (positions 0-1, then one per codebook, as ``generate_frame``). Returns
     float32 (T, 2051) codebook-0 logits of every prompt row and (31, 2051) decoder logits.
     """
     model.reset_caches()
-    h = model.backbone_hidden(tokens, mask, 0)
+    n = tokens.shape[1]
+    h = torch.cat([model.backbone_hidden(tokens[:, a:a + block], mask[:, a:a + block], a)
+                   for a in range(0, n, block)], dim=1)
     logits0 = model.codebook0_head(h)[0].float()
     n_cb = model.config.audio_num_codebooks
-    emb = torch.cat([model.embed_audio(i, codes[:, i:i + 1]) for i in range(n_cb - 1)], dim=1)
-    x = model.projection(torch.cat([h[:, -1:], emb.to(h.dtype)], dim=1))
-    dh = model.decoder_hidden(x, 0)[0]
-    logits = torch.stack([dh[i] @ model.audio_head[i - 1] for i in range(1, n_cb)]).float()
-    return logits0, logits
+    dec_in = model.projection(torch.cat([h[:, -1:], model.embed_audio(0, codes[:, :1]).to(h.dtype)], dim=1))
+    logits = []
+    for i in range(1, n_cb):
+        dh = model.decoder_hidden(dec_in, 0 if i == 1 else i)[0, -1]
+        logits.append((dh @ model.audio_head[i - 1]).float())
+        dec_in = model.projection(model.embed_audio(i, codes[:, i:i + 1]).to(h.dtype))
+    return logits0, torch.stack(logits)
 
 
 def logit_error(reference: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor]) -> dict[str, float]:
