@@ -1,0 +1,82 @@
+"""csm-chat defaults from a TOML file: ``<user config dir>/csm-chat/config.toml``.
+
+The file holds top-level keys named like the options, with dashes or underscores::
+
+    csm-model = "/models/csm-1b"
+    persona = "concise"
+    input-device = 2
+
+An explicit ``--config PATH`` must exist; the default file is optional. A key we do not know
+is an error naming it (a typo would otherwise be silently ignored).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from agent.errors import AgentError
+
+CONFIG_NAME = "config.toml"
+
+
+def default_config_path() -> Path:
+    """``config.toml`` in the user's csm-chat config directory (platformdirs)."""
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("csm-chat")) / CONFIG_NAME
+
+
+def _expected_types() -> dict[str, tuple[type, ...]]:
+    from agent.settings import AgentSettings
+
+    kinds: dict[str, tuple[type, ...]] = {}
+    for f in fields(AgentSettings):
+        if f.name == "config_path":
+            continue
+        hint = str(f.type)
+        allowed: list[type] = []
+        if "str" in hint:
+            allowed.append(str)
+        if "int" in hint:
+            allowed.append(int)
+        if "bool" in hint:
+            allowed.append(bool)
+        kinds[f.name] = tuple(allowed)
+    return kinds
+
+
+def read_config(path: str | Path | None = None) -> tuple[dict[str, Any], Path | None]:
+    """Option values from the config file and the file they came from (None when there is none)."""
+    explicit = path is not None
+    path = Path(path).expanduser() if explicit else default_config_path()
+    if not path.is_file():
+        if explicit:
+            raise AgentError(f"config file {path} does not exist: fix the --config path")
+        return {}, None
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise AgentError(f"cannot read config file {path}: {error}")
+    except tomllib.TOMLDecodeError as error:
+        raise AgentError(f"config file {path} is not valid TOML ({error}): fix or remove it")
+    kinds = _expected_types()
+    values: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = raw_key.replace("-", "_")
+        if key not in kinds:
+            known = ", ".join(sorted(k.replace("_", "-") for k in kinds))
+            raise AgentError(f"config file {path}: unknown key {raw_key!r}; known keys: {known}")
+        allowed = kinds[key]
+        # bool is an int subclass in Python: keep true/false out of numeric options and vice versa.
+        if bool in allowed:
+            ok = isinstance(value, bool)
+        else:
+            ok = isinstance(value, allowed) and not isinstance(value, bool)
+        if not ok:
+            names = " or ".join(t.__name__ for t in allowed)
+            raise AgentError(f"config file {path}: {raw_key!r} must be {names}, got {value!r}")
+        values[key] = value
+    return values, path

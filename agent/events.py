@@ -1,0 +1,109 @@
+"""What the pipeline reports while it runs: plain frozen dataclasses, no UI imports.
+
+The pipeline calls ``emit(event)`` from its own threads; a consumer (the TUI, headless
+mode, a test) must hand events over to its own thread before touching UI state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Union
+
+
+class AgentState(str, Enum):
+    """What the agent is doing right now (shown to the user)."""
+
+    LOADING = "loading"
+    LISTENING = "listening"
+    HEARING = "hearing you"
+    TRANSCRIBING = "transcribing"
+    THINKING = "thinking"
+    SPEAKING = "speaking"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    state: AgentState
+
+
+@dataclass(frozen=True)
+class MicLevel:
+    """Input level of the latest mic block, about 20 per second."""
+
+    rms_dbfs: float
+
+
+@dataclass(frozen=True)
+class PartialTranscript:
+    """What the user has said so far in the turn in progress."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class UserTurn:
+    """A finished user turn (transcribed speech or a typed message)."""
+
+    turn_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class AgentText:
+    """One agent sentence as it starts being spoken (or shown, when text-only)."""
+
+    turn_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class AgentTurnDone:
+    """The agent's turn is over; ``text`` is what was actually said (all of it unless interrupted)."""
+
+    turn_id: int
+    text: str
+    interrupted: bool
+
+
+@dataclass(frozen=True)
+class TurnLatency:
+    """Milliseconds from the end of the user's speech (or the typed message) to each milestone.
+
+    ``None`` when the milestone did not happen (typed message: no transcript; text-only: no audio).
+    """
+
+    turn_id: int
+    transcript_ms: float | None
+    first_token_ms: float | None
+    first_audio_ms: float | None
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    """A model started (done=False) or finished (done=True) loading; stage is "vad", "whisper", "llm", "csm", ..."""
+
+    stage: str
+    done: bool
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A one-line message for the user with the fix; level is "info", "warning" or "error"."""
+
+    level: str
+    message: str
+
+
+Event = Union[
+    StateChanged,
+    MicLevel,
+    PartialTranscript,
+    UserTurn,
+    AgentText,
+    AgentTurnDone,
+    TurnLatency,
+    LoadProgress,
+    Notice,
+]

@@ -1,0 +1,88 @@
+"""Every csm-chat option in one dataclass, with defaults from the user's config file.
+
+Precedence: built-in defaults < ``config.toml`` in the user's config dir (or ``--config``) <
+command-line flags. The TUI may change ``input_device``/``output_device``/``persona`` on the
+instance at run time; the pipeline reads the settings when it starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from agent.errors import AgentError
+
+DEFAULT_CSM_MODEL = "sesame/csm-1b"
+ASR_ENGINES = ("faster-whisper", "openai-whisper")
+MODES = ("vad", "ptt")
+
+
+@dataclass
+class AgentSettings:
+    """Options of one csm-chat run (paths as strings; None = the embedded or automatic default)."""
+
+    # models
+    csm_model: str = DEFAULT_CSM_MODEL  # checkpoint dir (make-checkpoint layout) or hub repo id
+    mimi_path: str | None = None
+    tokenizer_path: str | None = None
+    csm_dtype: str | None = None  # float32 | bfloat16 | int8 | int8-dynamic; None = engine default
+    llm_model: str | None = None  # GGUF path; None = embedded SmolLM2-135M-Instruct
+    llm_url: str | None = None  # OpenAI-compatible server instead of the in-process model
+    asr: str = "faster-whisper"
+    asr_model: str | None = None  # None = embedded tiny.en (faster-whisper) / base.en (openai-whisper)
+    device: str = "cpu"  # torch device for CSM (and Whisper where the engine supports it)
+    # who the agent is
+    persona: str = "default"  # name of a persona file or a path to one
+    seed: int | None = None
+    max_audio_ms: int | None = None  # cap on one agent sentence's audio (overrides the persona's)
+    # audio
+    input_device: int | str | None = None
+    output_device: int | str | None = None
+    mic_file: str | None = None  # WAV played into the agent as if spoken live
+    speaker_file: str | None = None  # WAV that receives everything the agent says
+    realtime: bool = True  # play mic_file in real time (False: as fast as the pipeline takes it)
+    mode: str = "vad"  # "vad" (hands-free) | "ptt" (push-to-talk)
+    end_silence_ms: int = 600  # pause that ends a user turn (VAD)
+    # session
+    save_dir: str | None = None  # conversation directory, saved after every turn
+    headless: bool = False
+    max_turns: int | None = None  # stop after this many agent replies
+    watermark: bool = True  # watermark agent audio written to disk (CSM's public key)
+    config_path: str | None = None  # where the defaults came from (for messages)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise AgentError (one line, with the fix) for an option value that cannot work."""
+        if self.asr not in ASR_ENGINES:
+            raise AgentError(f"unknown ASR engine {self.asr!r}: use one of {', '.join(ASR_ENGINES)}")
+        if self.mode not in MODES:
+            raise AgentError(f"unknown mode {self.mode!r}: use 'vad' (hands-free) or 'ptt' (push-to-talk)")
+        if self.max_turns is not None and self.max_turns < 1:
+            raise AgentError(f"--max-turns must be at least 1, got {self.max_turns}")
+        if self.max_audio_ms is not None and self.max_audio_ms < 80:
+            raise AgentError(f"max audio length must be at least 80 ms (one frame), got {self.max_audio_ms}")
+        if self.end_silence_ms < 32:
+            raise AgentError(f"end_silence_ms must be at least 32, got {self.end_silence_ms}")
+
+    def with_changes(self, **changes: Any) -> "AgentSettings":
+        """A copy with some options replaced (validated)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """Names a config file or a flag may set."""
+        return [f.name for f in fields(cls) if f.name != "config_path"]
+
+
+def load_settings(config_path: str | Path | None = None, **overrides: Any) -> AgentSettings:
+    """Defaults, then the config file (the user's, or ``config_path``), then ``overrides`` (None = not given)."""
+    from agent.config_file import read_config
+
+    values, source = read_config(config_path)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if source is not None:
+        values["config_path"] = str(source)
+    return AgentSettings(**values)
