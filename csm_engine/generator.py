@@ -340,6 +340,19 @@ class Generator:
         return torch.from_numpy(np.concatenate(chunks))
 
 
+def compile_for_cuda(model: CSMModel) -> CSMModel:
+    """CUDA only, opt-in, NOT MEASURED (no GPU was available to this project's benchmarks).
+
+    At batch 1 a GPU is bound by kernel launches: the decoder's 31 steps per frame are
+    compiled with CUDA graphs ("reduce-overhead"); each decoder position is one static shape,
+    and the caches are preallocated buffers updated in place, which CUDA graphs need.
+    """
+    if model.text_embeddings.weight.device.type != "cuda":
+        raise CSMError("compile=True is for CUDA devices; on CPU leave it off (the eager loop is measured there)")
+    model.decoder.forward = torch.compile(model.decoder.forward, mode="reduce-overhead", dynamic=False)
+    return model
+
+
 def prepare_text(text: str) -> str:
     """Validate and tidy the line to speak: collapse whitespace, end with punctuation.
 
@@ -354,7 +367,7 @@ def prepare_text(text: str) -> str:
 
 
 def load_generator(model_path: str | None = None, *, mimi_path: str | None = None, tokenizer_path: str | None = None,
-                   device: str = "cpu", dtype: torch.dtype | str | None = None) -> Generator:
+                   device: str = "cpu", dtype: torch.dtype | str | None = None, compile: bool = False) -> Generator:
     """Build a Generator from a checkpoint dir or hub repo id (default: the released CSM-1B).
 
     ``dtype``: float32 | bfloat16 | int8 | int8-dynamic; None / "auto" picks the fastest for the
@@ -368,6 +381,8 @@ def load_generator(model_path: str | None = None, *, mimi_path: str | None = Non
     load_dtype = torch.bfloat16 if chosen == "bfloat16" else torch.float32
     model = weights.load_csm_model(model_path, device=device, dtype=load_dtype)
     apply_precision(model, chosen or "auto")
+    if compile:
+        compile_for_cuda(model)
     codec = weights.load_mimi(mimi_path, model_path=model_path, device=device)
     tokenizer = weights.load_text_tokenizer(tokenizer_path, model_path=model_path)
     return Generator(model, codec, tokenizer)
