@@ -99,6 +99,7 @@ class TurnView(Static):
         self.role = role
         self.text = text
         self.interrupted = False
+        self.done = role == "user"  # an agent turn is done when the pipeline says so
 
     def on_mount(self) -> None:
         self._refresh_text()
@@ -176,6 +177,7 @@ class Transcript(VerticalScroll):
         if view is None:
             view = self._agent_turns[turn_id] = TurnView("agent", text)
             self.mount(view, before=self._partial)
+        view.done = True
         view.set_text(text, interrupted=interrupted)
         self.scroll_end(animate=False)
 
