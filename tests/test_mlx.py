@@ -302,3 +302,32 @@ def test_load_generator_quantized(tiny_checkpoint):
     assert pcm.shape == (2 * SAMPLES_PER_FRAME,) and torch.isfinite(pcm).all()
     with pytest.raises(CSMError, match="--quantize 4 or --quantize 8"):
         load_generator(str(tiny_checkpoint), quantize_bits=3)
+
+
+def test_csm_generate_mlx_writes_a_24khz_wav(tiny_checkpoint, tmp_path):
+    """The real console script: csm-generate's options and output path with the model on MLX."""
+    import soundfile as sf
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("csm-generate-mlx")
+    assert script.is_file(), "csm-generate-mlx is not installed; run `make test` (pip install -e .)"
+    out = tmp_path / "mlx.wav"
+    result = subprocess.run(
+        [str(script), "--model-path", str(tiny_checkpoint), "--text", "Hello from MLX.", "--no-watermark",
+         "--max-audio-length-ms", "480", "--seed", "3", "--output", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    data, rate = sf.read(out)
+    assert rate == 24_000 and data.ndim == 1
+    assert 0 < len(data) <= 7 * SAMPLES_PER_FRAME and len(data) % SAMPLES_PER_FRAME == 0
+
+
+def test_csm_generate_mlx_missing_model_is_one_line(tmp_path):
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("csm-generate-mlx")
+    result = subprocess.run([str(script), "--model-path", str(tmp_path / "none"), "--text", "Hi.", "--no-watermark"],
+                            capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("csm-generate-mlx: error:"), result.stderr

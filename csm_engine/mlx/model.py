@@ -20,6 +20,7 @@ import numpy as np
 
 from csm_engine.config import CSMConfig, TransformerConfig
 from csm_engine.model import llama3_inv_freq
+from csm_engine.generator import MIMI_CODEBOOK_SIZE
 
 
 class KVCache:
@@ -251,14 +252,15 @@ class MLXCSMModel(nn.Module):
         n_cb = self.config.audio_num_codebooks
         if keys is None:
             keys = [None] * n_cb
-        c0 = sample_topk(self.codebook0_head(h), topk, temperature, keys[0])  # (B, 1)
+        # Only ids Mimi can decode (its codebooks hold 2048 entries of the 2051-token audio vocab).
+        c0 = sample_topk(self.codebook0_head(h)[..., :MIMI_CODEBOOK_SIZE], topk, temperature, keys[0])  # (B, 1)
         frame = [c0]
         caches = self.decoder.new_caches(h.shape[0], self.cache_dtype, n_cb)
         dec_in = self.projection(mx.stack([h, self.embed_audio(0, c0[:, 0])], axis=1))  # (B, 2, Dd)
         pos = 0
         for i in range(1, n_cb):
             dh = self.decoder(dec_in, pos, caches)[:, -1]
-            ci = sample_topk(self.audio_head[i - 1](dh), topk, temperature, keys[i])
+            ci = sample_topk(self.audio_head[i - 1](dh)[..., :MIMI_CODEBOOK_SIZE], topk, temperature, keys[i])
             frame.append(ci)
             pos += dec_in.shape[1]
             dec_in = self.projection(self.embed_audio(i, ci))  # (B, 1, Dd)
