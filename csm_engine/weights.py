@@ -591,23 +591,29 @@ def _model_dir_or_none(model_path: str | os.PathLike | None) -> Path | None:
         return None
 
 
+def _find_file(explicit: str | os.PathLike | None, model_path: str | os.PathLike | None, filename: str,
+               default_repo: str, what: str, fix: str) -> Path:
+    """``explicit`` (file, dir or repo id), else the model dir's ``filename``, else ``default_repo``'s."""
+    if explicit is not None:
+        local = Path(explicit).expanduser()
+        if local.is_dir():
+            local = local / filename
+        elif not local.exists() and looks_like_repo_id(os.fspath(explicit)):
+            return download_file(os.fspath(explicit), filename, what)
+        if not local.is_file():
+            raise CSMError(f"{what} not found: {local} ({fix})")
+        return local
+    model_dir = _model_dir_or_none(model_path)
+    if model_dir is not None and (model_dir / filename).is_file():
+        return model_dir / filename
+    return download_file(default_repo, filename, what)
+
+
 def find_mimi_file(mimi_path: str | os.PathLike | None = None, *,
                    model_path: str | os.PathLike | None = None) -> Path:
     """Mimi's safetensors: ``mimi_path`` (file, dir or repo id), else the model dir's copy, else the hub."""
-    if mimi_path is not None:
-        local = Path(mimi_path).expanduser()
-        if local.is_dir():
-            local = local / MIMI_FILE
-        elif not local.exists() and looks_like_repo_id(os.fspath(mimi_path)):
-            return download_file(os.fspath(mimi_path), MIMI_FILE, "Mimi codec")
-        if not local.is_file():
-            raise CSMError(f"Mimi weights not found: {local} (pass --mimi-path to {MIMI_FILE}, "
-                           f"from the hub repo {MIMI_REPO})")
-        return local
-    model_dir = _model_dir_or_none(model_path)
-    if model_dir is not None and (model_dir / MIMI_FILE).is_file():
-        return model_dir / MIMI_FILE
-    return download_file(MIMI_REPO, MIMI_FILE, "Mimi codec")
+    return _find_file(mimi_path, model_path, MIMI_FILE, MIMI_REPO, "Mimi codec",
+                      f"pass --mimi-path to {MIMI_FILE}, from the hub repo {MIMI_REPO}")
 
 
 def load_mimi(mimi_path: str | os.PathLike | None = None, *, model_path: str | os.PathLike | None = None,
@@ -625,20 +631,8 @@ def load_mimi(mimi_path: str | os.PathLike | None = None, *, model_path: str | o
 def find_tokenizer_file(tokenizer_path: str | os.PathLike | None = None, *,
                         model_path: str | os.PathLike | None = None) -> Path:
     """``tokenizer.json``: ``tokenizer_path`` (file, dir or repo id), else the model dir's, else Llama-3.2's."""
-    if tokenizer_path is not None:
-        local = Path(tokenizer_path).expanduser()
-        if local.is_dir():
-            local = local / TOKENIZER_FILE
-        elif not local.exists() and looks_like_repo_id(os.fspath(tokenizer_path)):
-            return download_file(os.fspath(tokenizer_path), TOKENIZER_FILE, "text tokenizer")
-        if not local.is_file():
-            raise CSMError(f"text tokenizer not found: {local} (pass --tokenizer-path to a tokenizer.json, "
-                           f"e.g. from {TOKENIZER_REPO})")
-        return local
-    model_dir = _model_dir_or_none(model_path)
-    if model_dir is not None and (model_dir / TOKENIZER_FILE).is_file():
-        return model_dir / TOKENIZER_FILE
-    return download_file(TOKENIZER_REPO, TOKENIZER_FILE, "text tokenizer")
+    return _find_file(tokenizer_path, model_path, TOKENIZER_FILE, TOKENIZER_REPO, "text tokenizer",
+                      f"pass --tokenizer-path to a tokenizer.json, e.g. from {TOKENIZER_REPO}")
 
 
 def load_text_tokenizer(tokenizer_path: str | os.PathLike | None = None, *,
