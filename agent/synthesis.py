@@ -1,0 +1,141 @@
+"""Speaking one sentence with CSM in the context of the conversation (used live and by --replay).
+
+``ReplySynthesizer`` builds the context for a sentence (``Conversation.csm_context`` with the
+budget the engine leaves: window - the sentence's text rows - its frame budget), checks that the
+engine keeps all of it (never relying on the engine's own silent trimming), streams the audio
+and keeps the Mimi codes so the sentence is never re-encoded when it becomes context.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent.conversation import CSM_RATE, Conversation, ContextReport
+
+SAMPLES_PER_FRAME = 1920
+
+
+@dataclass
+class SpokenSentence:
+    """A sentence as generated: 24 kHz audio and the codes it was decoded from."""
+
+    text: str
+    audio: np.ndarray
+    codes: Any  # torch LongTensor (32, frames) or None
+    context_rows: int = 0
+    prompt_rows: int = 0  # context + text rows + frame budget: must fit the window
+    report: ContextReport | None = None
+
+
+@dataclass
+class SynthesisOptions:
+    temperature: float = 0.9
+    topk: int = 50
+    max_audio_ms: int = 20_000
+    seed: int | None = None
+    chunk_frames: int = 2
+
+
+@dataclass
+class ReplySynthesizer:
+    """Streams sentences for one speaker (the agent, or anyone in --replay --all-turns)."""
+
+    generator: Any  # csm_engine.generator.Generator
+    conversation: Conversation
+    voice: Any = None  # csm_engine.tokens.Segment of the persona's voice clip, pinned first
+    options: SynthesisOptions = field(default_factory=SynthesisOptions)
+    on_prompt: Callable[[list, Any], None] | None = None  # (context segments, Prompt) for tests/metrics
+    _rows: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def window(self) -> int:
+        return int(self.generator.config.max_seq_len)
+
+    def measure(self, segment: Any) -> int:
+        """Backbone positions a context segment takes (text rows + audio frames + end frame)."""
+        key = id(segment)
+        hit = self._rows.get(key)
+        if hit is not None and hit[0] is segment:
+            return hit[1]
+        rows = int(self.generator.segment_frames(segment)[0].shape[0])
+        if len(self._rows) > 4096:
+            self._rows.clear()
+        self._rows[key] = (segment, rows)
+        return rows
+
+    def context_for(self, text: str, speaker: int, earlier: Sequence[Any] = ()) -> tuple[list, ContextReport, Any]:
+        """Context segments for saying ``text`` after ``earlier`` sentences of the same reply."""
+        bare = self.generator.build_prompt(text, speaker, [], self.options.max_audio_ms)
+        budget = self.window - bare.tokens.shape[0] - bare.max_frames
+        context, report = self.conversation.csm_context(self.voice, budget, self.measure, extra=earlier)
+        prompt = self.generator.build_prompt(text, speaker, context, self.options.max_audio_ms)
+        if prompt.context_kept != len(context):
+            # Our budget said it fits; the engine disagrees. Keep what the engine kept, loudly.
+            raise RuntimeError(f"CSM kept {prompt.context_kept} of {len(context)} context segments "
+                               f"({report.rows} rows for a budget of {budget})")
+        return context, report, prompt
+
+    def stream(self, text: str, speaker: int, earlier: Sequence[Any] = (), *, cancel: threading.Event | None = None,
+               seed: int | None = None, result: list | None = None) -> Iterator[np.ndarray]:
+        """Yield 24 kHz float32 chunks of ``text``; afterwards ``result`` holds one SpokenSentence."""
+        import torch
+
+        context, report, prompt = self.context_for(text, speaker, earlier)
+        if self.on_prompt is not None:
+            self.on_prompt(context, prompt)
+        frames: list[torch.Tensor] = []
+        chunks: list[np.ndarray] = []
+        o = self.options
+        inner = self.generator.stream(
+            text, speaker, context, max_audio_length_ms=o.max_audio_ms, temperature=o.temperature, topk=o.topk,
+            seed=seed if seed is not None else o.seed, chunk_frames=o.chunk_frames, cancel=cancel,
+            on_frame=lambda _i, codes: frames.append(codes.detach().cpu().clone()),
+        )
+        try:
+            for chunk in inner:
+                chunks.append(chunk)
+                yield chunk
+        finally:
+            # Also when the consumer stops early (barge-in): release the engine, keep what was made.
+            inner.close()
+            audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+            codes = torch.stack(frames, dim=1) if frames else None
+            if result is not None:
+                result.append(SpokenSentence(text, audio, codes, report.rows,
+                                             int(prompt.tokens.shape[0] + prompt.max_frames), report))
+
+    def speak(self, text: str, speaker: int, earlier: Sequence[Any] = (), **kwargs: Any) -> SpokenSentence:
+        """The whole sentence at once (replay)."""
+        result: list[SpokenSentence] = []
+        for _ in self.stream(text, speaker, earlier, result=result, **kwargs):
+            pass
+        return result[0]
+
+    def remember(self, audio: np.ndarray, codes: Any) -> Any:
+        """Tell the engine ``audio`` decodes ``codes`` (when their lengths agree); returns the tensor to use."""
+        import torch
+
+        tensor = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+        if codes is not None and len(audio):
+            frames = codes.shape[1]
+            # The engine appends the faded end frame's audio after the last sampled frame.
+            if len(audio) in (frames * SAMPLES_PER_FRAME, (frames + 1) * SAMPLES_PER_FRAME):
+                self.generator.remember_codes(tensor, codes)
+        return tensor
+
+
+def played_prefix(audio: np.ndarray, codes: Any, played: int) -> tuple[np.ndarray, Any]:
+    """The part of a sentence actually heard, cut to whole 80 ms frames so codes and audio agree."""
+    if played >= len(audio):
+        return audio, codes
+    frames = max(0, played) // SAMPLES_PER_FRAME
+    cut = frames * SAMPLES_PER_FRAME
+    return audio[:cut].copy(), (codes[:, :frames].clone() if codes is not None and frames else None)
+
+
+__all__ = ["ReplySynthesizer", "SpokenSentence", "SynthesisOptions", "played_prefix", "CSM_RATE"]
