@@ -147,6 +147,7 @@ class Pipeline:
         self.fatal: AgentError | None = None
         self.prompts: list[tuple[list, Any]] = []  # (context, prompt) of the last sentences (bounded)
         self.agent_replies = 0
+        self.device = "cpu"
         self._mode = settings.mode
         self._muted = False
         self._ptt = None
@@ -356,6 +357,13 @@ class Pipeline:
     # ---- loading -----------------------------------------------------------------------------
 
     def _load_all(self) -> None:
+        from csm_engine.cli import resolve_device
+        from csm_engine.errors import CSMError
+
+        try:
+            self.device = resolve_device(self.settings.device)
+        except CSMError as error:
+            raise AgentError(str(error)) from None
         loaders = [self._spawn(self._load_audio, "audio-load")]
         loaders.append(self._spawn(self._load_vad, "vad-load"))
         loaders.append(self._spawn(self._load_asr, "asr-load"))
@@ -431,7 +439,7 @@ class Pipeline:
             if self._transcriber is None:
                 from agent.asr import make_transcriber
 
-                device = "cuda" if str(self.settings.device).startswith("cuda") else "cpu"
+                device = "cuda" if str(self.device).startswith("cuda") else "cpu"
                 self._transcriber = self._stage(
                     "whisper", lambda: make_transcriber(self.settings.asr, self.settings.asr_model, device)
                 )
@@ -466,7 +474,7 @@ class Pipeline:
                     from csm_engine.generator import load_generator
 
                     self._generator = self._stage("csm", lambda: load_generator(
-                        s.csm_model, mimi_path=s.mimi_path, tokenizer_path=s.tokenizer_path, device=s.device,
+                        s.csm_model, mimi_path=s.mimi_path, tokenizer_path=s.tokenizer_path, device=self.device,
                         dtype=s.csm_dtype))
                 except CSMError as error:
                     self.text_only = True
@@ -504,7 +512,7 @@ class Pipeline:
             self._notice("warning", "saved agent audio is not watermarked: csm_engine.watermark is unavailable")
             return
         try:
-            device = "cuda" if str(self.settings.device).startswith("cuda") else "cpu"
+            device = "cuda" if str(self.device).startswith("cuda") else "cpu"
             self._watermarker = self._stage("watermark", lambda: load_watermarker(device=device))
         except CSMError as error:
             self._notice("warning", f"saved agent audio is NOT watermarked ({error}); pass --no-watermark "

@@ -31,7 +31,7 @@ class AgentSettings:
     llm_url: str | None = None  # OpenAI-compatible server instead of the in-process model
     asr: str = "faster-whisper"
     asr_model: str | None = None  # None = embedded tiny.en (faster-whisper) / base.en (openai-whisper)
-    device: str = "cpu"  # torch device for CSM (and Whisper where the engine supports it)
+    device: str = "auto"  # torch device for CSM (and Whisper on CUDA): auto | cpu | cuda[:N] | mps
     # who the agent is
     persona: str = "default"  # name of a persona file or a path to one
     seed: int | None = None

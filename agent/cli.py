@@ -1,0 +1,270 @@
+"""``csm-chat``: the voice agent in the terminal (TUI), headless on WAV files, or replaying a transcript.
+
+    csm-chat                                   the Textual app (microphone + speaker)
+    csm-chat --headless --mic-file IN.wav --speaker-file OUT.wav --save DIR
+    csm-chat --replay DIR_OR_JSON --out OUT_DIR [--persona NAME] [--all-turns]
+    csm-chat --list-devices
+
+Defaults come from ``config.toml`` in the user's config dir (``--config PATH`` for another
+file); flags win. User errors print one line on stderr and exit 2; Ctrl-C exits 130 after
+saving the conversation.
+
+Watermarking: agent audio written to disk (saved turns, --speaker-file, replay output) carries
+CSM's audio watermark when the silentcipher model can be loaded. If it cannot (no internet and
+no local copy), csm-chat says so in one line and goes on unmarked, because a conversation
+should not fail for it; ``--no-watermark`` turns marking off (and the warning with it).
+Live playback is never marked (it would delay speech).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+from agent.errors import AgentError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="csm-chat",
+        description="Talk with a local voice agent that speaks through Sesame's CSM.",
+        epilog="Defaults for every option can be set in config.toml in the user's config directory "
+               "(see --config).",
+    )
+    run = p.add_argument_group("what to run")
+    run.add_argument("--headless", action="store_true", default=None,
+                     help="no TUI: play --mic-file into the agent, write its speech to --speaker-file, print the turns")
+    run.add_argument("--replay", metavar="DIR_OR_JSON", help="re-synthesize a saved conversation (with --out)")
+    run.add_argument("--out", metavar="OUT_DIR", help="where --replay writes its WAVs")
+    run.add_argument("--all-turns", action="store_true", help="--replay the user's turns too, not only the agent's")
+    run.add_argument("--list-devices", action="store_true", help="list audio input/output devices and exit")
+    run.add_argument("--list-personas", action="store_true", help="list installed personas and exit")
+    run.add_argument("--config", metavar="PATH", help="config file with defaults (default: the user's config.toml)")
+
+    audio = p.add_argument_group("audio")
+    audio.add_argument("--mic-file", metavar="IN.wav", help="use a WAV file as the microphone (any rate, mono or stereo)")
+    audio.add_argument("--speaker-file", metavar="OUT.wav", help="write everything the agent says to this WAV")
+    audio.add_argument("--input-device", metavar="INDEX|NAME", help="microphone (see --list-devices)")
+    audio.add_argument("--output-device", metavar="INDEX|NAME", help="speaker (see --list-devices)")
+    audio.add_argument("--mode", choices=("vad", "ptt"), help="hands-free turn detection (vad) or push-to-talk (ptt)")
+    pace = audio.add_mutually_exclusive_group()
+    pace.add_argument("--realtime", dest="realtime", action="store_true", default=None,
+                      help="play --mic-file in real time (default); the user may talk over the agent")
+    pace.add_argument("--fast", dest="realtime", action="store_false",
+                      help="play --mic-file as fast as the agent takes it: each turn waits for the previous reply")
+
+    models = p.add_argument_group("models")
+    models.add_argument("--csm-model", metavar="DIR|REPO", help="CSM checkpoint dir or hub repo (default sesame/csm-1b)")
+    models.add_argument("--mimi-path", metavar="PATH", help="Mimi codec weights (default: next to the model, or the hub)")
+    models.add_argument("--tokenizer-path", metavar="PATH", help="text tokenizer.json (default: next to the model, or the hub)")
+    models.add_argument("--csm-dtype", choices=("auto", "float32", "bfloat16", "int8", "int8-dynamic"),
+                        help="CSM precision (default: the fastest for the device)")
+    models.add_argument("--llm-model", metavar="PATH.gguf", help="GGUF chat model (default: embedded SmolLM2-135M)")
+    models.add_argument("--llm-url", metavar="URL", help="OpenAI-compatible server instead of the in-process LLM")
+    models.add_argument("--asr", choices=("faster-whisper", "openai-whisper"), help="speech recognizer")
+    models.add_argument("--asr-model", metavar="NAME|PATH", help="Whisper model (default: embedded tiny.en)")
+    models.add_argument("--device", metavar="cpu|cuda|auto", help="device for CSM (default: auto)")
+
+    agent = p.add_argument_group("conversation")
+    agent.add_argument("--persona", metavar="NAME|PATH", help="persona file (see --list-personas)")
+    agent.add_argument("--save", dest="save_dir", metavar="DIR", help="save the conversation here (after every turn)")
+    agent.add_argument("--max-turns", type=int, metavar="N", help="stop after N agent replies")
+    agent.add_argument("--max-audio-ms", type=int, metavar="MS", help="cap one spoken sentence at MS milliseconds")
+    agent.add_argument("--seed", type=int, help="seed for reproducible replies and speech")
+    agent.add_argument("--no-watermark", dest="watermark", action="store_false", default=None,
+                       help="do not watermark agent audio written to disk")
+    return p
+
+
+SETTING_FLAGS = (
+    "headless", "mic_file", "speaker_file", "input_device", "output_device", "mode", "realtime", "csm_model",
+    "mimi_path", "tokenizer_path", "csm_dtype", "llm_model", "llm_url", "asr", "asr_model", "device", "persona",
+    "save_dir", "max_turns", "max_audio_ms", "seed", "watermark",
+)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """AgentSettings from the config file, then the flags that were given."""
+    from agent.settings import load_settings
+
+    overrides = {name: getattr(args, name) for name in SETTING_FLAGS}
+    for name in ("input_device", "output_device"):
+        value = overrides[name]
+        if isinstance(value, str) and value.strip().isdigit():
+            overrides[name] = int(value)
+    return load_settings(args.config, **overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except AgentError as error:
+        print(f"csm-chat: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as error:
+        from csm_engine.errors import CSMError
+
+        if isinstance(error, CSMError):
+            print(f"csm-chat: {' '.join(str(error).split())}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.list_devices:
+        from agent.audio import describe_devices
+
+        print(describe_devices())
+        return 0
+    if args.list_personas:
+        from agent.personas import list_personas, load_persona
+
+        for name in list_personas():
+            try:
+                persona = load_persona(name)
+                print(f"{name:16} {persona.name}: {persona.description}")
+            except AgentError as error:
+                print(f"{name:16} (broken: {error})")
+        return 0
+    settings = settings_from_args(args)
+    if args.replay:
+        return run_replay(args, settings)
+    if args.out or args.all_turns:
+        raise AgentError("--out and --all-turns go with --replay DIR_OR_JSON")
+    if settings.headless:
+        return run_headless(settings)
+    from agent.tui.app import run_app  # Textual is only imported for the app
+
+    run_app(settings)
+    return 0
+
+
+# ---- headless ---------------------------------------------------------------------------------
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
+class TurnPrinter:
+    """Prints each turn (``you: ...`` / ``agent: ...``) and its latencies; notices go to stderr."""
+
+    def __init__(self, out=None, err=None) -> None:
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self._lock = threading.Lock()
+
+    def __call__(self, event) -> None:
+        from agent.events import AgentTurnDone, Notice, TurnLatency, UserTurn
+
+        with self._lock:
+            if isinstance(event, UserTurn):
+                print(f"you: {event.text}", file=self.out, flush=True)
+            elif isinstance(event, AgentTurnDone):
+                suffix = " [interrupted]" if event.interrupted else ""
+                print(f"agent: {event.text}{suffix}", file=self.out, flush=True)
+            elif isinstance(event, TurnLatency):
+                print(f"  latency: transcript {_fmt_ms(event.transcript_ms)}, first token "
+                      f"{_fmt_ms(event.first_token_ms)}, first audio {_fmt_ms(event.first_audio_ms)}",
+                      file=self.out, flush=True)
+            elif isinstance(event, Notice):
+                print(f"{event.level}: {event.message}", file=self.err, flush=True)
+
+
+def run_headless(settings) -> int:
+    """Play --mic-file into the agent until it is over and the last reply is spoken."""
+    from agent.pipeline import Pipeline
+
+    pipeline = Pipeline(settings, TurnPrinter())
+    interrupted = False
+    try:
+        pipeline.start()
+        while not pipeline.finished.wait(0.1):
+            pass
+        if pipeline.fatal is not None:
+            raise pipeline.fatal
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        # Ctrl-C lands here too: cancel the reply in flight, write the files, save the transcript.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            pipeline.stop()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    if pipeline.fatal is not None:
+        raise pipeline.fatal
+    if pipeline.conversation.turns:
+        print(f"saved: {pipeline.save_dir}", file=sys.stderr)
+    return EXIT_INTERRUPTED if interrupted else 0
+
+
+# ---- replay -----------------------------------------------------------------------------------
+
+
+def run_replay(args: argparse.Namespace, settings) -> int:
+    from agent.conversation import Conversation
+    from agent.personas import load_persona
+    from agent.replay import replay_conversation
+
+    if not args.out:
+        raise AgentError("--replay needs --out OUT_DIR for the WAVs it writes")
+    saved = Conversation.load(args.replay, with_audio=False)  # validate before loading CSM
+    persona = load_persona(args.persona or saved.persona or None) if (args.persona or saved.persona) else None
+    from csm_engine.cli import resolve_device
+    from csm_engine.generator import load_generator
+
+    device = resolve_device(settings.device)
+    started = time.monotonic()
+    generator = load_generator(settings.csm_model, mimi_path=settings.mimi_path,
+                               tokenizer_path=settings.tokenizer_path, device=device, dtype=settings.csm_dtype)
+    voice = None
+    if persona is not None and persona.voice is not None:
+        from csm_engine.errors import CSMError
+        from csm_engine.voices import load_voice_segment
+
+        try:
+            voice = load_voice_segment(persona.voice.resolve(persona.speaker_id))
+        except CSMError as error:
+            print(f"warning: persona {persona.name}: no voice clip, the voice may drift: "
+                  f"{' '.join(str(error).split())}", file=sys.stderr)
+    watermark = _replay_watermarker(settings, device)
+    result = replay_conversation(
+        args.replay, args.out, generator, persona=persona, voice=voice, all_turns=args.all_turns,
+        seed=settings.seed, max_audio_ms=settings.max_audio_ms, watermark=watermark,
+        progress=lambda line: print(line, flush=True),
+    )
+    print(f"wrote {result.turns} turn WAVs and {result.joined} in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def _replay_watermarker(settings, device: str):
+    if not settings.watermark:
+        return None
+    from csm_engine.errors import CSMError
+
+    try:
+        from csm_engine.watermark import load_watermarker
+
+        marker = load_watermarker(device=device if device == "cuda" else "cpu")
+    except (ImportError, CSMError) as error:
+        print(f"warning: replay audio is NOT watermarked ({' '.join(str(error).split())}); "
+              "pass --no-watermark to silence this", file=sys.stderr)
+        return None
+    return marker.apply_numpy
+
+
+if __name__ == "__main__":
+    sys.exit(main())
