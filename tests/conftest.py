@@ -115,3 +115,38 @@ def smollm2_llm():
     from agent.llm import LocalLLM
 
     return LocalLLM(seed=1234)
+
+
+# ---- csm-chat pipeline: a tiny CSM generator, a test persona with a local voice clip ----
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_checkpoint):
+    """A Generator on the tiny random checkpoint (float32, CPU), loaded once."""
+    from csm_engine.generator import load_generator
+
+    return load_generator(str(tiny_checkpoint), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def chat_persona(tmp_path_factory, espeak_wav) -> Path:
+    """A persona file for pipeline tests: a local espeak voice clip, short sentences (480 ms of CSM
+    audio at most), short deterministic LLM replies."""
+    import shutil
+
+    directory = tmp_path_factory.mktemp("chat_persona")
+    clip_text = "hello, this is my voice"
+    shutil.copy(espeak_wav(clip_text), directory / "voice.wav")
+    path = directory / "tester.toml"
+    path.write_text(
+        'name = "Tester"\n'
+        "speaker_id = 0\n"
+        f'voice = {{ clip = "voice.wav", transcript = "{clip_text}" }}\n'
+        "max_audio_length_ms = 480\n"
+        'system_prompt = "You are a helpful assistant. Answer in one short sentence."\n'
+        "[llm]\n"
+        "max_tokens = 24\n"
+        "temperature = 0.0\n",
+        encoding="utf-8",
+    )
+    return path
