@@ -90,6 +90,8 @@ def resolve_precision(dtype: str | torch.dtype | None, device: str | torch.devic
     name = _ALIASES.get(name, name)
     if name not in PRECISIONS:
         raise CSMError(f"unknown dtype {dtype!r}: choose one of {', '.join(PRECISIONS)} (or auto)")
+    if name == "int8-dynamic" and torch.device(device).type != "cpu":
+        raise CSMError(f"--dtype int8-dynamic runs on x86 CPUs only (fbgemm); on {device} use --dtype bfloat16")
     if name == "int8-dynamic" and not fbgemm_available():
         raise CSMError("--dtype int8-dynamic needs torch's fbgemm backend (x86 CPU); use --dtype int8 or bfloat16")
     if name in ("int8", "int8-dynamic") and torch.device(device).type == "mps":

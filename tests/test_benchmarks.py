@@ -1,0 +1,41 @@
+"""The benchmark scripts keep running and keep printing what the README's Speed section reads.
+
+Structure only, tiny shapes: no test here looks at a timing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+@pytest.mark.slow
+def test_engine_speed_prints_rows_and_summary(capsys):
+    import engine_speed
+
+    result = engine_speed.main(["--flavor", "tiny", "--frames", "3", "--reply-frames", "2", "--context-tokens", "200",
+                                "--dtype", "auto,float32", "--no-transformers",
+                                "--threads", str(torch.get_num_threads())])  # leave the session's setting alone
+    rows = result["rows"]
+    assert [r["dtype"] for r in rows] == ["int8", "float32"]
+    for key in ("frames_per_s", "rtf", "first_chunk_ms", "peak_rss_mb", "bound_frames_per_s"):
+        assert all(r[key] > 0 for r in rows), key
+    # The long conversation's second turn prefilled far fewer rows than its prompt holds.
+    assert rows[0]["first_chunk_long_prefill_rows"] < rows[0]["first_chunk_long_prompt_rows"] / 2
+    assert set(result["summary"]) >= {"speedup_vs_transformers", "fraction_of_bandwidth_bound",
+                                      "first_chunk_long_over_short"}
+    assert '"summary"' in capsys.readouterr().out
+
+
+def test_quant_error_reports_every_precision():
+    import quant_error
+
+    result = quant_error.main(["--flavors", "tiny", "--dtype", "bfloat16,int8"])
+    errors = result["flavors"]["tiny"]
+    assert set(errors) == {"bfloat16", "int8"}
+    assert all(0 < e["decoder_rel_rms"] < 0.05 for e in errors.values())
