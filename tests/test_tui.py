@@ -117,7 +117,7 @@ needs_pipeline = pytest.mark.skipif(
 )
 
 
-def _real_settings(tmp_path, tiny_checkpoint, mic_file=None, max_audio_ms=1200):
+def _real_settings(tmp_path, tiny_checkpoint, mic_file=None, max_audio_ms=480):
     from agent.settings import AgentSettings
 
     return AgentSettings(
@@ -196,7 +196,7 @@ async def test_typed_message_with_markup_is_sent_and_shown_literally(tmp_path, t
         await pilot.press(*"[bold red]x[/] ")
         box.insert_text_at_cursor("\x1b[31m")  # an escape code can only arrive pasted
         await pilot.press("enter")
-        await _wait_until(pilot, lambda: _agent_done(app), "the reply to a typed message")
+        await _wait_until(pilot, lambda: bool(_turns(app, "agent")), "the reply to a typed message")
         (user,) = _turns(app, "user")
         assert user.text == "[bold red]x[/] \x1b[31m"
         assert user.plain == "You: [bold red]x[/] \u241b[31m"
