@@ -327,9 +327,11 @@ class CSMModel(nn.Module):
         codes[:, :1] = c0
         # Decoder positions 0, 1 = [h, c0]; then codebook i enters at position i.
         dec_in = self.projection(torch.stack([h, self.embed_audio(0, c0[:, 0])], dim=1))  # (B, 2, Dd)
+        head = self.audio_head
         for i in range(1, n_cb):
             dh = self.decoder(dec_in, 0 if i == 1 else i)[:, -1]
-            ci = sample_topk((dh @ self.audio_head[i - 1])[..., :n_codes], topk, temperature, generator)
+            # The head may be kept at a higher precision than the decoder (see quantize.py).
+            ci = sample_topk((dh.to(head.dtype) @ head[i - 1])[..., :n_codes], topk, temperature, generator)
             codes[:, i:i + 1] = ci
             dec_in = self.projection(self.embed_audio(i, ci))  # (B, 1, Dd)
         return codes

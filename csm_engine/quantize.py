@@ -10,8 +10,9 @@ them. Two int8 modules share that state-dict layout (``<name>.weight`` int8, ``<
   (activations quantized per call to 8 bits, int8 x int8 products) with float32 around it.
 
 At batch 1 a frame is bound by reading weights, so bytes per weight decide speed. The
-``audio_head`` (a raw (31, D, 2051) parameter read one slice per decoder step, ~3% of a step's
-bytes) and the embeddings (gathered row by row, never read whole) stay in the model's dtype.
+``audio_head`` (a raw (31, D, 2051) parameter read one slice per decoder step, ~7% of an int8
+step's bytes) stays float32, laid out for the fast kernel; the embeddings (gathered row by
+row, never read whole) take the compute dtype.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def model_precision(model: nn.Module) -> str:
             return "int8-dynamic"
         if isinstance(m, Int8WeightOnlyLinear):
             return "int8"
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    dtype = model.backbone.norm.scale.dtype  # the transformers' dtype (audio_head may stay float32)
     return "bfloat16" if dtype == torch.bfloat16 else "float32"
 
 
@@ -246,6 +247,10 @@ def apply_precision(model: nn.Module, precision: str | torch.dtype | None, *,
     if current in ("int8", "int8-dynamic"):
         raise CSMError(f"model is already quantized ({current}); load the float checkpoint again for {precision}")
     dtype = compute_dtype(precision)
+    # audio_head (31, D, 2051) is read one (D, 2051) slice per decoder step. Kept float32 and
+    # stored column-major (each slice a transposed contiguous (2051, D) matrix) it is read by
+    # the fast x @ W.T kernel: measured 0.45 ms per step vs 6.7 ms for bf16 row-major (AVX2).
+    head = model.audio_head.detach().float().transpose(1, 2).contiguous().transpose(1, 2)
     if precision in ("int8", "int8-dynamic"):
         dynamic = precision == "int8-dynamic"
         include = include or (dynamic_filter if dynamic else default_filter)
@@ -264,6 +269,7 @@ def apply_precision(model: nn.Module, precision: str | torch.dtype | None, *,
                     m.pack()
     else:
         model.to(dtype)
+    model.audio_head = nn.Parameter(head, requires_grad=False)
     # Non-persistent float buffers (rope tables) stay float32: rope is computed in float32.
     for tf in (model.backbone, model.decoder):
         tf.rope_cos.data = tf.rope_cos.float()
@@ -314,7 +320,7 @@ def probe_logits(model: nn.Module, tokens: Tensor, mask: Tensor, codes: Tensor, 
     logits = []
     for i in range(1, n_cb):
         dh = model.decoder_hidden(dec_in, 0 if i == 1 else i)[0, -1]
-        logits.append((dh @ model.audio_head[i - 1]).float())
+        logits.append((dh.to(model.audio_head.dtype) @ model.audio_head[i - 1]).float())
         dec_in = model.projection(model.embed_audio(i, codes[:, i:i + 1]).to(h.dtype))
     return logits0, torch.stack(logits)
 

@@ -75,6 +75,7 @@ def test_model_converts_whole_caches_included(precision):
     cache = m.backbone.layers[0].attn.kv_cache.k
     assert cache.dtype == Q.compute_dtype(precision)
     assert m.backbone.rope_cos.dtype == torch.float32  # rope math stays float32
+    assert m.audio_head.dtype == torch.float32  # read per step by the fast float32 kernel
     with pytest.raises(CSMError, match="already quantized") if precision.startswith("int8") else _noop():
         Q.apply_precision(m, "float32")
 
