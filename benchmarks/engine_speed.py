@@ -309,7 +309,9 @@ def parse_args(argv=None):
                    help="length of the agent's first reply (kept in the cache) before the timed second turn")
     p.add_argument("--backend", choices=("torch", "mlx"), default="torch")
     p.add_argument("--flavor", default="1B", help="model shapes (tiny for a smoke run)")
-    p.add_argument("--transformers-dtype", default="bfloat16", help="comma list; empty or --no-transformers skips")
+    p.add_argument("--transformers-dtype", default="bfloat16,float32",
+                   help="comma list; the summary compares against the fastest (on AVX2 without AVX512-BF16, "
+                        "float32 may beat bf16); --no-transformers skips")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
