@@ -485,22 +485,47 @@ class Pipeline:
             self._ready["csm"].set()
 
     def _load_voice(self) -> None:
-        """The persona's voice clip as the pinned first context segment (none: a warning)."""
+        """The persona's voice clip as the pinned first context segment (none: a warning).
+
+        A hub clip not yet in the local cache is downloaded on a thread of its own: speech
+        starts without it rather than waiting (offline, the hub client retries for ~30 s).
+        """
         from csm_engine.errors import CSMError
+        from csm_engine.voices import load_voice_segment
 
         persona = self.persona
         segment = None
         if persona.voice is not None:
             try:
-                from csm_engine.voices import load_voice_segment
-
                 prompt = persona.voice.resolve(persona.speaker_id)
-                segment = self._stage("voice", lambda: load_voice_segment(prompt))
+                try:
+                    segment = self._stage("voice", lambda: load_voice_segment(prompt, download=False))
+                except CSMError:
+                    if not prompt.is_hub_ref:
+                        raise
+                    self._spawn(lambda: self._download_voice(persona), "voice-download")
             except CSMError as error:
-                self._notice("warning", f"persona {persona.name}: voice clip unavailable, the voice may drift: {error}")
+                self._notice("warning", f"persona {persona.name}: voice clip unavailable, the voice may drift: "
+                                        f"{error}")
+        self._use_voice(persona, segment)
+
+    def _download_voice(self, persona: Any) -> None:
+        from csm_engine.errors import CSMError
+        from csm_engine.voices import load_voice_segment
+
+        try:
+            prompt = persona.voice.resolve(persona.speaker_id)
+            segment = self._stage("voice", lambda: load_voice_segment(prompt, download=True))
+        except CSMError as error:
+            self._notice("warning", f"persona {persona.name}: voice clip unavailable, the voice may drift: {error}")
+            return
+        self._use_voice(persona, segment)
+
+    def _use_voice(self, persona: Any, segment: Any) -> None:
         with self._lock:
-            self._voice_segment = segment
-            self._synth = None  # rebuilt with the new voice at the next sentence
+            if self.persona is persona:  # not switched away meanwhile
+                self._voice_segment = segment
+                self._synth = None  # rebuilt with the new voice at the next sentence
 
     def _load_watermark(self) -> None:
         if not self.settings.watermark or self._watermarker is not None or self.text_only:
