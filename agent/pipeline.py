@@ -219,6 +219,12 @@ class Pipeline:
         for thread in self._threads:
             if thread.name in stages and thread is not threading.current_thread():
                 thread.join(timeout=10.0)
+        # Let model loads still running finish: native code (CTranslate2, llama.cpp) aborts the
+        # process when the interpreter exits under it. A hub download is plain Python: not waited for.
+        deadline = time.monotonic() + 60.0
+        for thread in self._threads:
+            if thread.name != "csm-chat-voice-download" and thread is not threading.current_thread():
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._close_sink()
         try:
             self._save_now()
@@ -328,7 +334,8 @@ class Pipeline:
     def _fail(self, error: AgentError) -> None:
         if self.fatal is None:
             self.fatal = error
-        self._notice("error", str(error))
+        if not self.settings.headless:  # headless: the caller prints the fatal error, once
+            self._notice("error", str(error))
         self._loaded.set()
         self.finished.set()
 
