@@ -301,7 +301,7 @@ def parse_args(argv=None):
     p.add_argument("--frames", type=int, default=24, help="frames per timed utterance (80 ms each)")
     p.add_argument("--context-tokens", type=int, default=1500, help="long conversation for the first-chunk figure")
     p.add_argument("--short-context-tokens", type=int, default=100, help="short conversation (rows) for the other rows")
-    p.add_argument("--dtype", default="auto,int8-dynamic,bfloat16,float32",
+    p.add_argument("--dtype", default="auto,int8,int8-dynamic,bfloat16,float32",
                    help=f"comma list of {', '.join(PRECISIONS)}, auto (device default) or all; the first is 'default'")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count())

@@ -7,7 +7,9 @@ them. Two int8 modules share that state-dict layout (``<name>.weight`` int8, ``<
 - ``Int8WeightOnlyLinear`` (precision ``"int8"``): bf16 activations times int8 weights through
   ``torch.ops.aten._weight_int8pack_mm`` (a CPU kernel that dequantizes on the fly).
 - ``DynamicInt8Linear`` (precision ``"int8-dynamic"``): fbgemm's dynamically quantized matmul
-  (activations quantized per call to 8 bits, int8 x int8 products) with float32 around it.
+  (activations quantized per call to 7 bits, int8 x int8 products) with float32 around it.
+- ``"int8-hybrid"``: the backbone weight-only, the decoder dynamic (float32 activations
+  around both; the weight-only Linears cast to bf16 inside).
 
 At batch 1 a frame is bound by reading weights, so bytes per weight decide speed. The
 ``audio_head`` (a raw (31, D, 2051) parameter read one slice per decoder step, ~7% of an int8
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 
 from csm_engine.errors import CSMError
 
-PRECISIONS = ("float32", "bfloat16", "int8", "int8-dynamic")
+PRECISIONS = ("float32", "bfloat16", "int8", "int8-hybrid", "int8-dynamic")
 _ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "int8-dyn": "int8-dynamic",
             "w8a8": "int8-dynamic", "int8-weight-only": "int8"}
 
@@ -60,16 +62,19 @@ SMALL_MODEL_BYTES = 256 * 2**20
 def default_precision(device: str | torch.device, n_params: int | None = None) -> str:
     """The default precision for a device and model size (measurements: benchmarks/README.md).
 
-    CPU: weight-only int8 for models big enough to be bound by reading weights (CSM-1B reads
-    half of bf16's bytes per frame; logit error vs float32 ~0.07 of the logits' std on the 1B
-    shapes). int8-dynamic is about twice as fast again but ~3x further from float32 (~0.2-0.3),
-    so it is opt-in (``--dtype int8-dynamic``). Small test models: float32 (overhead-bound).
+    CPU, models big enough to be bound by reading weights (CSM-1B): ``int8-hybrid`` on x86
+    (weight-only int8 backbone, fbgemm int8 x int8 decoder: decoder logit error ~0.11 of the
+    logits' std on the 1B shapes, vs 0.07 for ``int8`` and 0.23 for ``int8-dynamic``, at about
+    1.5-2x ``int8``'s decoder speed); ``int8`` without fbgemm. This CPU has no AVX512-BF16.
+    Small test models: float32 (overhead-bound, fastest there).
     CUDA: bfloat16 (not measured here: no GPU was available while this was written).
     """
     kind = torch.device(device).type
     if kind == "cpu":
         if n_params is not None and n_params * 4 < SMALL_MODEL_BYTES:
             return "float32"
+        if fbgemm_available() and int8pack_available():
+            return "int8-hybrid"
         return "int8" if int8pack_available() else "bfloat16"
     if kind in ("cuda", "mps"):
         return "bfloat16"
@@ -91,10 +96,10 @@ def resolve_precision(dtype: str | torch.dtype | None, device: str | torch.devic
     name = _ALIASES.get(name, name)
     if name not in PRECISIONS:
         raise CSMError(f"unknown dtype {dtype!r}: choose one of {', '.join(PRECISIONS)} (or auto)")
-    if name == "int8-dynamic" and torch.device(device).type != "cpu":
-        raise CSMError(f"--dtype int8-dynamic runs on x86 CPUs only (fbgemm); on {device} use --dtype bfloat16")
-    if name == "int8-dynamic" and not fbgemm_available():
-        raise CSMError("--dtype int8-dynamic needs torch's fbgemm backend (x86 CPU); use --dtype int8 or bfloat16")
+    if name in ("int8-dynamic", "int8-hybrid") and torch.device(device).type != "cpu":
+        raise CSMError(f"--dtype {name} runs on x86 CPUs only (fbgemm); on {device} use --dtype bfloat16")
+    if name in ("int8-dynamic", "int8-hybrid") and not fbgemm_available():
+        raise CSMError(f"--dtype {name} needs torch's fbgemm backend (x86 CPU); use --dtype int8 or bfloat16")
     if name in ("int8", "int8-dynamic") and torch.device(device).type == "mps":
         raise CSMError(f"--dtype {name} is not supported on mps; use --dtype bfloat16")
     return name
@@ -102,16 +107,16 @@ def resolve_precision(dtype: str | torch.dtype | None, device: str | torch.devic
 
 def compute_dtype(precision: str) -> torch.dtype:
     """The dtype of activations, KV caches and unquantized parameters for a precision."""
-    return torch.float32 if precision in ("float32", "int8-dynamic") else torch.bfloat16
+    return torch.float32 if precision in ("float32", "int8-dynamic", "int8-hybrid") else torch.bfloat16
 
 
 def model_precision(model: nn.Module) -> str:
     """The precision a model currently runs at."""
-    for m in model.modules():
-        if isinstance(m, DynamicInt8Linear):
-            return "int8-dynamic"
-        if isinstance(m, Int8WeightOnlyLinear):
-            return "int8"
+    kinds = {type(m) for m in model.modules()}
+    if DynamicInt8Linear in kinds:
+        return "int8-hybrid" if Int8WeightOnlyLinear in kinds else "int8-dynamic"
+    if Int8WeightOnlyLinear in kinds:
+        return "int8"
     dtype = model.backbone.norm.scale.dtype  # the transformers' dtype (audio_head may stay float32)
     return "bfloat16" if dtype == torch.bfloat16 else "float32"
 
@@ -130,7 +135,7 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Int8WeightOnlyLinear(nn.Module):
-    """y = x @ (int8 weight * scales).T, with activations in bf16 (or float32) on any device."""
+    """y = x @ (int8 weight * scales).T; on CPU with bf16 scales the product runs in bf16 whatever x's dtype."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str | None = None):
@@ -140,9 +145,10 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
-            return y.view(*x.shape[:-1], self.out_features)
+        if x.device.type == "cpu" and self.scales.dtype == torch.bfloat16:
+            xb = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(xb, self.weight, self.scales)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 
 
@@ -204,10 +210,15 @@ class Int8QuantHandler:
     """Converts a float CSMModel's chosen Linears to int8 (gpt-fast's quantize handler, for CSM)."""
 
     def __init__(self, model: nn.Module, dynamic: bool = False,
-                 include: Callable[[str, nn.Module], bool] = default_filter):
+                 include: Callable[[str, nn.Module], bool] = default_filter,
+                 choose: Callable[[str, nn.Module], type | None] | None = None):
+        """``choose(name, module)`` -> the int8 class for that Linear or None (default: ``include`` + ``dynamic``)."""
         self.model = model
-        self.linear_cls = DynamicInt8Linear if dynamic else Int8WeightOnlyLinear
-        self.names = [name for name, m in model.named_modules() if include(name, m)]
+        if choose is None:
+            cls = DynamicInt8Linear if dynamic else Int8WeightOnlyLinear
+            choose = lambda name, m: cls if include(name, m) else None  # noqa: E731
+        self.plan = {name: c for name, m in model.named_modules() if (c := choose(name, m)) is not None}
+        self.names = list(self.plan)
 
     @torch.no_grad()
     def create_quantized_state_dict(self) -> dict[str, Tensor]:
@@ -216,7 +227,8 @@ class Int8QuantHandler:
         for name in self.names:
             q, scales = quantize_per_channel(sd[f"{name}.weight"])
             sd[f"{name}.weight"] = q
-            sd[f"{name}.scales"] = scales
+            # int8pack multiplies with bf16 scales; fbgemm keeps float32 ones.
+            sd[f"{name}.scales"] = scales if self.plan[name] is DynamicInt8Linear else scales.bfloat16()
         return sd
 
     def convert_for_runtime(self, dtype: torch.dtype) -> nn.Module:
@@ -225,7 +237,9 @@ class Int8QuantHandler:
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             old = getattr(parent, child)
-            new = self.linear_cls(old.in_features, old.out_features, dtype=dtype, device=old.weight.device)
+            cls = self.plan[name]
+            scales_dtype = torch.float32 if cls is DynamicInt8Linear else torch.bfloat16
+            new = cls(old.in_features, old.out_features, dtype=scales_dtype, device=old.weight.device)
             setattr(parent, child, new)
         return self.model
 
@@ -233,7 +247,7 @@ class Int8QuantHandler:
 @torch.no_grad()
 def apply_precision(model: nn.Module, precision: str | torch.dtype | None, *,
                     include: Callable[[str, nn.Module], bool] | None = None) -> nn.Module:
-    """Convert a float model in place to a precision (float32 | bfloat16 | int8 | int8-dynamic).
+    """Convert a float model in place to a precision (float32 | bfloat16 | int8 | int8-hybrid | int8-dynamic).
 
     Quantize from the float32 weights when you have them (scales are computed before any
     rounding to bf16). The KV caches are rebuilt in the new compute dtype, so any conversation
@@ -244,29 +258,35 @@ def apply_precision(model: nn.Module, precision: str | torch.dtype | None, *,
     current = model_precision(model)
     if current == precision:
         return model
-    if current in ("int8", "int8-dynamic"):
+    if current.startswith("int8"):
         raise CSMError(f"model is already quantized ({current}); load the float checkpoint again for {precision}")
     dtype = compute_dtype(precision)
     # audio_head (31, D, 2051) is read one (D, 2051) slice per decoder step. Kept float32 and
     # stored column-major (each slice a transposed contiguous (2051, D) matrix) it is read by
     # the fast x @ W.T kernel: measured 0.45 ms per step vs 6.7 ms for bf16 row-major (AVX2).
     head = model.audio_head.detach().float().transpose(1, 2).contiguous().transpose(1, 2)
-    if precision in ("int8", "int8-dynamic"):
-        dynamic = precision == "int8-dynamic"
-        include = include or (dynamic_filter if dynamic else default_filter)
-        handler = Int8QuantHandler(model, dynamic=dynamic, include=include)
+    if precision.startswith("int8"):
+        if precision == "int8-hybrid":
+            # Backbone (22% of a frame's bytes, and every prompt row): weight-only int8, close to
+            # float32. Decoder (78%, always 2 rows then 1 per step): fbgemm's faster int8 x int8.
+            def choose(name, m):
+                if not dynamic_filter(name, m):
+                    return None
+                return DynamicInt8Linear if name.startswith("decoder.") else Int8WeightOnlyLinear
+            handler = Int8QuantHandler(model, choose=choose)
+        else:
+            dynamic = precision == "int8-dynamic"
+            handler = Int8QuantHandler(model, dynamic=dynamic,
+                                       include=include or (dynamic_filter if dynamic else default_filter))
         sd = handler.create_quantized_state_dict()
         handler.convert_for_runtime(dtype)
         for k, v in sd.items():
             if v.is_floating_point() and not k.endswith(".scales"):
                 sd[k] = v.to(dtype)
-            elif k.endswith(".scales"):
-                sd[k] = v.to(torch.float32 if precision == "int8-dynamic" else dtype)
         model.load_state_dict(sd, strict=True, assign=True)
-        if precision == "int8-dynamic":
-            for m in model.modules():
-                if isinstance(m, DynamicInt8Linear):
-                    m.pack()
+        for m in model.modules():
+            if isinstance(m, DynamicInt8Linear):
+                m.pack()
     else:
         model.to(dtype)
     model.audio_head = nn.Parameter(head, requires_grad=False)

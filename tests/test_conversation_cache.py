@@ -93,12 +93,12 @@ def test_identical_prompt_recomputes_only_its_last_block(gen):
     assert torch.equal(first, again)
 
 
-@pytest.mark.parametrize("precision", ["int8", "int8-dynamic"])
+@pytest.mark.parametrize("precision", ["int8", "int8-hybrid", "int8-dynamic"])
 def test_repeated_call_is_reproducible_at_quantized_precisions(precision):
     """Blocks are aligned to positions, so a reused prefix never changes how a row is batched."""
     from csm_engine.quantize import apply_precision, fbgemm_available
 
-    if precision == "int8-dynamic" and not fbgemm_available():
+    if precision != "int8" and not fbgemm_available():
         pytest.skip("fbgemm (x86) only")
     g = tiny_generator(seed=4)
     g.prefill_block = BLOCK
