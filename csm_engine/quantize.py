@@ -153,7 +153,7 @@ class Int8WeightOnlyLinear(nn.Module):
 
 
 class DynamicInt8Linear(nn.Module):
-    """y = x @ (int8 weight * scales).T with x quantized to 8 bits per call (fbgemm, x86 CPU, float32)."""
+    """y = x @ (int8 weight * scales).T with x quantized per call (7 bits, per tensor; fbgemm, x86 CPU, float32)."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None):
