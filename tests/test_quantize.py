@@ -140,8 +140,6 @@ def test_load_generator_passes_dtype_through(tmp_path):
     import subprocess
     import sys
 
-    pytest.importorskip("csm_engine.testing")
-    pytest.importorskip("csm_engine.weights")
     from csm_engine.generator import load_generator
 
     subprocess.run([sys.executable, "-m", "csm_engine.testing", "make-checkpoint", str(tmp_path), "--flavor", "tiny"],

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("pytest_textual_snapshot")
-pytest.importorskip("agent.events", reason="agent/events.py (pipeline events) not written yet")
 
 from textual.widgets import Input  # noqa: E402
 
