@@ -206,8 +206,15 @@ def _fetch_hub_clip(prompt: VoicePrompt, download: bool) -> Path:
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
 
     repo_id, filename = _split_hub_ref(prompt.audio_ref, name=f"voice {prompt.name!r}")
+    from csm_engine.weights import hub_reachable
+
     try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=not download))
+        try:
+            return Path(hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=True))
+        except LocalEntryNotFoundError:
+            if not download or not hub_reachable():
+                raise
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename))
     except GatedRepoError as error:
         reason = "the repo is gated and this account has no access"
         cause: Exception = error

@@ -106,6 +106,23 @@ def _is_transport_error(err: BaseException) -> bool:
     return isinstance(err, (RequestsConnectionError, Timeout))
 
 
+def hub_reachable() -> bool:
+    """Whether the Hugging Face endpoint's host resolves (False in offline mode); a quick local check."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
 def _hub_call(repo_id: str, what: str, filename: str | None, fn, *args, **kwargs) -> Path:
     """Run a huggingface_hub download and turn its failures into one-line CSMErrors."""
     from huggingface_hub import errors
@@ -113,6 +130,13 @@ def _hub_call(repo_id: str, what: str, filename: str | None, fn, *args, **kwargs
     caught = (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled,
               ConnectionError, TimeoutError, OSError, *_client_error_types("HTTPError"))
     try:
+        # The cache first; then only go to the network when the hub's host resolves at all:
+        # offline, the hub client would retry a dead connection for ~25 s before failing.
+        try:
+            return Path(fn(*args, local_files_only=True, **kwargs))
+        except errors.LocalEntryNotFoundError:
+            if not hub_reachable():
+                raise
         return Path(fn(*args, **kwargs))
     except errors.HFValidationError:
         raise CSMError(f"{what} {repo_id!r} is neither a local path nor a valid hub repo id") from None

@@ -187,6 +187,23 @@ def test_unreachable_hub_is_a_one_line_error(empty_hub_cache):
     assert "cannot get prompts/conversational_b.wav" in _one_line(info)
 
 
+def test_hub_host_that_does_not_resolve_fails_at_once(tmp_path, monkeypatch, capsys):
+    """Not in offline mode, but no DNS for the hub (this machine): no retry loop, no retry noise."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # .invalid never resolves (RFC 6761)
+    started = time.monotonic()
+    with pytest.raises(CSMError) as info:
+        load_voice_audio(resolve_voice("conversational_a"))
+    assert "unreachable" in _one_line(info)
+    assert time.monotonic() - started < 5.0
+    assert "Retry" not in capsys.readouterr().err
+
+
 def test_malformed_hub_ref_is_refused():
     with pytest.raises(CSMError, match="not a hub clip reference"):
         resolve_voice("hf://sesame/clip.wav", text="hi")
