@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from agent.errors import AgentError
+from csm_engine.quantize import PRECISIONS
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--csm-model", metavar="DIR|REPO", help="CSM checkpoint dir or hub repo (default sesame/csm-1b)")
     models.add_argument("--mimi-path", metavar="PATH", help="Mimi codec weights (default: next to the model, or the hub)")
     models.add_argument("--tokenizer-path", metavar="PATH", help="text tokenizer.json (default: next to the model, or the hub)")
-    models.add_argument("--csm-dtype", choices=("auto", "float32", "bfloat16", "int8", "int8-dynamic"),
+    models.add_argument("--csm-dtype", choices=("auto", *PRECISIONS),
                         help="CSM precision (default: the fastest for the device)")
     models.add_argument("--llm-model", metavar="PATH.gguf", help="GGUF chat model (default: embedded SmolLM2-135M)")
     models.add_argument("--llm-url", metavar="URL", help="OpenAI-compatible server instead of the in-process LLM")

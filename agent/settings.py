@@ -26,7 +26,7 @@ class AgentSettings:
     csm_model: str = DEFAULT_CSM_MODEL  # checkpoint dir (make-checkpoint layout) or hub repo id
     mimi_path: str | None = None
     tokenizer_path: str | None = None
-    csm_dtype: str | None = None  # float32 | bfloat16 | int8 | int8-dynamic; None = engine default
+    csm_dtype: str | None = None  # a csm_engine.quantize.PRECISIONS name; None = engine default
     llm_model: str | None = None  # GGUF path; None = embedded SmolLM2-135M-Instruct
     llm_url: str | None = None  # OpenAI-compatible server instead of the in-process model
     asr: str = "faster-whisper"

@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from csm_engine.errors import CSMError
+from csm_engine.quantize import PRECISIONS
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "bfloat16", "int8", "int8-dynamic")
+DTYPES = ("auto", *PRECISIONS)  # one list, owned by quantize.py
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
