@@ -9,10 +9,8 @@ path works without a sound card through ``WavFileSource``, ``WavFileSink`` and `
 from __future__ import annotations
 
 import math
-import os
 import queue
 import re
-import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -24,6 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from agent.errors import AgentError
+from agent.files import write_atomic
 
 PIPELINE_RATE = 16_000  # Hz: what the VAD and Whisper consume
 BLOCK_MS = 32  # 512 samples at 16 kHz: one Silero VAD window
@@ -145,20 +144,13 @@ def load_audio(path: str | Path, sample_rate: int = PIPELINE_RATE) -> np.ndarray
 
 
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
-    """Write float32 mono audio as 16-bit PCM WAV atomically (temp file + rename)."""
+    """Write float32 mono audio as 16-bit PCM WAV, atomically and durably (see agent.files)."""
     import soundfile as sf
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     audio = np.clip(_as_mono_float32(audio), -1.0, 1.0)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            sf.write(handle, audio, int(sample_rate), format="WAV", subtype="PCM_16")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda handle: sf.write(handle, audio, int(sample_rate), format="WAV", subtype="PCM_16"))
     return path
 
 

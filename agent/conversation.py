@@ -23,8 +23,6 @@ JSON last), so a crash loses at most the turn in flight.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from agent.audio import write_wav
 from agent.errors import AgentError
+from agent.files import write_text_atomic
 
 CSM_RATE = 24_000
 FORMAT_NAME = "csm-chat-conversation"
@@ -388,10 +388,10 @@ class Conversation:
                 audio = turn.audio
                 if watermark is not None and turn.role == "agent":
                     audio = watermark(audio, turn.sample_rate)
-                _write_wav_atomic(target / name, audio, turn.sample_rate)
+                write_wav(target / name, audio, turn.sample_rate)
                 turn.audio_file = name
                 self._written.add(name)
-            _write_text_atomic(target / JSON_NAME, json.dumps(self.to_json(), indent=1, ensure_ascii=False))
+            write_text_atomic(target / JSON_NAME, json.dumps(self.to_json(), indent=1, ensure_ascii=False))
             return target
 
     def _save_copy(self, target: Path, watermark) -> Path:
@@ -498,48 +498,3 @@ def _read_turn_wav(path: Path, turn: Turn) -> tuple[np.ndarray, int]:
 
     audio, rate = read_wav(path)
     return audio, rate
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_wav_atomic(path: Path, audio: np.ndarray, sample_rate: int) -> None:
-    import soundfile as sf
-
-    samples = np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0)
-    _write_atomic(path, lambda handle: sf.write(handle, samples, int(sample_rate), format="WAV", subtype="PCM_16"))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    _write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))

@@ -915,12 +915,12 @@ class Pipeline:
                 sink.close()
             except Exception:
                 pass
-            from agent.conversation import _write_wav_atomic
+            from agent.audio import write_wav
 
             audio = sink.audio()
             try:
                 self._own_sink_file.parent.mkdir(parents=True, exist_ok=True)
-                _write_wav_atomic(self._own_sink_file, self._watermark(audio, sink.sample_rate), sink.sample_rate)
+                write_wav(self._own_sink_file, self._watermark(audio, sink.sample_rate), sink.sample_rate)
             except OSError as error:
                 self._notice("error", f"cannot write {self._own_sink_file}: {error.strerror or error}")
         else:

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.conversation import CSM_RATE, Conversation, Sentence, _write_wav_atomic
+from agent.audio import write_wav
+from agent.conversation import CSM_RATE, Conversation, Sentence
 from agent.errors import AgentError
 
 GAP_S = 0.3  # silence between turns in the joined file
@@ -103,7 +104,7 @@ def replay_conversation(
                                             ended_at=turn.ended_at)
                 new.sentences = sentences
             path = out / f"turn-{turn.id:04d}-{turn.role}.wav"
-            _write_wav_atomic(path, watermark(audio, CSM_RATE) if watermark else audio, CSM_RATE)
+            write_wav(path, watermark(audio, CSM_RATE) if watermark else audio, CSM_RATE)
             files.append(path)
             if progress is not None:
                 progress(f"{turn.role}: {turn.text}")
@@ -124,5 +125,5 @@ def replay_conversation(
     total = np.concatenate(joined) if joined else np.zeros(0, np.float32)
     joined_path = out / "conversation.wav"
     # The joined file carries synthetic speech: mark all of it.
-    _write_wav_atomic(joined_path, watermark(total, CSM_RATE) if watermark and len(total) else total, CSM_RATE)
+    write_wav(joined_path, watermark(total, CSM_RATE) if watermark and len(total) else total, CSM_RATE)
     return ReplayResult(out, files, joined_path, len(files))
