@@ -131,21 +131,23 @@ class Generator:
             raise CSMError(f"context audio for {segment.text[:30]!r} must be mono (samples,), got {tuple(audio.shape)}")
         if audio.numel() == 0:
             return None
-        key = hashlib.blake2b(audio.detach().float().cpu().numpy().tobytes(), digest_size=16).digest()
+        key = _audio_key(audio)
         codes = self._codes_cache.get(key)
         if codes is None:
-            codes = self.codec.encode(audio)
-            self._codes_cache[key] = codes
-            if len(self._codes_cache) > 512:
-                self._codes_cache.popitem(last=False)
-        else:
-            self._codes_cache.move_to_end(key)
+            self._store_codes(key, self.codec.encode(audio))
+            return self._codes_cache[key]
+        self._codes_cache.move_to_end(key)
         return codes
 
     def remember_codes(self, audio: Tensor, codes: Tensor) -> None:
         """Record that ``audio`` is the decoding of ``codes`` so it is never re-encoded as context."""
-        key = hashlib.blake2b(audio.detach().float().cpu().numpy().tobytes(), digest_size=16).digest()
-        self._codes_cache[key] = codes.cpu()
+        self._store_codes(_audio_key(audio), codes.cpu())
+
+    def _store_codes(self, key: bytes, codes: Tensor) -> None:
+        self._codes_cache[key] = codes
+        self._codes_cache.move_to_end(key)
+        if len(self._codes_cache) > 512:
+            self._codes_cache.popitem(last=False)
 
     def segment_frames(self, segment: Segment) -> tuple[Tensor, Tensor]:
         """A context segment's token frames: its text rows, then its audio rows (if any)."""
@@ -351,6 +353,11 @@ def compile_for_cuda(model: CSMModel) -> CSMModel:
         raise CSMError("compile=True is for CUDA devices; on CPU leave it off (the eager loop is measured there)")
     model.decoder.forward = torch.compile(model.decoder.forward, mode="reduce-overhead", dynamic=False)
     return model
+
+
+def _audio_key(audio: Tensor) -> bytes:
+    """A content key for a clip, so the same audio maps to the same Mimi codes."""
+    return hashlib.blake2b(audio.detach().float().cpu().numpy().tobytes(), digest_size=16).digest()
 
 
 def prepare_text(text: str) -> str:
