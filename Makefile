@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.csm-chat-installed
 ARGS    ?=
 
 # Debian packages: PortAudio for sounddevice, espeak-ng + sox for the end-to-end tests.
-APT_PACKAGES := libportaudio2 espeak-ng sox tmux
+APT_PACKAGES := libportaudio2 espeak-ng sox tmux g++
 
 # Installed without their dependency pins (see pyproject.toml for why); their real runtime
 # needs are in pyproject's dependencies.
@@ -45,6 +45,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q --no-deps $(NODEPS_PACKAGES)
 	$(PIP) install -q -e ".[dev]"
+	$(PY) -m csm_engine.kernels
 	touch $(STAMP)
 
 bench: system-deps $(STAMP)

@@ -33,8 +33,9 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and self.scale.dtype == torch.float32:  # same math, no no-op casts
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale
+        if x.dtype == torch.float32 and self.scale.dtype == torch.float32:
+            # x * rsqrt(mean(x^2) + eps) * scale in one fused op (one dispatch instead of six)
+            return F.rms_norm(x, self.scale.shape, self.scale, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.scale.float()).type_as(x)
@@ -119,12 +120,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.output_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        # Optional one-pass projection returning [q | k | v] along the last dim (a fused kernel
+        # set by csm_engine.quantize; it computes exactly what the three projections would).
+        self.qkv_fused: nn.Module | None = None
+        self._qkv_sizes = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos: Tensor | int) -> Tensor:
         b, t, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, t, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_fused is not None:
+            # q and k side by side are rotated in one go (same table for every head).
+            qk, v = self.qkv_fused(x).split((self._qkv_sizes[0] + self._qkv_sizes[1], self._qkv_sizes[2]), dim=-1)
+            qk = apply_rope(qk.view(b, t, self.n_heads + self.n_kv_heads, self.head_dim), cos, sin)
+            q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        else:
+            q = apply_rope(self.q_proj(x).view(b, t, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+            k = apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+            v = self.v_proj(x)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.kv_cache is None:
             raise RuntimeError("call setup_caches() before running the model")
         k, v = self.kv_cache.update(pos, k, v)
@@ -138,8 +151,13 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.intermediate_dim, bias=False)
         self.w2 = nn.Linear(cfg.intermediate_dim, cfg.dim, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.intermediate_dim, bias=False)
+        # Optional one-pass projection returning [w1(x) | w3(x)] (a fused kernel, as in Attention).
+        self.w13_fused: nn.Module | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.w13_fused is not None:
+            gate, up = self.w13_fused(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -247,6 +265,9 @@ class CSMModel(nn.Module):
         self.codebook0_head = nn.Linear(bb.dim, config.audio_vocab_size, bias=False)
         self.audio_head = nn.Parameter(torch.empty(config.audio_num_codebooks - 1, dec.dim, config.audio_vocab_size))
         nn.init.normal_(self.audio_head, std=0.02)
+        # A module that computes ``audio_logits`` from its own copy of the head (a quantized
+        # one, set by csm_engine.quantize); None reads ``audio_head`` itself.
+        self.audio_head_kernel: nn.Module | None = None
         self.register_buffer(
             "codebook_offsets", torch.arange(config.audio_num_codebooks) * config.audio_vocab_size, persistent=False
         )
@@ -292,6 +313,13 @@ class CSMModel(nn.Module):
         pos = input_pos[0] if isinstance(input_pos, Tensor) and input_pos.dim() == 2 else input_pos
         return self.backbone(self.embed_frames(tokens, mask), pos)
 
+    def audio_logits(self, dh: Tensor, i: int) -> Tensor:
+        """Logits (B, vocab) of codebook i (1..31) from decoder hidden states dh (B, dec_dim)."""
+        if self.audio_head_kernel is not None:
+            return self.audio_head_kernel(dh, i)
+        # The head may be kept at a higher precision than the decoder (see quantize.py).
+        return dh.to(self.audio_head.dtype) @ self.audio_head[i - 1]
+
     def decoder_hidden(self, x: Tensor, input_pos: Tensor | int) -> Tensor:
         """Decoder hidden states for projected inputs x (B, t, dec_dim) at positions input_pos (t,) or from an int."""
         return self.decoder(x, input_pos)
@@ -327,11 +355,9 @@ class CSMModel(nn.Module):
         codes[:, :1] = c0
         # Decoder positions 0, 1 = [h, c0]; then codebook i enters at position i.
         dec_in = self.projection(torch.stack([h, self.embed_audio(0, c0[:, 0])], dim=1))  # (B, 2, Dd)
-        head = self.audio_head
         for i in range(1, n_cb):
             dh = self.decoder(dec_in, 0 if i == 1 else i)[:, -1]
-            # The head may be kept at a higher precision than the decoder (see quantize.py).
-            ci = sample_topk((dh.to(head.dtype) @ head[i - 1])[..., :n_codes], topk, temperature, generator)
+            ci = sample_topk(self.audio_logits(dh, i)[..., :n_codes], topk, temperature, generator)
             codes[:, i:i + 1] = ci
             dec_in = self.projection(self.embed_audio(i, ci))  # (B, 1, Dd)
         return codes

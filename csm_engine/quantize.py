@@ -10,6 +10,10 @@ them. Two int8 modules share that state-dict layout (``<name>.weight`` int8, ``<
   (activations quantized per call to 7 bits, int8 x int8 products) with float32 around it.
 - ``"int8-hybrid"``: the backbone weight-only, the decoder dynamic (float32 activations
   around both; the weight-only Linears cast to bf16 inside).
+- ``BlockInt8Linear`` (precision ``"int8-block"``): every Linear through this project's AVX2
+  kernel (``csm_engine.kernels``): each activation row quantized to int8 per block of 32 values
+  (one scale each), int8 x int8 products, float32 around it. Finer activation scales than
+  fbgemm's one 7-bit scale per call, and a row's result does not depend on its neighbours.
 
 At batch 1 a frame is bound by reading weights, so bytes per weight decide speed. The
 ``audio_head`` (a raw (31, D, 2051) parameter read one slice per decoder step, ~7% of an int8
@@ -28,9 +32,11 @@ from torch import Tensor, nn
 
 from csm_engine.errors import CSMError
 
-PRECISIONS = ("float32", "bfloat16", "int8", "int8-hybrid", "int8-dynamic")
+PRECISIONS = ("float32", "bfloat16", "int8", "int8-block", "int8-hybrid", "int8-dynamic")
 _ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "int8-dyn": "int8-dynamic",
-            "w8a8": "int8-dynamic", "int8-weight-only": "int8"}
+            "w8a8": "int8-dynamic", "int8-weight-only": "int8", "q8": "int8-block"}
+# Precisions that run on x86 CPUs only.
+_X86_ONLY = ("int8-block", "int8-dynamic", "int8-hybrid")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,6 +60,13 @@ def int8pack_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
+def block_kernel_available() -> bool:
+    """Whether csm_engine.kernels' int8 kernel builds and loads here (x86-64 AVX2, a C++ compiler)."""
+    from csm_engine import kernels
+
+    return kernels.available()
+
+
 # Below this many bytes of float32 weights a model is bound by per-op overhead, not by reading
 # weights, and float32 is fastest (measured: tiny flavor 24 frames/s float32 vs 13 int8-dynamic).
 SMALL_MODEL_BYTES = 256 * 2**20
@@ -62,10 +75,11 @@ SMALL_MODEL_BYTES = 256 * 2**20
 def default_precision(device: str | torch.device, n_params: int | None = None) -> str:
     """The default precision for a device and model size (measurements: benchmarks/README.md).
 
-    CPU, models big enough to be bound by reading weights (CSM-1B): ``int8-hybrid`` on x86
-    (weight-only int8 backbone, fbgemm int8 x int8 decoder: decoder logit error ~0.11 of the
-    logits' std on the 1B shapes, vs 0.07 for ``int8`` and 0.23 for ``int8-dynamic``, at about
-    1.5-2x ``int8``'s decoder speed); ``int8`` without fbgemm. This CPU has no AVX512-BF16.
+    CPU, models big enough to be bound by reading weights (CSM-1B): ``int8-block`` where this
+    project's AVX2 kernel builds (x86-64 with AVX2, a C++ compiler): every Linear and the audio
+    head int8, norms and q|k|v / w1|w3 fused into single kernel calls; otherwise ``int8-hybrid``
+    (torch's weight-only int8 backbone + fbgemm decoder), then ``int8``. This CPU has no
+    AVX512-BF16, so bf16 is converted in software and is no default here.
     Small test models: float32 (overhead-bound, fastest there).
     CUDA: bfloat16 (not measured here: no GPU was available while this was written).
     """
@@ -73,6 +87,8 @@ def default_precision(device: str | torch.device, n_params: int | None = None) -
     if kind == "cpu":
         if n_params is not None and n_params * 4 < SMALL_MODEL_BYTES:
             return "float32"
+        if block_kernel_available():
+            return "int8-block"
         if fbgemm_available() and int8pack_available():
             return "int8-hybrid"
         return "int8" if int8pack_available() else "bfloat16"
@@ -96,8 +112,13 @@ def resolve_precision(dtype: str | torch.dtype | None, device: str | torch.devic
     name = _ALIASES.get(name, name)
     if name not in PRECISIONS:
         raise CSMError(f"unknown dtype {dtype!r}: choose one of {', '.join(PRECISIONS)} (or auto)")
-    if name in ("int8-dynamic", "int8-hybrid") and torch.device(device).type != "cpu":
-        raise CSMError(f"--dtype {name} runs on x86 CPUs only (fbgemm); on {device} use --dtype bfloat16")
+    if name in _X86_ONLY and torch.device(device).type != "cpu":
+        raise CSMError(f"--dtype {name} runs on x86 CPUs only; on {device} use --dtype bfloat16")
+    if name == "int8-block" and not block_kernel_available():
+        from csm_engine import kernels
+
+        raise CSMError(f"--dtype int8-block needs csm-chat's AVX2 kernel, which is unavailable here "
+                       f"({kernels.unavailable_reason()}); use --dtype int8")
     if name in ("int8-dynamic", "int8-hybrid") and not fbgemm_available():
         raise CSMError(f"--dtype {name} needs torch's fbgemm backend (x86 CPU); use --dtype int8 or bfloat16")
     if name in ("int8", "int8-dynamic") and torch.device(device).type == "mps":
@@ -107,12 +128,14 @@ def resolve_precision(dtype: str | torch.dtype | None, device: str | torch.devic
 
 def compute_dtype(precision: str) -> torch.dtype:
     """The dtype of activations, KV caches and unquantized parameters for a precision."""
-    return torch.float32 if precision in ("float32", "int8-dynamic", "int8-hybrid") else torch.bfloat16
+    return torch.float32 if precision in ("float32", "int8-block", "int8-dynamic", "int8-hybrid") else torch.bfloat16
 
 
 def model_precision(model: nn.Module) -> str:
     """The precision a model currently runs at."""
     kinds = {type(m) for m in model.modules()}
+    if BlockInt8Linear in kinds:
+        return "int8-block"
     if DynamicInt8Linear in kinds:
         return "int8-hybrid" if Int8WeightOnlyLinear in kinds else "int8-dynamic"
     if Int8WeightOnlyLinear in kinds:
@@ -188,6 +211,141 @@ class DynamicInt8Linear(nn.Module):
         return y.to(x.dtype)
 
 
+def _block_linear(x: Tensor, weight: Tensor, scales: Tensor, norm: Tensor | None = None, eps: float = 0.0) -> Tensor:
+    if x.dtype == torch.float32:  # the usual case: skip two no-op casts (a dispatch each)
+        return torch.ops.csm_kernels.int8_linear(x, weight, scales, norm, eps)
+    return torch.ops.csm_kernels.int8_linear(x.float(), weight, scales, norm, eps).to(x.dtype)
+
+
+class BlockInt8Linear(nn.Module):
+    """y = x @ (int8 weight * scales).T, activations quantized per row in blocks of 32 (csm_engine.kernels, float32).
+
+    ``weight`` is held in the kernel's packed tile layout (``kernels.pack_int8``); a state dict
+    with plain (out, in) int8 weights is packed as it loads, and ``unpacked_weight()`` gives it back.
+    """
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        from csm_engine import kernels
+
+        self.in_features, self.out_features = in_features, out_features
+        packed = kernels.pack_int8(torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32, device=device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        from csm_engine import kernels
+
+        w = state_dict.get(prefix + "weight")
+        if w is not None and w.dim() == 2:
+            state_dict[prefix + "weight"] = kernels.pack_int8(w)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def unpacked_weight(self) -> Tensor:
+        from csm_engine import kernels
+
+        return kernels.unpack_int8(self.weight, self.out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _block_linear(x, self.weight, self.scales)
+
+
+class FusedBlockInt8Linear(nn.Module):
+    """Several BlockInt8Linears over the same input as one kernel call: outputs side by side.
+
+    The parts' buffers become views of this module's (no second copy), so the parts still hold
+    their weights for the state dict. Each output channel is computed exactly as its part would
+    (the kernel quantizes the input rows the same way whatever the weights), so fusing changes
+    no number.
+    """
+
+    def __init__(self, parts: list[BlockInt8Linear], norm: nn.Module | None = None):
+        """``norm``: an RMSNorm applied to the input first, inside the kernel (see ``FoldedRMSNorm``)."""
+        super().__init__()
+        self.norm_weight = None if norm is None else norm.scale.detach().float().contiguous()
+        self.norm_eps = 0.0 if norm is None else float(norm.eps)
+        self.register_buffer("weight", torch.cat([p.weight for p in parts]), persistent=False)
+        self.register_buffer("scales", torch.cat([p.scales for p in parts]), persistent=False)
+        tile = 0
+        for p in parts:
+            n = p.weight.shape[0]
+            p.weight = self.weight[tile:tile + n]
+            p.scales = self.scales[tile * 4:(tile + n) * 4]
+            tile += n
+
+    @staticmethod
+    def can_fuse(parts: list[nn.Module]) -> bool:
+        return (all(isinstance(p, BlockInt8Linear) and p.out_features % 4 == 0 for p in parts)
+                and len({p.in_features for p in parts}) == 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _block_linear(x, self.weight, self.scales, self.norm_weight, self.norm_eps)
+
+
+class FoldedRMSNorm(nn.Module):
+    """Stands in for an RMSNorm whose work moved into the fused kernel that reads its output.
+
+    Returns its input unchanged; keeps ``scale`` (so the state dict keeps its keys) for the
+    kernel, which normalizes each row as it quantizes it: one pass over the row instead of six
+    elementwise ops, measured as a large share of a decoder step's non-matmul time.
+    """
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.scale, self.eps = norm.scale, norm.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def fuse_block_linears(model: nn.Module) -> int:
+    """Give every attention a fused norm + q|k|v and every MLP a fused norm + w1|w3 (int8-block).
+
+    The layer's ``sa_norm`` / ``mlp_norm`` become ``FoldedRMSNorm`` pass-throughs: the fused
+    kernel normalizes. Returns how many were fused.
+    """
+    fused = 0
+    for tf in (model.backbone, model.decoder):
+        for layer in tf.layers:
+            attn, mlp = layer.attn, layer.mlp
+            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+            if FusedBlockInt8Linear.can_fuse(qkv) and attn.qkv_fused is None:
+                attn.qkv_fused = FusedBlockInt8Linear(qkv, norm=layer.sa_norm)
+                layer.sa_norm = FoldedRMSNorm(layer.sa_norm)
+                fused += 1
+            w13 = [mlp.w1, mlp.w3]
+            if FusedBlockInt8Linear.can_fuse(w13) and mlp.w13_fused is None:
+                mlp.w13_fused = FusedBlockInt8Linear(w13, norm=layer.mlp_norm)
+                layer.mlp_norm = FoldedRMSNorm(layer.mlp_norm)
+                fused += 1
+    return fused
+
+
+class BlockInt8AudioHead(nn.Module):
+    """``audio_head`` (31, D, V) as 31 int8 matrices for the block kernel: logits(h, i) = h @ audio_head[i - 1].
+
+    Set as ``CSMModel.audio_head_kernel`` by ``apply_precision(model, "int8-block")``; the float
+    parameter stays for the state dict.
+    """
+
+    def __init__(self, head: Tensor):
+        super().__init__()
+        from csm_engine import kernels
+
+        w = head.detach().float().transpose(1, 2)  # (31, V, D): one (out, in) matrix per codebook
+        packed, scales = [], []
+        for wi in w:
+            q, sc = quantize_per_channel(wi)
+            packed.append(kernels.pack_int8(q))
+            scales.append(sc)
+        self.register_buffer("weight", torch.stack(packed), persistent=False)
+        self.register_buffer("scales", torch.stack(scales), persistent=False)
+
+    def forward(self, h: Tensor, i: int) -> Tensor:
+        return _block_linear(h, self.weight[i - 1], self.scales[i - 1])
+
+
 # ---------------------------------------------------------------------------------------------
 # The handler: which Linears, state dict conversion, module swap
 # ---------------------------------------------------------------------------------------------
@@ -227,8 +385,8 @@ class Int8QuantHandler:
         for name in self.names:
             q, scales = quantize_per_channel(sd[f"{name}.weight"])
             sd[f"{name}.weight"] = q
-            # int8pack multiplies with bf16 scales; fbgemm keeps float32 ones.
-            sd[f"{name}.scales"] = scales if self.plan[name] is DynamicInt8Linear else scales.bfloat16()
+            # int8pack multiplies with bf16 scales; fbgemm and the block kernel keep float32 ones.
+            sd[f"{name}.scales"] = scales.bfloat16() if self.plan[name] is Int8WeightOnlyLinear else scales
         return sd
 
     def convert_for_runtime(self, dtype: torch.dtype) -> nn.Module:
@@ -238,7 +396,7 @@ class Int8QuantHandler:
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             old = getattr(parent, child)
             cls = self.plan[name]
-            scales_dtype = torch.float32 if cls is DynamicInt8Linear else torch.bfloat16
+            scales_dtype = torch.bfloat16 if cls is Int8WeightOnlyLinear else torch.float32
             new = cls(old.in_features, old.out_features, dtype=scales_dtype, device=old.weight.device)
             setattr(parent, child, new)
         return self.model
@@ -274,6 +432,12 @@ def apply_precision(model: nn.Module, precision: str | torch.dtype | None, *,
                     return None
                 return DynamicInt8Linear if name.startswith("decoder.") else Int8WeightOnlyLinear
             handler = Int8QuantHandler(model, choose=choose)
+        elif precision == "int8-block":
+            block_kernel_available()  # builds / loads the kernel before the first forward
+            def choose_block(name, m):
+                ok = (include or default_filter)(name, m) and m.in_features % 32 == 0
+                return BlockInt8Linear if ok else None  # the kernel reads 32-value blocks; others stay float
+            handler = Int8QuantHandler(model, choose=choose_block)
         else:
             dynamic = precision == "int8-dynamic"
             handler = Int8QuantHandler(model, dynamic=dynamic,
@@ -287,9 +451,13 @@ def apply_precision(model: nn.Module, precision: str | torch.dtype | None, *,
         for m in model.modules():
             if isinstance(m, DynamicInt8Linear):
                 m.pack()
+        if precision == "int8-block":
+            fuse_block_linears(model)
     else:
         model.to(dtype)
     model.audio_head = nn.Parameter(head, requires_grad=False)
+    # int8-block reads the head through the kernel too (2.1 MB a step instead of 8.4 MB float32).
+    model.audio_head_kernel = BlockInt8AudioHead(head) if precision == "int8-block" else None
     # Non-persistent float buffers (rope tables) stay float32: rope is computed in float32.
     for tf in (model.backbone, model.decoder):
         tf.rope_cos.data = tf.rope_cos.float()
@@ -310,12 +478,14 @@ def weight_bytes_per_frame(model: nn.Module) -> int:
     def nbytes(module: nn.Module) -> int:
         total = 0
         for m in module.modules():
-            if isinstance(m, (nn.Linear, Int8WeightOnlyLinear, DynamicInt8Linear)):
+            if isinstance(m, (nn.Linear, Int8WeightOnlyLinear, DynamicInt8Linear, BlockInt8Linear)):
                 total += m.weight.numel() * m.weight.element_size()
         return total
 
     n_steps = model.config.audio_num_codebooks - 1
-    head_slice = model.audio_head[0].numel() * model.audio_head.element_size()
+    kernel = getattr(model, "audio_head_kernel", None)
+    head = kernel.weight if kernel is not None else model.audio_head
+    head_slice = head[0].numel() * head.element_size()
     backbone = nbytes(model.backbone) + nbytes(model.codebook0_head)
     decoder_step = nbytes(model.decoder) + nbytes(model.projection) + head_slice
     return backbone + n_steps * decoder_step
@@ -340,7 +510,7 @@ def probe_logits(model: nn.Module, tokens: Tensor, mask: Tensor, codes: Tensor, 
     logits = []
     for i in range(1, n_cb):
         dh = model.decoder_hidden(dec_in, 0 if i == 1 else i)[0, -1]
-        logits.append((dh.to(model.audio_head.dtype) @ model.audio_head[i - 1]).float())
+        logits.append(model.audio_logits(dh, i).float())
         dec_in = model.projection(model.embed_audio(i, codes[:, i:i + 1]).to(h.dtype))
     return logits0, torch.stack(logits)
 

@@ -12,8 +12,10 @@ from _engine_helpers import random_tiny_model, tiny_generator
 
 # Relative RMS logit error allowed vs float32 on the tiny flavor (measured: bf16 ~0.005,
 # int8 ~0.009, int8-hybrid ~0.013, int8-dynamic ~0.02; benchmarks/quant_error.py for 1B).
-TOLERANCE = {"bfloat16": 0.03, "int8": 0.05, "int8-hybrid": 0.06, "int8-dynamic": 0.08}
-PRECISIONS = [p for p in TOLERANCE if p not in ("int8-dynamic", "int8-hybrid") or Q.fbgemm_available()]
+TOLERANCE = {"bfloat16": 0.03, "int8": 0.05, "int8-block": 0.05, "int8-hybrid": 0.06, "int8-dynamic": 0.08}
+PRECISIONS = [p for p in TOLERANCE
+              if (p not in ("int8-dynamic", "int8-hybrid") or Q.fbgemm_available())
+              and (p != "int8-block" or Q.block_kernel_available())]
 
 
 def _probe_inputs(seed: int = 0):
@@ -75,7 +77,9 @@ def test_model_converts_whole_caches_included(precision):
     cache = m.backbone.layers[0].attn.kv_cache.k
     assert cache.dtype == Q.compute_dtype(precision)
     assert m.backbone.rope_cos.dtype == torch.float32  # rope math stays float32
-    assert m.audio_head.dtype == torch.float32  # read per step by the fast float32 kernel
+    assert m.audio_head.dtype == torch.float32  # read per step by the fast float32 kernel (or kept for it)
+    # int8-block reads the head through its own int8 copy; the others read audio_head itself.
+    assert (m.audio_head_kernel is not None) == (precision == "int8-block")
     with pytest.raises(CSMError, match="already quantized") if precision.startswith("int8") else _noop():
         Q.apply_precision(m, "float32")
 
@@ -100,7 +104,7 @@ def test_dtype_aliases_and_default():
     assert Q.resolve_precision("fp32", "cpu") == "float32"
     assert Q.resolve_precision(None, "cpu") == Q.default_precision("cpu")
     assert Q.resolve_precision("auto", "cpu", n_params=1000) == "float32"
-    assert Q.default_precision("cpu") in ("int8-hybrid", "int8", "bfloat16")
+    assert Q.default_precision("cpu") in ("int8-block", "int8-hybrid", "int8", "bfloat16")
 
 
 @pytest.mark.skipif(not Q.fbgemm_available(), reason="fbgemm (x86) only")
@@ -126,8 +130,10 @@ def test_weight_only_linear_float32_fallback_is_the_dequantized_matmul():
     torch.testing.assert_close(mod_bf16(x.bfloat16()).float(), mod(x), atol=0.05, rtol=0.02)
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+@pytest.mark.parametrize("precision", ["bfloat16", "int8", "int8-block"])
 def test_generator_dtype_converts_the_model_and_generates(precision):
+    if precision == "int8-block" and not Q.block_kernel_available():
+        pytest.skip("the AVX2 kernel does not build here")
     gen = tiny_generator(seed=2)
     gen2 = type(gen)(gen.model, gen.codec, gen.tokenizer, dtype=precision)
     assert Q.model_precision(gen2.model) == precision
@@ -149,4 +155,4 @@ def test_load_generator_passes_dtype_through(tmp_path):
         assert Q.model_precision(gen.model) == precision
     # Left to choose, a tiny model runs float32 (overhead-bound); a 1B one int8 (bandwidth-bound).
     assert Q.model_precision(load_generator(str(tmp_path)).model) == "float32"
-    assert Q.default_precision("cpu", n_params=1_600_000_000) in ("int8-hybrid", "int8")
+    assert Q.default_precision("cpu", n_params=1_600_000_000) in ("int8-block", "int8-hybrid", "int8")
