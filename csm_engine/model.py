@@ -124,9 +124,15 @@ class Attention(nn.Module):
         # set by csm_engine.quantize; it computes exactly what the three projections would).
         self.qkv_fused: nn.Module | None = None
         self._qkv_sizes = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
+        # Optional kernel doing rope, the cache write and attention for rows at an int position
+        # from the fused [q | k | v]: fn(qkv, cos, sin, k_cache, v_cache, pos, n_heads) -> (B, T, H * D).
+        self.attend_fused = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos: Tensor | int) -> Tensor:
         b, t, _ = x.shape
+        if self.attend_fused is not None and isinstance(pos, int):
+            y = self.attend_fused(self.qkv_fused(x), cos, sin, self.kv_cache.k, self.kv_cache.v, pos, self.n_heads)
+            return self.output_proj(y)
         if self.qkv_fused is not None:
             # q and k side by side are rotated in one go (same table for every head).
             qk, v = self.qkv_fused(x).split((self._qkv_sizes[0] + self._qkv_sizes[1], self._qkv_sizes[2]), dim=-1)

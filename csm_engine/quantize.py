@@ -303,8 +303,13 @@ def fuse_block_linears(model: nn.Module) -> int:
     """Give every attention a fused norm + q|k|v and every MLP a fused norm + w1|w3 (int8-block).
 
     The layer's ``sa_norm`` / ``mlp_norm`` become ``FoldedRMSNorm`` pass-throughs: the fused
-    kernel normalizes. Returns how many were fused.
+    kernel normalizes. The decoder's attentions (1-2 new rows over at most 33 positions, 124
+    layer steps a frame) also run rope, cache writes and attention as one ``attend_rows`` call;
+    the backbone keeps torch's attention (long contexts, prompt blocks). Returns how many
+    projections were fused.
     """
+    from csm_engine import kernels
+
     fused = 0
     for tf in (model.backbone, model.decoder):
         for layer in tf.layers:
@@ -313,6 +318,8 @@ def fuse_block_linears(model: nn.Module) -> int:
             if FusedBlockInt8Linear.can_fuse(qkv) and attn.qkv_fused is None:
                 attn.qkv_fused = FusedBlockInt8Linear(qkv, norm=layer.sa_norm)
                 layer.sa_norm = FoldedRMSNorm(layer.sa_norm)
+                if tf is model.decoder and attn.head_dim % 8 == 0:
+                    attn.attend_fused = kernels.attend_rows
                 fused += 1
             w13 = [mlp.w1, mlp.w3]
             if FusedBlockInt8Linear.can_fuse(w13) and mlp.w13_fused is None:

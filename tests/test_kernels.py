@@ -130,3 +130,35 @@ def test_unavailable_kernel_falls_back_and_says_why():
     default, error = out.strip().splitlines()
     assert default in ("int8-hybrid", "int8")
     assert "int8-block" in error and "CSM_NO_KERNELS" in error and "--dtype int8" in error
+
+
+def test_attend_rows_matches_the_torch_attention_path():
+    """The decoder's one-call attention: same keys/values in the cache (bit for bit), same outputs."""
+    from _engine_helpers import random_tiny_model
+
+    m = random_tiny_model(seed=2, std=0.05)
+    Q.apply_precision(m, "int8-block")
+    m.setup_caches(1)
+    dec = m.decoder
+    assert all(layer.attn.attend_fused is not None for layer in dec.layers)
+    x2, steps = torch.randn(1, 2, dec.cfg.dim), [torch.randn(1, 1, dec.cfg.dim) for _ in range(6)]
+
+    def run():
+        m.reset_caches()
+        outs = [dec(x2, 0)] + [dec(x, i) for i, x in enumerate(steps, start=2)]
+        caches = [torch.cat([layer.attn.kv_cache.k, layer.attn.kv_cache.v]).clone() for layer in dec.layers]
+        return torch.cat(outs, dim=1), caches
+
+    with torch.inference_mode():
+        fused_out, fused_caches = run()
+        kernels_ = [layer.attn.attend_fused for layer in dec.layers]
+        for layer in dec.layers:
+            layer.attn.attend_fused = None
+        torch_out, torch_caches = run()
+        for layer, k in zip(dec.layers, kernels_):
+            layer.attn.attend_fused = k
+    assert torch.equal(fused_caches[0], torch_caches[0])  # first layer: same input, same rope
+    for a, b in zip(fused_caches, torch_caches):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused_out, torch_out, rtol=1e-4, atol=1e-5)
+    assert fused_out.abs().mean() > 0.01  # not trivially equal

@@ -2,7 +2,8 @@
 
 ``int8_linear(x, w, w_scale)``: float32 activations x int8 weights (per output channel scales),
 with each activation row quantized to int8 in blocks of 32 (one scale per block) inside the
-kernel; AVX2 + FMA (x86-64). See ``int8_matmul.cpp``.
+kernel; AVX2 + FMA (x86-64). ``attend_rows``: rope, cache writes and attention of a few new
+rows in one call (the audio decoder's steps). See ``int8_matmul.cpp``.
 
 The kernel is built with torch's C++ extension builder (a C++ compiler and ninja) into the
 user cache, once per torch version and source: ``python -m csm_engine.kernels`` builds it ahead
@@ -64,7 +65,7 @@ def load(verbose: bool = False) -> bool:
             directory = build_dir()
             directory.mkdir(parents=True, exist_ok=True)
             build(name="csm_kernels", sources=[str(SOURCE)], build_directory=str(directory),
-                  extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                  extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"],
                   is_python_module=False, verbose=verbose)
             _state["ok"] = hasattr(torch.ops.csm_kernels, "int8_linear")
         except Exception as e:  # no compiler / ninja, a failed build: fall back, say why once
@@ -102,10 +103,16 @@ def unpack_int8(packed: torch.Tensor, n: int) -> torch.Tensor:
     return packed.transpose(1, 2).reshape(tiles * TILE, blocks * BLOCK)[:n]
 
 
+def attend_rows(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, pos: int, n_heads: int) -> torch.Tensor:
+    """Rope + KV-cache write + causal attention for T new rows at ``pos`` from fused [q | k | v] (B, T, W) -> (B, T, H * D)."""
+    return torch.ops.csm_kernels.attend_rows(qkv, cos, sin, k_cache, v_cache, pos, n_heads)
+
+
 def int8_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """y = x @ (w * w_scale[:, None]).T; x float32 (..., K), w int8 (N, K) in [-127, 127] packed by
     ``pack_int8``, w_scale float32 (N,)."""
     return torch.ops.csm_kernels.int8_linear(x, packed, w_scale)
 
 
-__all__ = ["available", "build_dir", "cpu_supported", "int8_linear", "load", "pack_int8", "unavailable_reason", "unpack_int8"]
+__all__ = ["attend_rows", "available", "build_dir", "cpu_supported", "int8_linear", "load", "pack_int8", "unavailable_reason", "unpack_int8"]

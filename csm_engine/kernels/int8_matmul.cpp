@@ -191,12 +191,109 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   return y.view(out_shape);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Attention for a few new rows (the audio decoder: 1-2 rows over at most 33 positions), in one
+// call instead of the ~20 small torch ops it takes (split, rope, cache writes, sdpa, reshape):
+// at this size every op costs far more in dispatch than in arithmetic.
+//
+// qkv (B, T, (H + 2G) * D): the fused projection's [q | k | v] for T new rows at positions
+// pos..pos+T-1; cos, sin (T, 1, D) rope tables in the interleaved-pair convention of
+// csm_engine.model.rope_cache (out = x * cos + swap_pairs(x) * sin, sin carrying the signs);
+// k_cache, v_cache (B, G, S, D). Writes the rotated keys and the values into the caches, then
+// returns (B, T, H * D): each row attends causally over positions 0..its own, 1/sqrt(D) scale,
+// query head h reading key/value head h / (H / G).
+// The file is compiled with -ffp-contract=off, so the rope's products and sums round exactly
+// as torch's separate mul and add do: keys written here equal the ones the torch path writes.
+// ---------------------------------------------------------------------------------------------
+
+inline float dot(const float* a, const float* b, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  return hsum(acc);
+}
+
+inline void rope(const float* x, const float* c, const float* s, int64_t D, float* out) {
+  for (int64_t i = 0; i < D; i += 2) {
+    const float x0 = x[i], x1 = x[i + 1];
+    const float a0 = x0 * c[i], b0 = x1 * s[i];
+    const float a1 = x1 * c[i + 1], b1 = x0 * s[i + 1];
+    out[i] = a0 + b0;
+    out[i + 1] = a1 + b1;
+  }
+}
+
+at::Tensor attend_rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
+                       at::Tensor v_cache, int64_t pos, int64_t n_heads) {
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.dim() == 3, "attend_rows: qkv must be float32 (B, T, W)");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 4,
+              "attend_rows: caches must be contiguous float32 (B, G, S, D)");
+  const int64_t B = qkv.size(0), T = qkv.size(1), G = k_cache.size(1), S = k_cache.size(2), D = k_cache.size(3);
+  const int64_t H = n_heads, W = (H + 2 * G) * D;
+  TORCH_CHECK(qkv.size(2) == W && H % G == 0 && D % 8 == 0, "attend_rows: qkv width does not match the heads");
+  TORCH_CHECK(k_cache.size(0) >= B && pos >= 0 && pos + T <= S, "attend_rows: positions outside the cache");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * D && sin.numel() == T * D &&
+                  cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+              "attend_rows: cos/sin must be contiguous float32 (T, 1, D)");
+  const at::Tensor x = qkv.contiguous();
+  at::Tensor y = at::empty({B, T, H * D}, qkv.options());
+  const float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  std::vector<float> q(D), scores(pos + T);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < T; ++t) {  // keys and values of the new rows first: row t sees rows <= t
+      const float* row = xp + (b * T + t) * W;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t at_pos = ((b * G + g) * S + pos + t) * D;
+        rope(row + (H + g) * D, cp + t * D, sp + t * D, D, kc + at_pos);
+        std::copy(row + (H + G + g) * D, row + (H + G + g + 1) * D, vc + at_pos);
+      }
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const float* row = xp + (b * T + t) * W;
+      const int64_t n_keys = pos + t + 1;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t g = h / (H / G);
+        rope(row + h * D, cp + t * D, sp + t * D, D, q.data());
+        const float* kg = kc + (b * G + g) * S * D;
+        const float* vg = vc + (b * G + g) * S * D;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n_keys; ++j) {
+          scores[j] = dot(q.data(), kg + j * D, D) * scale;
+          mx = std::max(mx, scores[j]);
+        }
+        float total = 0.0f;
+        for (int64_t j = 0; j < n_keys; ++j) {
+          scores[j] = std::exp(scores[j] - mx);
+          total += scores[j];
+        }
+        float* out = yp + (b * T + t) * H * D + h * D;
+        std::fill(out, out + D, 0.0f);
+        const float inv = 1.0f / total;
+        for (int64_t j = 0; j < n_keys; ++j) {
+          const __m256 p = _mm256_set1_ps(scores[j] * inv);
+          for (int64_t i = 0; i < D; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vg + j * D + i), _mm256_loadu_ps(out + i)));
+        }
+      }
+    }
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(csm_kernels, m) {
   m.def("int8_linear(Tensor x, Tensor packed, Tensor w_scale, Tensor? norm_weight=None, float norm_eps=0.0) -> Tensor");
+  m.def("attend_rows(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int n_heads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(csm_kernels, CPU, m) {
   m.impl("int8_linear", &int8_linear);
+  m.impl("attend_rows", &attend_rows);
 }
