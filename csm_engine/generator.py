@@ -94,7 +94,7 @@ class Generator:
 
     def __init__(self, model: CSMModel, codec: MimiCodec, tokenizer: TextTokenizer, *,
                  dtype: str | torch.dtype | None = None):
-        """``dtype`` (float32 | bfloat16 | int8 | int8-dynamic | auto) converts the model; None keeps it as is."""
+        """``dtype`` (a ``csm_engine.quantize.PRECISIONS`` name or auto) converts the model; None keeps it as is."""
         if dtype is not None:
             from csm_engine.quantize import apply_precision
 
@@ -377,7 +377,7 @@ def load_generator(model_path: str | None = None, *, mimi_path: str | None = Non
                    device: str = "cpu", dtype: torch.dtype | str | None = None, compile: bool = False) -> Generator:
     """Build a Generator from a checkpoint dir or hub repo id (default: the released CSM-1B).
 
-    ``dtype``: float32 | bfloat16 | int8 | int8-dynamic; None / "auto" picks the fastest for the
+    ``dtype``: a ``csm_engine.quantize.PRECISIONS`` name; None / "auto" picks the fastest for the
     device and model size (``csm_engine.quantize.default_precision``). Int8 scales are computed
     from float32 weights.
     """
