@@ -68,7 +68,10 @@ def test_ctrl_c_mid_turn_leaves_a_valid_transcript(tmp_path, spoken_turns_wav, t
                             "thank you very much"], gap_s=1.5)
     args = _base_args(tiny_checkpoint, chat_persona, tmp_path) + ["--mic-file", str(mic), "--realtime",
                                                                   "--max-audio-ms", "3000"]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+    # As in a terminal, Ctrl-C must reach the agent even when this test runs as a background job
+    # (a shell without job control starts those with SIGINT ignored, which children inherit).
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # Wait until the first user turn is in: the agent is now answering it (a turn in flight).
         deadline = time.monotonic() + 300
