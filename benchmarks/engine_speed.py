@@ -192,7 +192,7 @@ def streamed_rtf(gen: Generator, conv: Conversation, frames: int, context_rows: 
 # ---------------------------------------------------------------------------------------------
 
 
-def torch_row(ref, precision: str, codec, tokenizer, args, bandwidth: float, long_context: bool) -> dict:
+def torch_row(ref, precision: str, codec, tokenizer, args, long_context: bool) -> dict:
     with PeakRSS() as rss:
         model = share_weights(ref)
         apply_precision(model, precision)
@@ -216,10 +216,7 @@ def torch_row(ref, precision: str, codec, tokenizer, args, bandwidth: float, lon
             row["first_chunk_long_prompt_rows"] = warm["prompt_rows"]
             row["first_chunk_long_no_cache_ms"] = cold["first_chunk_ms"]
             row["first_chunk_short_no_cache_ms"] = short_cold["first_chunk_ms"]
-        bytes_per_frame = weight_bytes_per_frame(model)
-        row["weight_bytes_per_frame"] = bytes_per_frame
-        row["bound_frames_per_s"] = bandwidth * 1e9 / bytes_per_frame
-        row["fraction_of_bandwidth_bound"] = row["frames_per_s"] / row["bound_frames_per_s"]
+        row["weight_bytes_per_frame"] = weight_bytes_per_frame(model)  # the bound is set once bandwidth is known
         del gen, model, conv
         gc.collect()
     row["peak_rss_mb"] = rss.peak
@@ -346,7 +343,6 @@ def main(argv=None) -> dict:
     # The read bandwidth of a shared VM drifts; it is sampled before every row and at the end,
     # and the bound uses the best sample (the most the machine delivered in this run).
     samples = [read_bandwidth_gbps()]
-    bandwidth = samples[0]
     ref = random_csm_model(args.flavor, seed=args.seed)
     result["params"] = n_params(ref)
     from csm_engine.testing import build_text_tokenizer
@@ -357,7 +353,7 @@ def main(argv=None) -> dict:
     for i, precision in enumerate(args.dtype):
         if i:
             samples.append(read_bandwidth_gbps())
-        rows.append(torch_row(ref, precision, codec, tokenizer, args, bandwidth, long_context=i == 0))
+        rows.append(torch_row(ref, precision, codec, tokenizer, args, long_context=i == 0))
         print(f"# {precision}: {rows[-1]['frames_per_s']:.2f} frames/s", file=sys.stderr, flush=True)
     del codec
     gc.collect()

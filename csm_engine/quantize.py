@@ -439,8 +439,7 @@ def apply_precision(model: nn.Module, precision: str | torch.dtype | None, *,
                     return None
                 return DynamicInt8Linear if name.startswith("decoder.") else Int8WeightOnlyLinear
             handler = Int8QuantHandler(model, choose=choose)
-        elif precision == "int8-block":
-            block_kernel_available()  # builds / loads the kernel before the first forward
+        elif precision == "int8-block":  # resolve_precision has loaded the kernel (or refused)
             def choose_block(name, m):
                 ok = (include or default_filter)(name, m) and m.in_features % 32 == 0
                 return BlockInt8Linear if ok else None  # the kernel reads 32-value blocks; others stay float
