@@ -326,6 +326,19 @@ class Pipeline:
     def _notice(self, level: str, message: str) -> None:
         self._emit(Notice(level, " ".join(str(message).split())))
 
+    def _open_device(self, opener: Callable[[Any], Any], device: Any, without_it: str) -> Any:
+        """Open a sound device; None (with a warning saying what still works) when there is none.
+
+        Headless runs have no one to read the warning: the AgentError goes up instead.
+        """
+        try:
+            return opener(device)
+        except AgentError as error:
+            if self.settings.headless:
+                raise
+            self._notice("warning", f"{error}; {without_it}")
+            return None
+
     def _set_state(self, state: AgentState) -> None:
         if state != self.state:
             self.state = state
@@ -404,12 +417,8 @@ class Pipeline:
                 else:
                     from agent.audio import open_speaker
 
-                    try:
-                        self._sink = open_speaker(self.settings.output_device)
-                    except AgentError as error:
-                        if self.settings.headless:
-                            raise
-                        self._notice("warning", f"{error}; replies are shown as text only")
+                    self._sink = self._open_device(open_speaker, self.settings.output_device,
+                                                   "replies are shown as text only")
             if self._sink is not None:
                 self._sink.start()
             if self._source is False:  # told not to listen: typed messages only
@@ -417,12 +426,8 @@ class Pipeline:
             elif self._source is None:
                 from agent.audio import open_microphone
 
-                try:
-                    self._source = open_microphone(self.settings.input_device)
-                except AgentError as error:
-                    if self.settings.headless:
-                        raise
-                    self._notice("warning", f"{error}; type your messages instead")
+                self._source = self._open_device(open_microphone, self.settings.input_device,
+                                                 "type your messages instead")
             if self._source is not None and not self._paced:
                 self._source.start()
         finally:
