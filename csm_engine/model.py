@@ -33,8 +33,9 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and self.scale.dtype == torch.float32:
-            # x * rsqrt(mean(x^2) + eps) * scale in one fused op (one dispatch instead of six)
+        if x.dtype == self.scale.dtype:
+            # x * rsqrt(mean(x^2) + eps) * scale in one fused op (one dispatch instead of six;
+            # reduced precisions are accumulated in float32 inside it)
             return F.rms_norm(x, self.scale.shape, self.scale, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -235,10 +236,12 @@ class Transformer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def sample_topk(logits: Tensor, topk: int, temperature: float, generator: torch.Generator | None = None) -> Tensor:
+def sample_topk(logits: Tensor, topk: int, temperature: float, generator: torch.Generator | None = None,
+                noise: Tensor | None = None) -> Tensor:
     """Sample one token per row of logits (B, V) from the top-k after temperature; (B, 1) long.
 
-    ``temperature <= 0`` or ``topk == 1`` is greedy (argmax).
+    ``temperature <= 0`` or ``topk == 1`` is greedy (argmax). ``noise`` (B, V): Exp(1) draws
+    made beforehand (a CUDA graph replays fixed buffers); None draws them from ``generator``.
     """
     if temperature <= 0 or topk == 1:
         return logits.argmax(dim=-1, keepdim=True)
@@ -248,7 +251,8 @@ def sample_topk(logits: Tensor, topk: int, temperature: float, generator: torch.
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     # argmax(p / E) with E ~ Exp(1) draws from p without a host sync (unlike torch.multinomial).
-    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / noise).argmax(dim=-1, keepdim=True)
 
 
@@ -343,11 +347,13 @@ class CSMModel(nn.Module):
         generator: torch.Generator | None = None,
         *,
         n_codes: int | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
         """Prefill/extend the backbone with new token frames and sample the next audio frame (B, 32).
 
         ``n_codes``: sample only ids below it (the codec's codebook size; the audio vocabulary
-        has 3 ids more than Mimi can decode). None samples the whole vocabulary.
+        has 3 ids more than Mimi can decode). None samples the whole vocabulary. ``noise``
+        (B, 32, vocab): the sampling draws of each codebook, made beforehand (see ``sample_topk``).
 
         ``input_pos`` as an int (the position of the first new row) is the fast path the
         Generator uses. The 31 decoder steps do nothing but the model's own ops: positions,
@@ -357,13 +363,15 @@ class CSMModel(nn.Module):
         h = self.backbone_hidden(tokens, tokens_mask, input_pos)[:, -1]  # (B, D)
         n_cb = self.config.audio_num_codebooks
         codes = torch.empty(h.shape[0], n_cb, dtype=torch.long, device=h.device)
-        c0 = sample_topk(self.codebook0_head(h)[..., :n_codes], topk, temperature, generator)  # (B, 1)
+        c0 = sample_topk(self.codebook0_head(h)[..., :n_codes], topk, temperature, generator,
+                         None if noise is None else noise[:, 0])  # (B, 1)
         codes[:, :1] = c0
         # Decoder positions 0, 1 = [h, c0]; then codebook i enters at position i.
         dec_in = self.projection(torch.stack([h, self.embed_audio(0, c0[:, 0])], dim=1))  # (B, 2, Dd)
         for i in range(1, n_cb):
             dh = self.decoder(dec_in, 0 if i == 1 else i)[:, -1]
-            ci = sample_topk(self.audio_logits(dh, i)[..., :n_codes], topk, temperature, generator)
+            ci = sample_topk(self.audio_logits(dh, i)[..., :n_codes], topk, temperature, generator,
+                             None if noise is None else noise[:, i])
             codes[:, i:i + 1] = ci
             dec_in = self.projection(self.embed_audio(i, ci))  # (B, 1, Dd)
         return codes
