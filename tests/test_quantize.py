@@ -156,3 +156,31 @@ def test_load_generator_passes_dtype_through(tmp_path):
     # Left to choose, a tiny model runs float32 (overhead-bound); a 1B one int8 (bandwidth-bound).
     assert Q.model_precision(load_generator(str(tmp_path)).model) == "float32"
     assert Q.default_precision("cpu", n_params=1_600_000_000) in ("int8-block", "int8-hybrid", "int8")
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@torch.inference_mode()
+def test_fused_linears_compute_the_parts_without_a_second_copy(precision):
+    """GPUs run q|k|v and w1|w3 as one matmul each (see Generator with CUDA graphs)."""
+    model = random_tiny_model(seed=2)
+    Q.apply_precision(model, precision)
+    model.setup_caches(1)
+    g = torch.Generator().manual_seed(0)
+    cfg = model.config
+    tokens = torch.randint(0, cfg.text_vocab_size, (1, 7, 33), generator=g)
+    tokens[..., :32] = torch.randint(0, cfg.audio_vocab_size, (1, 7, 32), generator=g)
+    mask = torch.rand(1, 7, 33, generator=g) > 0.3
+    keys = set(model.state_dict())
+    before = model.backbone_hidden(tokens, mask, 0)
+    assert Q.fuse_linears(model) == 2 * (len(model.backbone.layers) + len(model.decoder.layers))
+    assert Q.fuse_linears(model) == 0  # already fused
+    attn = model.backbone.layers[0].attn
+    fused = attn.qkv_fused.weight
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    assert torch.equal(fused[attn.q_proj.out_features:][:attn.k_proj.out_features], attn.k_proj.weight)
+    assert set(model.state_dict()) == keys  # the fused buffers are not saved
+    model.reset_caches()
+    after = model.backbone_hidden(tokens, mask, 0)
+    tol = 1e-5 if precision == "float32" else 2e-2
+    torch.testing.assert_close(after, before, atol=tol, rtol=tol)
+    assert Q.weight_bytes_per_frame(model) > 0
