@@ -6,8 +6,10 @@ they come and ``generate`` joins the chunks of ``stream``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from csm_engine.codec import MimiCodec
 from csm_engine.config import FRAME_MS, SAMPLES_PER_FRAME
+from csm_engine.cuda_graphs import FrameStep, FrameSteps, cuda_graphs_available
 from csm_engine.errors import CSMError
 from csm_engine.model import CSMModel
 from csm_engine.tokens import Segment, TextTokenizer, audio_frames, text_frames
@@ -91,10 +94,16 @@ class Generator:
     # call already run fbgemm's int8 matmul at its per-row efficiency (measured: 0.50 ms/row at
     # 32 and 0.43 at 256 for an 8192x2048 weight), and a warm turn redoes at most 31 rows.
     prefill_block = 32
+    # On a GPU a block of rows costs its kernel launches, not its arithmetic: bigger blocks.
+    gpu_prefill_block = 256
 
     def __init__(self, model: CSMModel, codec: MimiCodec, tokenizer: TextTokenizer, *,
-                 dtype: str | torch.dtype | None = None):
-        """``dtype`` (a ``csm_engine.quantize.PRECISIONS`` name or auto) converts the model; None keeps it as is."""
+                 dtype: str | torch.dtype | None = None, cuda_graphs: bool | None = None):
+        """``dtype`` (a ``csm_engine.quantize.PRECISIONS`` name or auto) converts the model; None keeps it as is.
+
+        ``cuda_graphs``: replay each frame as a CUDA graph (``csm_engine.cuda_graphs``); None
+        turns it on when the model is on a CUDA device (``CSM_NO_CUDA_GRAPHS=1`` turns it off).
+        """
         if dtype is not None:
             from csm_engine.quantize import apply_precision
 
@@ -115,6 +124,18 @@ class Generator:
         self._cached_len = 0
         self._cache_owner: tuple | None = None
         self.last_prefill_rows = 0  # prompt rows the last utterance actually ran through the backbone
+        if cuda_graphs is None:
+            cuda_graphs = cuda_graphs_available(self.device) and os.environ.get("CSM_NO_CUDA_GRAPHS", "0") == "0"
+        elif cuda_graphs and not cuda_graphs_available(self.device):
+            raise CSMError(f"CUDA graphs need the model on a CUDA device (it is on {self.device})")
+        self._frame_steps = None
+        if cuda_graphs:
+            from csm_engine.quantize import fuse_linears
+
+            fuse_linears(model)  # fewer launches per step: q|k|v and w1|w3 as one matmul each
+            self._frame_steps = FrameSteps(model)
+        if self.device.type == "cuda":
+            self.prefill_block = self.gpu_prefill_block
 
     @property
     def device(self) -> torch.device:
@@ -215,12 +236,22 @@ class Generator:
         """Run rows ``tokens`` at ``start`` through the backbone (and sample a frame), keeping the cache record true."""
         end = start + tokens.shape[0]
         self._cached_len = min(self._cached_len, start)  # rows from ``start`` on are being overwritten
+        if sample and self._frame_steps is not None:
+            step, built = self._frame_steps.get(temperature, topk, MIMI_CODEBOOK_SIZE)
+            if built:  # building it overwrote one cache row
+                self._cached_len = min(self._cached_len, FrameStep.warmup_position(self.model))
+            frame = step(tokens, mask, start, gen)
+            self._cached_tokens[start:end] = tokens
+            self._cached_mask[start:end] = mask
+            self._cached_len = end
+            return frame
         t, m = tokens[None].to(self.device), mask[None].to(self.device)
-        if sample:
-            frame = self.model.generate_frame(t, m, start, temperature, topk, gen, n_codes=MIMI_CODEBOOK_SIZE)[0]
-        else:
-            self.model.backbone_hidden(t, m, start)
-            frame = None
+        with prompt_attention(self.device, tokens.shape[0]):
+            if sample:
+                frame = self.model.generate_frame(t, m, start, temperature, topk, gen, n_codes=MIMI_CODEBOOK_SIZE)[0]
+            else:
+                self.model.backbone_hidden(t, m, start)
+                frame = None
         self._cached_tokens[start:end] = tokens
         self._cached_mask[start:end] = mask
         self._cached_len = end
@@ -232,17 +263,19 @@ class Generator:
         Rows are always computed in the same blocks (same positions, same neighbours), whether
         or not the cache held part of the prompt: kernels whose numerics depend on the batch of
         rows (int8-dynamic quantizes activations per call) then give the same result both ways.
+        With CUDA graphs the last row alone starts the first frame (the graphed step takes one row).
         """
         n = prompt.tokens.shape[0]
         block = self.prefill_block
         start = self._reusable_prefix(prompt.tokens, prompt.mask) // block * block
         self.last_prefill_rows = n - start
-        while True:
-            end = min(n, (start // block + 1) * block)
-            if end == n:
-                return self._feed(prompt.tokens[start:], prompt.mask[start:], start, temperature, topk, gen)
-            self._feed(prompt.tokens[start:end], prompt.mask[start:end], start, temperature, topk, None, sample=False)
-            start = end
+        # Rows [start, head) are prefilled in whole blocks; rows [head, n) start the first frame.
+        head = n - 1 if self._frame_steps is not None else (n - 1) // block * block
+        tokens, mask = prompt.tokens, prompt.mask
+        for a in range(start, head, block):
+            b = min(a + block, head)
+            self._feed(tokens[a:b], mask[a:b], a, temperature, topk, None, sample=False)
+        return self._feed(tokens[head:], mask[head:], head, temperature, topk, gen)
 
     @torch.inference_mode()
     def frames(self, prompt: Prompt, *, temperature: float = 0.9, topk: int = 50, seed: int | None = None,
@@ -342,17 +375,18 @@ class Generator:
         return torch.from_numpy(np.concatenate(chunks))
 
 
-def compile_for_cuda(model: CSMModel) -> CSMModel:
-    """CUDA only, opt-in, NOT MEASURED (no GPU was available to this project's benchmarks).
+def prompt_attention(device: torch.device, rows: int) -> contextlib.AbstractContextManager:
+    """The attention kernels for a block of prompt rows: on CUDA, any but cuDNN's.
 
-    At batch 1 a GPU is bound by kernel launches: the decoder's 31 steps per frame are
-    compiled with CUDA graphs ("reduce-overhead"); each decoder position is one static shape,
-    and the caches are preallocated buffers updated in place, which CUDA graphs need.
+    cuDNN's attention builds an execution plan for every new query length (about 80 ms each,
+    measured on an H100), and the last prompt block of a turn has a new length nearly every
+    turn; the other kernels start at once.
     """
-    if model.text_embeddings.weight.device.type != "cuda":
-        raise CSMError("compile=True is for CUDA devices; on CPU leave it off (the eager loop is measured there)")
-    model.decoder.forward = torch.compile(model.decoder.forward, mode="reduce-overhead", dynamic=False)
-    return model
+    if device.type != "cuda" or rows == 1:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _audio_key(audio: Tensor) -> bytes:
@@ -374,12 +408,13 @@ def prepare_text(text: str) -> str:
 
 
 def load_generator(model_path: str | None = None, *, mimi_path: str | None = None, tokenizer_path: str | None = None,
-                   device: str = "cpu", dtype: torch.dtype | str | None = None, compile: bool = False) -> Generator:
+                   device: str = "cpu", dtype: torch.dtype | str | None = None,
+                   cuda_graphs: bool | None = None) -> Generator:
     """Build a Generator from a checkpoint dir or hub repo id (default: the released CSM-1B).
 
     ``dtype``: a ``csm_engine.quantize.PRECISIONS`` name; None / "auto" picks the fastest for the
     device and model size (``csm_engine.quantize.default_precision``). Int8 scales are computed
-    from float32 weights.
+    from float32 weights. ``cuda_graphs``: see ``Generator`` (None: on for CUDA devices).
     """
     from csm_engine import weights
     from csm_engine.quantize import apply_precision, resolve_precision
@@ -388,11 +423,9 @@ def load_generator(model_path: str | None = None, *, mimi_path: str | None = Non
     load_dtype = torch.bfloat16 if chosen == "bfloat16" else torch.float32
     model = weights.load_csm_model(model_path, device=device, dtype=load_dtype)
     apply_precision(model, chosen or "auto")
-    if compile:
-        compile_for_cuda(model)
     codec = weights.load_mimi(mimi_path, model_path=model_path, device=device)
     tokenizer = weights.load_text_tokenizer(tokenizer_path, model_path=model_path)
-    return Generator(model, codec, tokenizer)
+    return Generator(model, codec, tokenizer, cuda_graphs=cuda_graphs)
 
 
 __all__ = ["Generator", "Prompt", "SilenceGuard", "load_generator", "prepare_text", "text_frame_budget",

@@ -35,7 +35,7 @@ def random_tiny_model(seed: int = 0, std: float = 0.2) -> CSMModel:
     return model.eval()
 
 
-def tiny_generator(seed: int = 0, codec: MimiCodec | None = None) -> Generator:
-    model = random_tiny_model(seed)
-    codec = codec or MimiCodec.load(None)
+def tiny_generator(seed: int = 0, codec: MimiCodec | None = None, device: str = "cpu") -> Generator:
+    model = random_tiny_model(seed).to(device)
+    codec = codec or MimiCodec.load(None, device=device)
     return Generator(model, codec, word_tokenizer(model.config.text_vocab_size))

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from csm_engine.codec import MimiCodec
+from csm_engine.cuda_graphs import FrameSteps
 from csm_engine.tokens import Segment
 
 from _engine_helpers import tiny_generator
@@ -17,9 +19,19 @@ from _engine_helpers import tiny_generator
 BLOCK = 4  # small prefill blocks: prompts span several, and reuse rounds down to a block start
 
 
-@pytest.fixture(scope="module")
-def gen():
-    g = tiny_generator(seed=3)
+@pytest.fixture(scope="module", params=[
+    "eager",
+    "static-step",  # the frame step a CUDA graph replays, run directly (see test_cuda_graphs.py)
+    pytest.param("cuda-graph", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+])
+def gen(request):
+    if request.param == "cuda-graph":
+        g = tiny_generator(seed=3, codec=MimiCodec.load(None, device="cuda"), device="cuda")
+        assert g._frame_steps is not None
+    else:
+        g = tiny_generator(seed=3)
+        if request.param == "static-step":
+            g._frame_steps = FrameSteps(g.model, graph=False)
     g.prefill_block = BLOCK
     return g
 
@@ -40,7 +52,7 @@ def _user_turn(gen, text: str, n_frames: int, seed: int) -> Segment:
 def _frames(gen, text, speaker, context, n_frames, seed, cancel=None):
     prompt = gen.build_prompt(text, speaker, context, 80 * n_frames, runaway_guard=False)
     frames = list(gen.frames(prompt, seed=seed, cancel=cancel))
-    return prompt, torch.stack(frames)
+    return prompt, torch.stack(frames).cpu()
 
 
 def _uncached(gen, text, speaker, context, n_frames, seed):
