@@ -84,14 +84,23 @@ class PeakRSS:
         self.peak = max(self.peak, current_rss_mb())
 
 
-def read_bandwidth_gbps(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Best-of-N read bandwidth of summing a large float32 tensor (GB/s), at the current thread count."""
-    x = torch.ones(n_bytes // 4)
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def read_bandwidth_gbps(device: str = "cpu", n_bytes: int | None = None, repeats: int = 5) -> float:
+    """Best-of-N read bandwidth of summing a large float32 tensor (GB/s): CPU at the current
+    thread count, or the GPU's memory (4 GiB there, far beyond its L2)."""
+    n_bytes = n_bytes or (1 << 32 if torch.device(device).type == "cuda" else 1 << 30)
+    x = torch.ones(n_bytes // 4, device=device)
     x.sum()
+    sync(device)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         x.sum()
+        sync(device)
         best = min(best, time.perf_counter() - t)
     del x
     return n_bytes / best / 1e9
@@ -138,7 +147,8 @@ def frame_loop_speed(gen: Generator, conv: Conversation, frames: int, context_ro
     gen.forget_cache()
     stamps = []
     t0 = time.perf_counter()
-    for _frame in gen.frames(prompt, seed=2):
+    for frame in gen.frames(prompt, seed=2):
+        frame.cpu()  # the frame exists (a GPU computes it asynchronously); the agent needs it here anyway
         stamps.append(time.perf_counter() - t0)
     return {"frames_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "prefill_ms": stamps[0] * 1000,
             "prompt_rows": int(prompt.tokens.shape[0])}
@@ -192,14 +202,19 @@ def streamed_rtf(gen: Generator, conv: Conversation, frames: int, context_rows: 
 # ---------------------------------------------------------------------------------------------
 
 
-def torch_row(ref, precision: str, codec, tokenizer, args, long_context: bool) -> dict:
+def torch_row(ref, precision: str, codec, tokenizer, args, long_context: bool, cuda_graphs: bool | None = None) -> dict:
+    on_gpu = torch.device(args.device).type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as rss:
         model = share_weights(ref)
         apply_precision(model, precision)
-        gen = Generator(model, codec, tokenizer)
+        gen = Generator(model, codec, tokenizer, cuda_graphs=cuda_graphs)
         conv = Conversation(gen, seed=1)
         row: dict = {"backend": "torch", "device": args.device, "dtype": precision, "threads": args.threads,
                      "frames": args.frames}
+        if on_gpu:
+            row["cuda_graphs"] = gen._frame_steps is not None
         loop = frame_loop_speed(gen, conv, args.frames, args.short_context_tokens)
         row.update(loop)
         row.update(streamed_rtf(gen, conv, args.frames, args.short_context_tokens))
@@ -220,11 +235,31 @@ def torch_row(ref, precision: str, codec, tokenizer, args, long_context: bool) -
         del gen, model, conv
         gc.collect()
     row["peak_rss_mb"] = rss.peak
+    if on_gpu:
+        row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20  # the float32 reference included
     return row
 
 
-def transformers_rows(ref, dtypes: list[str], args) -> list[dict]:
-    """transformers' CsmForConditionalGeneration.generate with the same weights and frame count."""
+class FrameStamps:
+    """A generate() streamer that notes when each generated frame reaches the host."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:  # transformers calls put(prompt) once, then put(frame) per frame
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def transformers_rows(ref, dtypes: list[str], args, static: bool = False) -> list[dict]:
+    """transformers' CsmForConditionalGeneration.generate with the same weights and frame count.
+
+    Frames are timed as they reach the host (a streamer), so the steady frames/s excludes the
+    prompt, as for our rows. ``static``: transformers' static caches, with which its generate
+    compiles the model's forward (GPUs; the first call compiles and is not timed).
+    """
     from transformers import CsmConfig, CsmForConditionalGeneration
 
     from csm_engine import weights
@@ -238,7 +273,7 @@ def transformers_rows(ref, dtypes: list[str], args) -> list[dict]:
             with torch.device("meta"):
                 hf = CsmForConditionalGeneration(CsmConfig(**weights.transformers_config_dict(cfg)))
             hf.load_state_dict(hf_sd, strict=False, assign=True)
-            hf.codec_model.to_empty(device="cpu")  # the codec is not used (output_audio=False)
+            hf.codec_model.to_empty(device=args.device)  # the codec is not used (output_audio=False)
             # Non-persistent buffers were made on meta: rebuild them as transformers' init does.
             hf_cfg = hf.config
             hf.backbone_model.embed_tokens.audio_tokens_offsets = (
@@ -248,29 +283,37 @@ def transformers_rows(ref, dtypes: list[str], args) -> list[dict]:
             still_meta = [n for n, b in hf.named_buffers() if b.is_meta]
             if still_meta:
                 raise RuntimeError(f"transformers buffers left unbuilt: {still_meta}")
-            hf = hf.to(getattr(torch, dtype)).eval()
+            hf = hf.to(args.device, getattr(torch, dtype)).eval()
+            if static:
+                hf.generation_config.cache_implementation = "static"
+                hf.depth_decoder.generation_config.cache_implementation = "static"
             g = torch.Generator().manual_seed(0)
             ids = torch.randint(0, cfg.text_vocab_size - 256, (1, args.short_context_tokens), generator=g)
+            ids = ids.to(args.device)
             opts = dict(do_sample=True, top_k=50, temperature=0.9, depth_decoder_do_sample=True,
-                        depth_decoder_top_k=50, depth_decoder_temperature=0.9, output_audio=False)
+                        depth_decoder_top_k=50, depth_decoder_temperature=0.9, output_audio=False,
+                        max_new_tokens=args.frames)
             with torch.inference_mode():
-                hf.generate(input_ids=ids, max_new_tokens=2, **opts)  # warm-up
                 t0 = time.perf_counter()
-                hf.generate(input_ids=ids, max_new_tokens=1, **opts)
-                t_first = time.perf_counter() - t0
+                hf.generate(input_ids=ids, **opts)  # warm-up (compiles, with static caches)
+                sync(args.device)
+                warmup_s = time.perf_counter() - t0
+                stamps = FrameStamps()
                 t0 = time.perf_counter()
-                out = hf.generate(input_ids=ids, max_new_tokens=args.frames, **opts)
-                total = time.perf_counter() - t0
+                out = hf.generate(input_ids=ids, streamer=stamps, **opts)
             out = out if isinstance(out, torch.Tensor) else out.sequences
-            produced = int(out.shape[1]) if out.dim() == 3 else args.frames
-            produced = min(produced, args.frames)
+            produced = min(int(out.shape[1]) if out.dim() == 3 else args.frames, args.frames)
+            frames_at = stamps.stamps[-produced:]
             del hf
             gc.collect()
         rows.append({
-            "backend": "transformers", "device": "cpu", "dtype": dtype, "threads": args.threads,
-            "frames": produced, "first_frame_ms": t_first * 1000,
-            "frames_per_s": (produced - 1) / max(total - t_first, 1e-9), "peak_rss_mb": rss.peak,
+            "backend": "transformers", "device": args.device, "dtype": dtype, "threads": args.threads,
+            "static_cache_compiled": static, "frames": produced, "first_frame_ms": (frames_at[0] - t0) * 1000,
+            "frames_per_s": (produced - 1) / (frames_at[-1] - frames_at[0]), "warmup_s": warmup_s,
+            "peak_rss_mb": rss.peak,
         })
+        print(f"# transformers {dtype}{' static' if static else ''}: {rows[-1]['frames_per_s']:.2f} frames/s",
+              file=sys.stderr, flush=True)
     return rows
 
 
@@ -301,7 +344,9 @@ def parse_args(argv=None):
     p.add_argument("--short-context-tokens", type=int, default=100, help="short conversation (rows) for the other rows")
     p.add_argument("--dtype", default="auto,int8,int8-dynamic,bfloat16,float32",
                    help=f"comma list of {', '.join(PRECISIONS)}, auto (device default) or all; the first is 'default'")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="both",
+                   help="CUDA only: replay frames as CUDA graphs (on), run them eagerly (off), or a row of each")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--reply-frames", type=int, default=24,
                    help="length of the agent's first reply (kept in the cache) before the timed second turn")
@@ -311,6 +356,8 @@ def parse_args(argv=None):
                    help="comma list; the summary compares against the fastest (on AVX2 without AVX512-BF16, "
                         "float32 may beat bf16); --no-transformers skips")
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--transformers-static", action="store_true",
+                   help="also transformers with static caches (its generate then compiles the forward; GPUs)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     names = [d.strip() for d in args.dtype.split(",") if d.strip()]
@@ -336,30 +383,40 @@ def main(argv=None) -> dict:
         result["rows"] = mlx_rows(args)
         print(json.dumps(result, indent=1))
         return result
-    if args.device != "cpu":
-        # CUDA path: same code (static caches); torch.compile / CUDA graphs are not measured here.
-        raise SystemExit("engine_speed.py measures the CPU path; no GPU was available to validate others")
+    on_gpu = torch.device(args.device).type == "cuda"
+    if on_gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device here")
+        result["machine"]["gpu"] = torch.cuda.get_device_name()
+    elif args.device != "cpu":
+        raise SystemExit(f"--device {args.device}: engine_speed.py measures cpu and cuda")
+    # (precision, cuda_graphs) per row: on a GPU, graphs on and/or off; None = the device default.
+    graph_modes = {"on": [True], "off": [False], "both": [True, False]}[args.cuda_graphs] if on_gpu else [None]
+    configs = [(precision, graphs) for precision in args.dtype for graphs in graph_modes]
 
     # The read bandwidth of a shared VM drifts; it is sampled before every row and at the end,
     # and the bound uses the best sample (the most the machine delivered in this run).
-    samples = [read_bandwidth_gbps()]
-    ref = random_csm_model(args.flavor, seed=args.seed)
+    samples = [read_bandwidth_gbps(args.device)]
+    ref = random_csm_model(args.flavor, seed=args.seed, device=args.device)
     result["params"] = n_params(ref)
     from csm_engine.testing import build_text_tokenizer
 
     tokenizer = TextTokenizer(build_text_tokenizer())
-    codec = MimiCodec.load(None)
+    codec = MimiCodec.load(None, device=args.device)
     rows = []
-    for i, precision in enumerate(args.dtype):
+    for i, (precision, graphs) in enumerate(configs):
         if i:
-            samples.append(read_bandwidth_gbps())
-        rows.append(torch_row(ref, precision, codec, tokenizer, args, long_context=i == 0))
-        print(f"# {precision}: {rows[-1]['frames_per_s']:.2f} frames/s", file=sys.stderr, flush=True)
+            samples.append(read_bandwidth_gbps(args.device))
+        rows.append(torch_row(ref, precision, codec, tokenizer, args, long_context=i == 0, cuda_graphs=graphs))
+        label = precision if graphs is None else f"{precision} cuda_graphs={graphs}"
+        print(f"# {label}: {rows[-1]['frames_per_s']:.2f} frames/s", file=sys.stderr, flush=True)
     del codec
     gc.collect()
     if args.transformers_dtype:
         rows += transformers_rows(ref, args.transformers_dtype, args)
-    samples.append(read_bandwidth_gbps())
+        if args.transformers_static:
+            rows += transformers_rows(ref, args.transformers_dtype, args, static=True)
+    samples.append(read_bandwidth_gbps(args.device))
     bandwidth = max(samples)
     result["read_bandwidth_gbps"] = bandwidth
     result["read_bandwidth_samples_gbps"] = samples
