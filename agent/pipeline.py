@@ -485,9 +485,14 @@ class Pipeline:
                 try:
                     from csm_engine.generator import load_generator
 
-                    self._generator = self._stage("csm", lambda: load_generator(
-                        s.csm_model, mimi_path=s.mimi_path, tokenizer_path=s.tokenizer_path, device=self.device,
-                        dtype=s.csm_dtype))
+                    def load():
+                        generator = load_generator(s.csm_model, mimi_path=s.mimi_path, tokenizer_path=s.tokenizer_path,
+                                                   device=self.device, dtype=s.csm_dtype)
+                        # On CUDA: capture the frame's graph now rather than in the first reply.
+                        generator.prepare(self.persona.temperature, self.persona.topk)
+                        return generator
+
+                    self._generator = self._stage("csm", load)
                 except CSMError as error:
                     self.text_only = True
                     self._notice("warning", f"speech is off, replies are text only: {error}")

@@ -73,7 +73,8 @@ class FrameStep:
                 self._run()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: CUDA work on other threads meanwhile (the agent's Whisper) is allowed.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.codes = self._run()
 
     @torch.inference_mode()

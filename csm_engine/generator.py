@@ -231,16 +231,28 @@ class Generator:
         differs = (~same).nonzero()
         return n if differs.numel() == 0 else int(differs[0, 0])
 
+    def _frame_step(self, temperature: float, topk: int) -> FrameStep:
+        step, built = self._frame_steps.get(temperature, topk, MIMI_CODEBOOK_SIZE)
+        if built:  # building it overwrote one cache row
+            self._cached_len = min(self._cached_len, FrameStep.warmup_position(self.model))
+        return step
+
+    def prepare(self, temperature: float = 0.9, topk: int = 50) -> None:
+        """Build now what the first frame at these settings needs (its CUDA graph), not in the first reply.
+
+        Without CUDA graphs there is nothing to build.
+        """
+        if self._frame_steps is not None:
+            with self._lock:
+                self._frame_step(temperature, topk)
+
     def _feed(self, tokens: Tensor, mask: Tensor, start: int, temperature: float, topk: int,
               gen: torch.Generator | None, sample: bool = True) -> Tensor | None:
         """Run rows ``tokens`` at ``start`` through the backbone (and sample a frame), keeping the cache record true."""
         end = start + tokens.shape[0]
         self._cached_len = min(self._cached_len, start)  # rows from ``start`` on are being overwritten
         if sample and self._frame_steps is not None:
-            step, built = self._frame_steps.get(temperature, topk, MIMI_CODEBOOK_SIZE)
-            if built:  # building it overwrote one cache row
-                self._cached_len = min(self._cached_len, FrameStep.warmup_position(self.model))
-            frame = step(tokens, mask, start, gen)
+            frame = self._frame_step(temperature, topk)(tokens, mask, start, gen)
             self._cached_tokens[start:end] = tokens
             self._cached_mask[start:end] = mask
             self._cached_len = end

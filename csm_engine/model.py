@@ -353,7 +353,8 @@ class CSMModel(nn.Module):
 
         ``n_codes``: sample only ids below it (the codec's codebook size; the audio vocabulary
         has 3 ids more than Mimi can decode). None samples the whole vocabulary. ``noise``
-        (B, 32, vocab): the sampling draws of each codebook, made beforehand (see ``sample_topk``).
+        (B, 32, vocab): the sampling draws of each codebook (see ``sample_topk``); None draws
+        them from ``generator``, all at once.
 
         ``input_pos`` as an int (the position of the first new row) is the fast path the
         Generator uses. The 31 decoder steps do nothing but the model's own ops: positions,
@@ -363,6 +364,11 @@ class CSMModel(nn.Module):
         h = self.backbone_hidden(tokens, tokens_mask, input_pos)[:, -1]  # (B, D)
         n_cb = self.config.audio_num_codebooks
         codes = torch.empty(h.shape[0], n_cb, dtype=torch.long, device=h.device)
+        if noise is None and temperature > 0 and topk != 1:
+            # All 32 codebooks' draws at once: one op per frame instead of one per step, and the
+            # same draws a CUDA graph's step makes from the same generator (cuda_graphs.py).
+            vocab = n_codes or self.config.audio_vocab_size
+            noise = torch.empty(h.shape[0], n_cb, vocab, device=h.device).exponential_(1, generator=generator)
         c0 = sample_topk(self.codebook0_head(h)[..., :n_codes], topk, temperature, generator,
                          None if noise is None else noise[:, 0])  # (B, 1)
         codes[:, :1] = c0

@@ -1,5 +1,8 @@
 """The static frame step (what a CUDA graph replays) samples the frames of the usual path.
 
+Both draw a frame's sampling noise for all 32 codebooks at once from the caller's generator,
+so the same seed gives the same frames with and without graphs.
+
 On CPU the static step runs directly (``graph=False``); with a GPU, the tests marked ``cuda``
 check that replaying the captured graph gives exactly what running the step directly gives.
 Correctness only: benchmarks/engine_speed.py --device cuda measures the speed.
@@ -43,12 +46,9 @@ def _usual_frames(model, tokens, mask, n_frames, temperature, topk, seed):
     device = tokens.device
     model.setup_caches(1)
     gen = torch.Generator(device=device).manual_seed(seed)
-    cfg = model.config
     frames, start, t, m = [], 0, tokens, mask
     for _ in range(n_frames):
-        noise = torch.empty(1, cfg.audio_num_codebooks, N_CODES, device=device).exponential_(1, generator=gen)
-        frame = model.generate_frame(t, m, start, temperature, topk, n_codes=N_CODES,
-                                     noise=noise if temperature > 0 and topk != 1 else None)[0]
+        frame = model.generate_frame(t, m, start, temperature, topk, gen, n_codes=N_CODES)[0]
         frames.append(frame)
         start += t.shape[1]
         row_t, row_m = _row(frame)
@@ -129,7 +129,8 @@ def test_replayed_graph_equals_the_step_run_directly(temperature, topk):
 
 
 @cuda
-def test_graphed_generator_speaks_the_frames_of_the_eager_one():
+@pytest.mark.parametrize("temperature,topk", [(0.0, 1), (0.9, 50)])
+def test_graphed_generator_speaks_the_frames_of_the_eager_one(temperature, topk):
     codec = MimiCodec.load(None, device="cuda")
     model = random_tiny_model(seed=6).to("cuda")
     tok = word_tokenizer(model.config.text_vocab_size)
@@ -139,6 +140,20 @@ def test_graphed_generator_speaks_the_frames_of_the_eager_one():
     for gen in (eager, graphed):
         gen.model.setup_caches(1)
         prompt = gen.build_prompt("hello there how are you ?", 1, [], 80 * 6, runaway_guard=False)
-        outs.append(torch.stack(list(gen.frames(prompt, temperature=0.0, topk=1))))
+        outs.append(torch.stack(list(gen.frames(prompt, temperature=temperature, topk=topk, seed=4))))
     assert graphed._frame_steps is not None and eager._frame_steps is None
     assert torch.equal(outs[0], outs[1])
+
+
+def test_prepare_builds_the_step_ahead_and_keeps_the_cache_record_true():
+    gen = tiny_generator(seed=1)
+    gen.prepare(0.9, 50)  # no graphs on a CPU: nothing to build
+    gen._frame_steps = FrameSteps(gen.model, graph=False)  # the step a graph replays, run directly
+    prompt = gen.build_prompt("hello there", 1, [], 80 * 3, runaway_guard=False)
+    list(gen.frames(prompt, seed=1, temperature=0.5, topk=20))
+    held = gen._cached_len
+    gen.prepare(0.9, 50)
+    assert len(gen._frame_steps._steps) == 2
+    assert gen._cached_len == min(held, FrameStep.warmup_position(gen.model))
+    gen.prepare(0.9, 50)
+    assert len(gen._frame_steps._steps) == 2
