@@ -253,17 +253,15 @@ class Generator:
         self._cached_len = min(self._cached_len, start)  # rows from ``start`` on are being overwritten
         if sample and self._frame_steps is not None:
             frame = self._frame_step(temperature, topk)(tokens, mask, start, gen)
-            self._cached_tokens[start:end] = tokens
-            self._cached_mask[start:end] = mask
-            self._cached_len = end
-            return frame
-        t, m = tokens[None].to(self.device), mask[None].to(self.device)
-        with prompt_attention(self.device, tokens.shape[0]):
-            if sample:
-                frame = self.model.generate_frame(t, m, start, temperature, topk, gen, n_codes=MIMI_CODEBOOK_SIZE)[0]
-            else:
-                self.model.backbone_hidden(t, m, start)
-                frame = None
+        else:
+            t, m = tokens[None].to(self.device), mask[None].to(self.device)
+            with prompt_attention(self.device, tokens.shape[0]):
+                if sample:
+                    frame = self.model.generate_frame(t, m, start, temperature, topk, gen,
+                                                      n_codes=MIMI_CODEBOOK_SIZE)[0]
+                else:
+                    self.model.backbone_hidden(t, m, start)
+                    frame = None
         self._cached_tokens[start:end] = tokens
         self._cached_mask[start:end] = mask
         self._cached_len = end
