@@ -175,8 +175,14 @@ class TransformerLayer(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        # Optional kernel computing this whole layer for rows at an int position in one call:
+        # fn(x, cos, sin, k_cache, v_cache, pos) -> (B, T, dim); set by csm_engine.quantize, it
+        # computes exactly what the modules below would.
+        self.step_fused = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos: Tensor | int) -> Tensor:
+        if self.step_fused is not None and isinstance(pos, int):
+            return self.step_fused(x, cos, sin, self.attn.kv_cache.k, self.attn.kv_cache.v, pos)
         h = x + self.attn(self.sa_norm(x), cos, sin, mask, pos)
         return h + self.mlp(self.mlp_norm(h))
 

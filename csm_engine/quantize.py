@@ -299,13 +299,44 @@ class FoldedRMSNorm(nn.Module):
         return x
 
 
+class BlockLayerStep:
+    """A decoder layer's int8-block step as one ``kernels.block_layer`` call (``TransformerLayer.step_fused``).
+
+    Holds the layer's fused weights (the same tensors, no copy); the caches are passed per call
+    because ``setup_caches`` replaces them.
+    """
+
+    def __init__(self, layer: nn.Module):
+        attn, mlp = layer.attn, layer.mlp
+        qkv, w13 = attn.qkv_fused, mlp.w13_fused
+        if qkv.norm_eps != w13.norm_eps:
+            raise ValueError("block_layer takes one norm eps for both norms")
+        self.weights = (qkv.weight, qkv.scales, qkv.norm_weight, attn.output_proj.weight, attn.output_proj.scales,
+                        w13.weight, w13.scales, w13.norm_weight, mlp.w2.weight, mlp.w2.scales)
+        self.eps, self.n_heads = qkv.norm_eps, attn.n_heads
+
+    @staticmethod
+    def can_step(layer: nn.Module) -> bool:
+        attn, mlp = layer.attn, layer.mlp
+        return (attn.attend_fused is not None and isinstance(attn.qkv_fused, FusedBlockInt8Linear)
+                and isinstance(mlp.w13_fused, FusedBlockInt8Linear) and attn.qkv_fused.norm_weight is not None
+                and mlp.w13_fused.norm_weight is not None
+                and isinstance(attn.output_proj, BlockInt8Linear) and isinstance(mlp.w2, BlockInt8Linear))
+
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+        from csm_engine import kernels
+
+        return kernels.block_layer(x, self.weights, self.eps, cos, sin, k_cache, v_cache, pos, self.n_heads)
+
+
 def fuse_block_linears(model: nn.Module) -> int:
     """Give every attention a fused norm + q|k|v and every MLP a fused norm + w1|w3 (int8-block).
 
     The layer's ``sa_norm`` / ``mlp_norm`` become ``FoldedRMSNorm`` pass-throughs: the fused
     kernel normalizes. The decoder's attentions (1-2 new rows over at most 33 positions, 124
-    layer steps a frame) also run rope, cache writes and attention as one ``attend_rows`` call;
-    the backbone keeps torch's attention (long contexts, prompt blocks). Returns how many
+    layer steps a frame) also run rope, cache writes and attention as one ``attend_rows`` call,
+    and each decoder layer's whole step is one ``block_layer`` call (``BlockLayerStep``); the
+    backbone keeps torch's attention (long contexts, prompt blocks). Returns how many
     projections were fused.
     """
     from csm_engine import kernels
@@ -326,6 +357,8 @@ def fuse_block_linears(model: nn.Module) -> int:
                 mlp.w13_fused = FusedBlockInt8Linear(w13, norm=layer.mlp_norm)
                 layer.mlp_norm = FoldedRMSNorm(layer.mlp_norm)
                 fused += 1
+            if tf is model.decoder and BlockLayerStep.can_step(layer):
+                layer.step_fused = BlockLayerStep(layer)  # the whole layer step in one call
     return fused
 
 
@@ -380,13 +413,17 @@ class BlockInt8AudioHead(nn.Module):
     """``audio_head`` (31, D, V) as 31 int8 matrices for the block kernel: logits(h, i) = h @ audio_head[i - 1].
 
     Set as ``CSMModel.audio_head_kernel`` by ``apply_precision(model, "int8-block")``; the float
-    parameter stays for the state dict.
+    parameter stays for the state dict. ``norm``: the decoder's final RMSNorm, applied inside the
+    kernel call (the decoder's ``norm`` then becomes a ``FoldedRMSNorm``): the head is the only
+    reader of the decoder's output, and a separate norm op cost ~75 us a step here.
     """
 
-    def __init__(self, head: Tensor):
+    def __init__(self, head: Tensor, norm: nn.Module | None = None):
         super().__init__()
         from csm_engine import kernels
 
+        self.norm_weight = None if norm is None else norm.scale.detach().float().contiguous()
+        self.norm_eps = 0.0 if norm is None else float(norm.eps)
         w = head.detach().float().transpose(1, 2)  # (31, V, D): one (out, in) matrix per codebook
         packed, scales = [], []
         for wi in w:
@@ -397,7 +434,7 @@ class BlockInt8AudioHead(nn.Module):
         self.register_buffer("scales", torch.stack(scales), persistent=False)
 
     def forward(self, h: Tensor, i: int) -> Tensor:
-        return _block_linear(h, self.weight[i - 1], self.scales[i - 1])
+        return _block_linear(h, self.weight[i - 1], self.scales[i - 1], self.norm_weight, self.norm_eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,7 +547,10 @@ def apply_precision(model: nn.Module, precision: str | torch.dtype | None, *,
         model.to(dtype)
     model.audio_head = nn.Parameter(head, requires_grad=False)
     # int8-block reads the head through the kernel too (2.1 MB a step instead of 8.4 MB float32).
-    model.audio_head_kernel = BlockInt8AudioHead(head) if precision == "int8-block" else None
+    model.audio_head_kernel = None
+    if precision == "int8-block":
+        model.audio_head_kernel = BlockInt8AudioHead(head, norm=model.decoder.norm)
+        model.decoder.norm = FoldedRMSNorm(model.decoder.norm)
     # Non-persistent float buffers (rope tables) stay float32: rope is computed in float32.
     for tf in (model.backbone, model.decoder):
         tf.rope_cos.data = tf.rope_cos.float()

@@ -150,15 +150,64 @@ def test_attend_rows_matches_the_torch_attention_path():
         return torch.cat(outs, dim=1), caches
 
     with torch.inference_mode():
+        steps_ = [layer.step_fused for layer in dec.layers]
+        for layer in dec.layers:
+            layer.step_fused = None  # the module path, so that attend_fused alone is compared
         fused_out, fused_caches = run()
         kernels_ = [layer.attn.attend_fused for layer in dec.layers]
         for layer in dec.layers:
             layer.attn.attend_fused = None
         torch_out, torch_caches = run()
-        for layer, k in zip(dec.layers, kernels_):
-            layer.attn.attend_fused = k
+        for layer, k, st in zip(dec.layers, kernels_, steps_):
+            layer.attn.attend_fused, layer.step_fused = k, st
     assert torch.equal(fused_caches[0], torch_caches[0])  # first layer: same input, same rope
     for a, b in zip(fused_caches, torch_caches):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused_out, torch_out, rtol=1e-4, atol=1e-5)
     assert fused_out.abs().mean() > 0.01  # not trivially equal
+
+
+def test_block_layer_step_is_the_module_path_in_one_call():
+    """A decoder layer's whole step in one kernel call gives exactly what its modules give."""
+    from _engine_helpers import random_tiny_model
+
+    m = random_tiny_model(seed=3, std=0.05)
+    Q.apply_precision(m, "int8-block")
+    m.setup_caches(1)
+    dec = m.decoder
+    assert all(isinstance(layer.step_fused, Q.BlockLayerStep) for layer in dec.layers)
+    assert all(layer.step_fused is None for layer in m.backbone.layers)  # long contexts: torch's attention
+    x2, steps = torch.randn(1, 2, dec.cfg.dim), [torch.randn(1, 1, dec.cfg.dim) for _ in range(5)]
+
+    def run():
+        m.reset_caches()
+        outs = [dec(x2, 0)] + [dec(x, i) for i, x in enumerate(steps, start=2)]
+        caches = [torch.cat([layer.attn.kv_cache.k, layer.attn.kv_cache.v]).clone() for layer in dec.layers]
+        return torch.cat(outs, dim=1), caches
+
+    with torch.inference_mode():
+        one_call, one_call_caches = run()
+        saved = [layer.step_fused for layer in dec.layers]
+        for layer in dec.layers:
+            layer.step_fused = None
+        modules, module_caches = run()
+        for layer, st in zip(dec.layers, saved):
+            layer.step_fused = st
+    assert torch.equal(one_call, modules)
+    assert all(torch.equal(a, b) for a, b in zip(one_call_caches, module_caches))
+    assert one_call.abs().mean() > 0.01
+
+
+def test_decoder_norm_folded_into_the_audio_head():
+    """int8-block reads the decoder's final norm inside the head's kernel call: same logits as norm then head."""
+    from _engine_helpers import random_tiny_model
+
+    m = random_tiny_model(seed=4, std=0.05)
+    ref_norm = m.decoder.norm
+    Q.apply_precision(m, "int8-block")
+    assert isinstance(m.decoder.norm, Q.FoldedRMSNorm) and "decoder.norm.scale" in m.state_dict()
+    h = torch.randn(3, m.config.decoder.dim) * 3
+    with torch.inference_mode():
+        folded = m.audio_logits(h, 5)
+        plain = Q.BlockInt8AudioHead(m.audio_head)(ref_norm(h), 5)
+    torch.testing.assert_close(folded, plain, rtol=1e-3, atol=1e-3)

@@ -3,7 +3,8 @@
 ``int8_linear(x, w, w_scale)``: float32 activations x int8 weights (per output channel scales),
 with each activation row quantized to int8 in blocks of 32 (one scale per block) inside the
 kernel; AVX2 + FMA (x86-64). ``attend_rows``: rope, cache writes and attention of a few new
-rows in one call (the audio decoder's steps). See ``int8_matmul.cpp``.
+rows in one call (the audio decoder's steps); ``block_layer``: a whole int8 layer for a few rows
+in one call. See ``int8_matmul.cpp``.
 
 The kernel is built with torch's C++ extension builder (a C++ compiler and ninja) into the
 user cache, once per torch version and source: ``python -m csm_engine.kernels`` builds it ahead
@@ -109,10 +110,22 @@ def attend_rows(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache
     return torch.ops.csm_kernels.attend_rows(qkv, cos, sin, k_cache, v_cache, pos, n_heads)
 
 
+def block_layer(x: torch.Tensor, weights: tuple, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, n_heads: int) -> torch.Tensor:
+    """One int8-block transformer layer for a few rows at ``pos`` in one call (see ``int8_matmul.cpp``).
+
+    ``weights``: (qkv_w, qkv_s, sa_norm, o_w, o_s, w13_w, w13_s, mlp_norm, w2_w, w2_s), packed
+    int8 weights with their scales and the two RMSNorm weights folded into their calls.
+    """
+    (qkv_w, qkv_s, sa_norm, o_w, o_s, w13_w, w13_s, mlp_norm, w2_w, w2_s) = weights
+    return torch.ops.csm_kernels.block_layer(x, qkv_w, qkv_s, sa_norm, o_w, o_s, w13_w, w13_s, mlp_norm, w2_w, w2_s,
+                                             eps, cos, sin, k_cache, v_cache, pos, n_heads)
+
+
 def int8_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """y = x @ (w * w_scale[:, None]).T; x float32 (..., K), w int8 (N, K) in [-127, 127] packed by
     ``pack_int8``, w_scale float32 (N,)."""
     return torch.ops.csm_kernels.int8_linear(x, packed, w_scale)
 
 
-__all__ = ["attend_rows", "available", "build_dir", "cpu_supported", "int8_linear", "load", "pack_int8", "unavailable_reason", "unpack_int8"]
+__all__ = ["attend_rows", "available", "block_layer", "build_dir", "cpu_supported", "int8_linear", "load", "pack_int8", "unavailable_reason", "unpack_int8"]

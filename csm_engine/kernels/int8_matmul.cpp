@@ -286,14 +286,42 @@ at::Tensor attend_rows(const at::Tensor& qkv, const at::Tensor& cos, const at::T
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------
+// One whole int8-block transformer layer for a few new rows at an int position (the audio
+// decoder's steps: 124 layer steps a frame), in one call: from Python each of its ~20 ops and
+// module calls costs more than the arithmetic of a 1-row step. It runs exactly the ops the
+// Python path runs, in the same order (the same kernels, residual adds, silu(gate) * up), so
+// the result is identical:
+//   h = x + o(attend_rows(qkv(rms_norm(x)))), out = h + w2(silu(w1(rms_norm(h))) * w3(...)).
+// The norms are folded into the q|k|v and w1|w3 calls (their weights given, see int8_linear).
+// ---------------------------------------------------------------------------------------------
+
+at::Tensor block_layer(const at::Tensor& x, const at::Tensor& qkv_w, const at::Tensor& qkv_s,
+                       const at::Tensor& sa_norm, const at::Tensor& o_w, const at::Tensor& o_s,
+                       const at::Tensor& w13_w, const at::Tensor& w13_s, const at::Tensor& mlp_norm,
+                       const at::Tensor& w2_w, const at::Tensor& w2_s, double eps, const at::Tensor& cos,
+                       const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache, int64_t pos, int64_t n_heads) {
+  const at::Tensor qkv = int8_linear(x, qkv_w, qkv_s, sa_norm, eps);
+  const at::Tensor attn = attend_rows(qkv, cos, sin, k_cache, v_cache, pos, n_heads);
+  const at::Tensor h = x + int8_linear(attn, o_w, o_s, std::nullopt, 0.0);
+  const at::Tensor gu = int8_linear(h, w13_w, w13_s, mlp_norm, eps);
+  const int64_t inter = gu.size(-1) / 2;
+  const at::Tensor act = at::silu(gu.narrow(-1, 0, inter)).mul_(gu.narrow(-1, inter, inter));
+  return h + int8_linear(act, w2_w, w2_s, std::nullopt, 0.0);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(csm_kernels, m) {
   m.def("int8_linear(Tensor x, Tensor packed, Tensor w_scale, Tensor? norm_weight=None, float norm_eps=0.0) -> Tensor");
   m.def("attend_rows(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int n_heads) -> Tensor");
+  m.def("block_layer(Tensor x, Tensor qkv_w, Tensor qkv_s, Tensor sa_norm, Tensor o_w, Tensor o_s, Tensor w13_w, "
+        "Tensor w13_s, Tensor mlp_norm, Tensor w2_w, Tensor w2_s, float eps, Tensor cos, Tensor sin, "
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int n_heads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(csm_kernels, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("attend_rows", &attend_rows);
+  m.impl("block_layer", &block_layer);
 }
