@@ -132,6 +132,15 @@ def test_unavailable_kernel_falls_back_and_says_why():
     assert "int8-block" in error and "CSM_NO_KERNELS" in error and "--dtype int8" in error
 
 
+def _run_decoder(m, x2, steps):
+    """The decoder's steps of one frame from empty caches: outputs (1, 2 + len(steps), dim) and each layer's k|v."""
+    dec = m.decoder
+    m.reset_caches()
+    outs = [dec(x2, 0)] + [dec(x, i) for i, x in enumerate(steps, start=2)]
+    caches = [torch.cat([layer.attn.kv_cache.k, layer.attn.kv_cache.v]).clone() for layer in dec.layers]
+    return torch.cat(outs, dim=1), caches
+
+
 def test_attend_rows_matches_the_torch_attention_path():
     """The decoder's one-call attention: same keys/values in the cache (bit for bit), same outputs."""
     from _engine_helpers import random_tiny_model
@@ -143,21 +152,15 @@ def test_attend_rows_matches_the_torch_attention_path():
     assert all(layer.attn.attend_fused is not None for layer in dec.layers)
     x2, steps = torch.randn(1, 2, dec.cfg.dim), [torch.randn(1, 1, dec.cfg.dim) for _ in range(6)]
 
-    def run():
-        m.reset_caches()
-        outs = [dec(x2, 0)] + [dec(x, i) for i, x in enumerate(steps, start=2)]
-        caches = [torch.cat([layer.attn.kv_cache.k, layer.attn.kv_cache.v]).clone() for layer in dec.layers]
-        return torch.cat(outs, dim=1), caches
-
     with torch.inference_mode():
         steps_ = [layer.step_fused for layer in dec.layers]
         for layer in dec.layers:
             layer.step_fused = None  # the module path, so that attend_fused alone is compared
-        fused_out, fused_caches = run()
+        fused_out, fused_caches = _run_decoder(m, x2, steps)
         kernels_ = [layer.attn.attend_fused for layer in dec.layers]
         for layer in dec.layers:
             layer.attn.attend_fused = None
-        torch_out, torch_caches = run()
+        torch_out, torch_caches = _run_decoder(m, x2, steps)
         for layer, k, st in zip(dec.layers, kernels_, steps_):
             layer.attn.attend_fused, layer.step_fused = k, st
     assert torch.equal(fused_caches[0], torch_caches[0])  # first layer: same input, same rope
@@ -179,18 +182,12 @@ def test_block_layer_step_is_the_module_path_in_one_call():
     assert all(layer.step_fused is None for layer in m.backbone.layers)  # long contexts: torch's attention
     x2, steps = torch.randn(1, 2, dec.cfg.dim), [torch.randn(1, 1, dec.cfg.dim) for _ in range(5)]
 
-    def run():
-        m.reset_caches()
-        outs = [dec(x2, 0)] + [dec(x, i) for i, x in enumerate(steps, start=2)]
-        caches = [torch.cat([layer.attn.kv_cache.k, layer.attn.kv_cache.v]).clone() for layer in dec.layers]
-        return torch.cat(outs, dim=1), caches
-
     with torch.inference_mode():
-        one_call, one_call_caches = run()
+        one_call, one_call_caches = _run_decoder(m, x2, steps)
         saved = [layer.step_fused for layer in dec.layers]
         for layer in dec.layers:
             layer.step_fused = None
-        modules, module_caches = run()
+        modules, module_caches = _run_decoder(m, x2, steps)
         for layer, st in zip(dec.layers, saved):
             layer.step_fused = st
     assert torch.equal(one_call, modules)
