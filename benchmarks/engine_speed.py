@@ -6,8 +6,9 @@
 Rows (one per configuration, all in this process, same weights, same frame count):
 - ``frames_per_s``: steady frames per second of the model's frame loop (backbone step + 31
   decoder steps + sampling), after the first frame, the best of ``--repeats`` passes (the
-  bound below is a best sample too; ``frames_per_s_median`` and the passes are there); ``rtf``: seconds per frame streamed
-  through Mimi after the first chunk / 80 ms (below 1 keeps up with playback);
+  bound below is a best sample too; ``frames_per_s_median`` and the passes are there);
+  ``rtf``: seconds per frame streamed through Mimi after the first chunk / 80 ms (below 1
+  keeps up with playback);
   ``rtf_utterance``: the same over the whole call, prefill included;
 - ``first_chunk_ms``: from ``Generator.stream`` to its first PCM chunk (2 frames), in the
   second turn of a short conversation (``--short-context-tokens``) with the conversation
@@ -223,7 +224,7 @@ def torch_row(ref, precision: str, codec, tokenizer, args, long_context: bool, c
         row: dict = {"backend": "torch", "device": args.device, "dtype": precision, "threads": args.threads,
                      "frames": args.frames}
         if on_gpu:
-            row["cuda_graphs"] = gen._frame_steps is not None
+            row["cuda_graphs"] = gen.uses_cuda_graphs
         loop = frame_loop_speed(gen, conv, args.frames, args.short_context_tokens, args.repeats)
         row.update(loop)
         row.update(streamed_rtf(gen, conv, args.frames, args.short_context_tokens))
@@ -376,6 +377,8 @@ def parse_args(argv=None):
                    help="timed passes of each frame loop (ours and transformers'); frames/s is the best pass, "
                         "as the bound uses the best bandwidth sample (medians are reported too)")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     names = [d.strip() for d in args.dtype.split(",") if d.strip()]
     if names == ["all"]:
         names = ["auto"] + list(PRECISIONS)

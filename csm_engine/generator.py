@@ -138,6 +138,10 @@ class Generator:
             self.prefill_block = self.gpu_prefill_block
 
     @property
+    def uses_cuda_graphs(self) -> bool:
+        return self._frame_steps is not None and self._frame_steps.graph
+
+    @property
     def device(self) -> torch.device:
         return self.model.text_embeddings.weight.device
 
