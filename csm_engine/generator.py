@@ -74,6 +74,56 @@ class SilenceGuard:
 
 
 @dataclass
+class ConversationCache:
+    """Which token rows the backbone's KV cache holds at positions ``0..length-1``.
+
+    The cache holds the rows fed to the backbone so far (the last prompt, then each sampled frame
+    fed back); a new prompt that starts with the same rows reuses their keys/values instead of
+    prefilling them again. ``owner`` identifies the cache buffers the record describes: when
+    ``setup_caches`` allocates new ones, nothing in them is ours.
+    """
+
+    tokens: Tensor  # (max_seq_len, frame_width) long
+    mask: Tensor  # (max_seq_len, frame_width) bool
+    length: int = 0
+    owner: tuple | None = None
+
+    @classmethod
+    def empty(cls, max_seq_len: int, width: int) -> "ConversationCache":
+        return cls(torch.zeros(max_seq_len, width, dtype=torch.long), torch.zeros(max_seq_len, width, dtype=torch.bool))
+
+    def reset(self) -> None:
+        """Forget every row: the next utterance prefills its whole prompt."""
+        self.length = 0
+
+    def truncate(self, rows: int) -> None:
+        """Rows from ``rows`` on are about to be overwritten."""
+        self.length = min(self.length, rows)
+
+    def record(self, start: int, tokens: Tensor, mask: Tensor) -> None:
+        """Rows ``tokens`` now sit at positions ``start..``; later rows are no longer valid."""
+        end = start + tokens.shape[0]
+        self.tokens[start:end] = tokens
+        self.mask[start:end] = mask
+        self.length = end
+
+    def reusable_prefix(self, tokens: Tensor, mask: Tensor, owner: tuple) -> int:
+        """Rows at the start of a prompt whose keys/values are already cached (longest common prefix).
+
+        At least the last prompt row is always recomputed: its hidden state starts the first frame.
+        A context trimmed from the front (window full) shares nothing and is prefilled whole.
+        """
+        if self.owner != owner:
+            self.owner, self.length = owner, 0
+        n = min(self.length, tokens.shape[0] - 1)
+        if n <= 0:
+            return 0
+        same = (self.tokens[:n] == tokens[:n]).all(dim=1) & (self.mask[:n] == mask[:n]).all(dim=1)
+        differs = (~same).nonzero()
+        return n if differs.numel() == 0 else int(differs[0, 0])
+
+
+@dataclass
 class Prompt:
     """Backbone input for one utterance: token frames (T, 33), their mask, and what was kept."""
 
@@ -116,13 +166,7 @@ class Generator:
             model.setup_caches(1)
         self._lock = threading.Lock()
         self._codes_cache: OrderedDict[bytes, Tensor] = OrderedDict()
-        # The conversation cache: the token rows whose keys/values sit in the backbone cache at
-        # positions 0.._cached_len-1 (see _reusable_prefix).
-        width = self.config.frame_width
-        self._cached_tokens = torch.zeros(self.config.max_seq_len, width, dtype=torch.long)
-        self._cached_mask = torch.zeros(self.config.max_seq_len, width, dtype=torch.bool)
-        self._cached_len = 0
-        self._cache_owner: tuple | None = None
+        self.conversation_cache = ConversationCache.empty(self.config.max_seq_len, self.config.frame_width)
         self.last_prefill_rows = 0  # prompt rows the last utterance actually ran through the backbone
         if cuda_graphs is None:
             cuda_graphs = cuda_graphs_available(self.device) and os.environ.get("CSM_NO_CUDA_GRAPHS", "0") == "0"
@@ -214,31 +258,12 @@ class Generator:
 
     def forget_cache(self) -> None:
         """Drop the conversation cache: the next utterance prefills its whole prompt."""
-        self._cached_len = 0
-
-    def _reusable_prefix(self, tokens: Tensor, mask: Tensor) -> int:
-        """Rows at the start of the prompt whose keys/values the backbone cache already holds.
-
-        The cache holds the rows fed to the backbone so far (the last prompt, then each sampled
-        frame fed back). Rows are compared by content (tokens and mask): the longest common
-        prefix is reused, so a context trimmed from the front (window full) shares nothing and
-        is prefilled whole. At least the last prompt row is always recomputed: its hidden state
-        starts the first frame.
-        """
-        if self._cache_owner != self._backbone_caches():
-            # setup_caches() ran again (new buffers): nothing in them is ours.
-            self._cache_owner, self._cached_len = self._backbone_caches(), 0
-        n = min(self._cached_len, tokens.shape[0] - 1)
-        if n <= 0:
-            return 0
-        same = (self._cached_tokens[:n] == tokens[:n]).all(dim=1) & (self._cached_mask[:n] == mask[:n]).all(dim=1)
-        differs = (~same).nonzero()
-        return n if differs.numel() == 0 else int(differs[0, 0])
+        self.conversation_cache.reset()
 
     def _frame_step(self, temperature: float, topk: int) -> FrameStep:
         step, built = self._frame_steps.get(temperature, topk, MIMI_CODEBOOK_SIZE)
         if built:  # building it overwrote one cache row
-            self._cached_len = min(self._cached_len, FrameStep.warmup_position(self.model))
+            self.conversation_cache.truncate(FrameStep.warmup_position(self.model))
         return step
 
     def prepare(self, temperature: float = 0.9, topk: int = 50) -> None:
@@ -253,8 +278,7 @@ class Generator:
     def _feed(self, tokens: Tensor, mask: Tensor, start: int, temperature: float, topk: int,
               gen: torch.Generator | None, sample: bool = True) -> Tensor | None:
         """Run rows ``tokens`` at ``start`` through the backbone (and sample a frame), keeping the cache record true."""
-        end = start + tokens.shape[0]
-        self._cached_len = min(self._cached_len, start)  # rows from ``start`` on are being overwritten
+        self.conversation_cache.truncate(start)  # rows from ``start`` on are being overwritten
         if sample and self._frame_steps is not None:
             frame = self._frame_step(temperature, topk)(tokens, mask, start, gen)
         else:
@@ -266,9 +290,7 @@ class Generator:
                 else:
                     self.model.backbone_hidden(t, m, start)
                     frame = None
-        self._cached_tokens[start:end] = tokens
-        self._cached_mask[start:end] = mask
-        self._cached_len = end
+        self.conversation_cache.record(start, tokens, mask)
         return frame
 
     def _prefill(self, prompt: Prompt, temperature: float, topk: int, gen: torch.Generator) -> Tensor:
@@ -281,7 +303,8 @@ class Generator:
         """
         n = prompt.tokens.shape[0]
         block = self.prefill_block
-        start = self._reusable_prefix(prompt.tokens, prompt.mask) // block * block
+        reusable = self.conversation_cache.reusable_prefix(prompt.tokens, prompt.mask, self._backbone_caches())
+        start = reusable // block * block
         self.last_prefill_rows = n - start
         # Rows [start, head) are prefilled in whole blocks; rows [head, n) start the first frame.
         head = n - 1 if self._frame_steps is not None else (n - 1) // block * block
@@ -442,5 +465,5 @@ def load_generator(model_path: str | None = None, *, mimi_path: str | None = Non
     return Generator(model, codec, tokenizer, cuda_graphs=cuda_graphs)
 
 
-__all__ = ["Generator", "Prompt", "SilenceGuard", "load_generator", "prepare_text", "text_frame_budget",
+__all__ = ["ConversationCache", "Generator", "Prompt", "SilenceGuard", "load_generator", "prepare_text", "text_frame_budget",
            "trim_context", "SAMPLES_PER_FRAME"]

@@ -151,9 +151,9 @@ def test_prepare_builds_the_step_ahead_and_keeps_the_cache_record_true():
     gen._frame_steps = FrameSteps(gen.model, graph=False)  # the step a graph replays, run directly
     prompt = gen.build_prompt("hello there", 1, [], 80 * 3, runaway_guard=False)
     list(gen.frames(prompt, seed=1, temperature=0.5, topk=20))
-    held = gen._cached_len
+    held = gen.conversation_cache.length
     gen.prepare(0.9, 50)
     assert len(gen._frame_steps._steps) == 2
-    assert gen._cached_len == min(held, FrameStep.warmup_position(gen.model))
+    assert gen.conversation_cache.length == min(held, FrameStep.warmup_position(gen.model))
     gen.prepare(0.9, 50)
     assert len(gen._frame_steps._steps) == 2
