@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from csm_engine.config import PRECISIONS
 from csm_engine.errors import CSMError
 
-PRECISIONS = ("float32", "bfloat16", "int8", "int8-block", "int8-hybrid", "int8-dynamic")
 _ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "int8-dyn": "int8-dynamic",
             "w8a8": "int8-dynamic", "int8-weight-only": "int8", "q8": "int8-block"}
 # Precisions that run on x86 CPUs only.
