@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.audio import PIPELINE_RATE
+from agent.embedded import whisper_tiny_en_dir
 from agent.errors import AgentError
 
 ENGINES = ("faster-whisper", "openai-whisper")
@@ -101,8 +102,6 @@ class FasterWhisperTranscriber(Transcriber):
         cpu_threads: int = 0,
     ) -> None:
         super().__init__()
-        from agent.embedded import whisper_tiny_en_dir
-
         source = str(model) if model is not None else None
         if source in EMBEDDED_NAMES:
             source = str(whisper_tiny_en_dir())
@@ -119,7 +118,7 @@ class FasterWhisperTranscriber(Transcriber):
         device = "cpu" if device in ("auto", "", None) else device
         compute_type = compute_type or ("int8" if device == "cpu" else "float16")
         try:
-            from faster_whisper import WhisperModel
+            from faster_whisper import WhisperModel  # optional engine: loads CTranslate2 only when used
 
             self._model = WhisperModel(source, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
         except Exception as error:
@@ -172,7 +171,7 @@ class OpenAIWhisperTranscriber(Transcriber):
         self.beam_size = beam_size
         self.device = "cpu" if device in ("auto", "", None) else device
         try:
-            import whisper
+            import whisper  # optional engine: imports torch and numba
         except ImportError:
             raise AgentError("openai-whisper is not installed: run `pip install --no-deps openai-whisper`") from None
         try:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import soundfile as sf
 
 from agent.errors import AgentError
 from agent.files import write_atomic
@@ -49,8 +50,7 @@ def resample(audio: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     audio = np.asarray(audio, dtype=np.float32)
     if src_rate == dst_rate or audio.size == 0:
         return audio.copy()
-    from scipy.signal import resample_poly
-
+    from scipy.signal import resample_poly  # scipy.signal takes seconds to import: only when resampling
     g = math.gcd(int(src_rate), int(dst_rate))
     return resample_poly(audio, dst_rate // g, src_rate // g).astype(np.float32)
 
@@ -102,8 +102,7 @@ class StreamResampler:
         return out[: int(round(n * self._up / self._down))]
 
     def _emit(self, ready: int) -> np.ndarray:
-        from scipy.signal import resample_poly
-
+        from scipy.signal import resample_poly  # as in resample()
         c = self._context
         window = np.concatenate([self._left, self._pending[: ready + c]])
         out = resample_poly(window, self._up, self._down).astype(np.float32)
@@ -116,8 +115,6 @@ class StreamResampler:
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     """Read an audio file as float32 mono (channels averaged) at its own rate: ``(samples, rate)``."""
-    import soundfile as sf
-
     path = Path(path)
     if not path.is_file():
         raise AgentError(f"audio file not found: {path} (check the path)")
@@ -145,8 +142,6 @@ def load_audio(path: str | Path, sample_rate: int = PIPELINE_RATE) -> np.ndarray
 
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
     """Write float32 mono audio as 16-bit PCM WAV, atomically and durably (see agent.files)."""
-    import soundfile as sf
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     audio = np.clip(_as_mono_float32(audio), -1.0, 1.0)
@@ -459,7 +454,11 @@ class _PlaybackQueue:
 class AudioSink(ABC):
     """A speaker fed chunk by chunk; plays in order, ``stop()`` cuts it within one block.
 
-    ``write()`` never blocks for playback. ``played_samples`` (at ``sample_rate``) and
+    ``write()`` never blocks for playback. Between ``begin_utterance()`` and ``end_utterance()``
+    (one sentence) the speaker must never run dry: silence it has to insert there is counted in
+    ``underruns`` (times) and ``underrun_s`` (seconds). ``pause()`` holds playback without
+    dropping anything (``resume()`` goes on); paused silence is not an underrun.
+    ``played_samples`` (at ``sample_rate``) and
     ``played_s`` count audio actually handed to the speaker since the sink was made, so a
     caller can tell how much of an interrupted reply was heard.
     """
@@ -476,6 +475,11 @@ class AudioSink(ABC):
         self._played_audio: list[np.ndarray] = []
         self._keep_audio = False
         self.chunks: list[PlayedChunk] = []
+        self._in_utterance = False
+        self._starving = False
+        self._paused = threading.Event()
+        self.underruns = 0
+        self.underrun_s = 0.0
 
     # -- producer side
 
@@ -506,6 +510,33 @@ class AudioSink(ABC):
             if self._resampler is not None:
                 self._resampler.reset()
             self._queue.clear()
+            self._in_utterance = self._starving = False
+            self._paused.clear()
+
+    def begin_utterance(self) -> None:
+        """Audio written from now on is one utterance: running dry before its end is an underrun."""
+        self._in_utterance = True
+
+    def end_utterance(self) -> None:
+        """The utterance's last chunk has been written."""
+        self.flush()
+        self._in_utterance = self._starving = False
+
+    def pause(self) -> None:
+        """Hold playback (within one block), keeping the queue; ``resume()`` goes on from there."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
+
+    @property
+    def pending_s(self) -> float:
+        """Seconds of queued audio not yet played."""
+        return self._queue.pending / self.sample_rate
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Flush, then block until all queued audio has been played; False on timeout."""
@@ -556,10 +587,26 @@ class AudioSink(ABC):
             self._queue.push(samples, self._chunk_ids)
             self._chunk_ids += 1
 
+    def _count_gap(self, missing_s: float) -> None:
+        """The speaker played ``missing_s`` of silence it was not meant to (inside an utterance)."""
+        if missing_s <= 0 or not self._in_utterance:
+            self._starving = False
+            return
+        if not self._starving:
+            self.underruns += 1
+        self._starving = True
+        self.underrun_s += missing_s
+
     def _consume(self, n: int) -> np.ndarray:
-        """Pull the next n samples for the speaker (zeros when idle) and account for them."""
+        """Pull the next n samples for the speaker (zeros when idle or paused) and account for them."""
+        if self._paused.is_set():
+            return np.zeros(n, np.float32)
         with self._consume_lock:  # wait_idle() must not return between the pull and the count
             block, filled, starts = self._queue.pull(n)
+            if filled:
+                self._starving = False
+            if filled < n:  # a speaker pulls whole blocks: the rest of this one is silence
+                self._count_gap((n - filled) / self.sample_rate)
             now = time.monotonic()
             for _, offset in starts:
                 self.chunks.append(PlayedChunk(now + offset / self.sample_rate, self._played + offset))
@@ -597,18 +644,29 @@ class MemorySink(AudioSink):
         super().write(chunk, sample_rate)
 
     def _play(self) -> None:
-        next_due: float | None = None
+        next_due: float | None = None  # when the next block is due at the speaker
+        starved_from: float | None = None  # inside an utterance: when the queue ran dry
         while not self._closed.is_set():
             with self._queue.changed:
                 self._queue.changed.wait_for(lambda: self._queue.pending > 0 or self._closed.is_set(), 0.1)
+            if self._paused.is_set():
+                next_due = starved_from = None
+                self._closed.wait(0.005)
+                continue
             if self._queue.pending == 0:
-                next_due = None  # idle: the next chunk starts a new real-time schedule
+                if self._in_utterance and self.speed is not None and next_due is not None:
+                    starved_from = starved_from or next_due  # the speaker plays silence from then on
+                else:
+                    next_due = starved_from = None  # idle: the next chunk starts a new schedule
                 continue
             if self.speed is None:
                 self._consume(self._queue.pending)
                 continue
             block = min(self.block_samples, self._queue.pending)
             now = time.monotonic()
+            if starved_from is not None:
+                self._count_gap((now - starved_from) * self.speed)
+                next_due, starved_from = now, None
             if next_due is None or next_due < now - 0.25:
                 next_due = now
             self._consume(block)

@@ -23,11 +23,19 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Sequence
 
+from agent.audio import describe_devices
+from agent.config_file import load_settings
+from agent.conversation import Conversation
 from agent.errors import AgentError
-from csm_engine.quantize import PRECISIONS
+from agent.events import AgentTurnDone, Event, Notice, TurnLatency, UserTurn
+from agent.personas import list_personas, load_persona
+from agent.pipeline import Pipeline
+from agent.replay import replay_conversation
+from agent.settings import AgentSettings
+from csm_engine.errors import CSMError
+from csm_engine.config import PRECISIONS
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -92,10 +100,8 @@ SETTING_FLAGS = (
 )
 
 
-def settings_from_args(args: argparse.Namespace):
+def settings_from_args(args: argparse.Namespace) -> AgentSettings:
     """AgentSettings from the config file, then the flags that were given."""
-    from agent.settings import load_settings
-
     overrides = {name: getattr(args, name) for name in SETTING_FLAGS}
     for name in ("input_device", "output_device"):
         value = overrides[name]
@@ -114,24 +120,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentError as error:
         print(f"csm-chat: {error}", file=sys.stderr)
         return EXIT_ERROR
-    except Exception as error:
-        from csm_engine.errors import CSMError
-
-        if isinstance(error, CSMError):
-            print(f"csm-chat: {' '.join(str(error).split())}", file=sys.stderr)
-            return EXIT_ERROR
-        raise
+    except CSMError as error:
+        print(f"csm-chat: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.list_devices:
-        from agent.audio import describe_devices
-
         print(describe_devices())
         return 0
     if args.list_personas:
-        from agent.personas import list_personas, load_persona
-
         for name in list_personas():
             try:
                 persona = load_persona(name)
@@ -167,9 +165,7 @@ class TurnPrinter:
         self.err = err or sys.stderr
         self._lock = threading.Lock()
 
-    def __call__(self, event) -> None:
-        from agent.events import AgentTurnDone, Notice, TurnLatency, UserTurn
-
+    def __call__(self, event: Event) -> None:
         with self._lock:
             if isinstance(event, UserTurn):
                 print(f"you: {event.text}", file=self.out, flush=True)
@@ -184,10 +180,8 @@ class TurnPrinter:
                 print(f"{event.level}: {event.message}", file=self.err, flush=True)
 
 
-def run_headless(settings) -> int:
+def run_headless(settings: AgentSettings) -> int:
     """Play --mic-file into the agent until it is over and the last reply is spoken."""
-    from agent.pipeline import Pipeline
-
     pipeline = Pipeline(settings, TurnPrinter())
     interrupted = False
     try:
@@ -215,16 +209,12 @@ def run_headless(settings) -> int:
 # ---- replay -----------------------------------------------------------------------------------
 
 
-def run_replay(args: argparse.Namespace, settings) -> int:
-    from agent.conversation import Conversation
-    from agent.personas import load_persona
-    from agent.replay import replay_conversation
-
+def run_replay(args: argparse.Namespace, settings: AgentSettings) -> int:
     if not args.out:
         raise AgentError("--replay needs --out OUT_DIR for the WAVs it writes")
     saved = Conversation.load(args.replay, with_audio=False)  # validate before loading CSM
     persona = load_persona(args.persona or saved.persona or None) if (args.persona or saved.persona) else None
-    from csm_engine.cli import resolve_device
+    from csm_engine.cli import resolve_device  # torch-heavy: loaded only to replay
     from csm_engine.generator import load_generator
 
     device = resolve_device(settings.device)
@@ -233,8 +223,7 @@ def run_replay(args: argparse.Namespace, settings) -> int:
                                tokenizer_path=settings.tokenizer_path, device=device, dtype=settings.csm_dtype)
     voice = None
     if persona is not None and persona.voice is not None:
-        from csm_engine.errors import CSMError
-        from csm_engine.voices import load_voice_segment
+        from csm_engine.voices import load_voice_segment  # imports torch
 
         try:
             voice = load_voice_segment(persona.voice.resolve(persona.speaker_id))
@@ -251,13 +240,11 @@ def run_replay(args: argparse.Namespace, settings) -> int:
     return 0
 
 
-def _replay_watermarker(settings, device: str):
+def _replay_watermarker(settings: AgentSettings, device: str):
     if not settings.watermark:
         return None
-    from csm_engine.errors import CSMError
-
     try:
-        from csm_engine.watermark import load_watermarker
+        from csm_engine.watermark import load_watermarker  # imports torch and silentcipher
 
         marker = load_watermarker(device=device if device == "cuda" else "cpu")
     except (ImportError, CSMError) as error:

@@ -17,21 +17,20 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import platformdirs
+
 from agent.errors import AgentError
+from agent.settings import AgentSettings
 
 CONFIG_NAME = "config.toml"
 
 
 def default_config_path() -> Path:
     """``config.toml`` in the user's csm-chat config directory (platformdirs)."""
-    import platformdirs
-
     return Path(platformdirs.user_config_dir("csm-chat")) / CONFIG_NAME
 
 
 def _expected_types() -> dict[str, tuple[type, ...]]:
-    from agent.settings import AgentSettings
-
     kinds: dict[str, tuple[type, ...]] = {}
     for f in fields(AgentSettings):
         if f.name == "config_path":
@@ -80,3 +79,12 @@ def read_config(path: str | Path | None = None) -> tuple[dict[str, Any], Path | 
             raise AgentError(f"config file {path}: {raw_key!r} must be {names}, got {value!r}")
         values[key] = value
     return values, path
+
+
+def load_settings(config_path: str | Path | None = None, **overrides: Any) -> AgentSettings:
+    """Defaults, then the config file (the user's, or ``config_path``), then ``overrides`` (None = not given)."""
+    values, source = read_config(config_path)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if source is not None:
+        values["config_path"] = str(source)
+    return AgentSettings(**values)

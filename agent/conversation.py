@@ -26,138 +26,26 @@ import json
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agent.audio import write_wav
 from agent.errors import AgentError
 from agent.files import write_text_atomic
+from agent.turns import CSM_RATE, Sentence, Turn, json_int, read_turn_wav, turn_from_json
 
-CSM_RATE = 24_000
+if TYPE_CHECKING:  # torch-heavy: only for annotations
+    from csm_engine.tokens import Segment
+
+__all__ = ["CSM_RATE", "ContextReport", "Conversation", "Sentence", "Turn"]
+
 FORMAT_NAME = "csm-chat-conversation"
 FORMAT_VERSION = 1
 JSON_NAME = "conversation.json"
 LOW_WATER = 0.75  # after trimming, the context fills at most this share of its budget
-ROLES = ("user", "agent")
-
-
-@dataclass
-class Sentence:
-    """One sentence of an agent turn: its text and where its audio sits in the turn's audio."""
-
-    text: str
-    samples: int  # length of its audio at the turn's sample rate
-    codes: Any = None  # torch LongTensor (32, frames): Mimi codes the audio was decoded from
-
-
-@dataclass
-class Turn:
-    """One turn: who spoke, what they said, and how it sounded.
-
-    ``audio`` is float32 mono at ``sample_rate`` (None once released from memory after saving,
-    or for a typed message); ``audio_file`` names its WAV in the saved directory. Agent turns
-    list their ``sentences``; their audio is the sentences' audio back to back.
-    Times are wall-clock seconds (``time.time()``).
-    """
-
-    id: int
-    role: str
-    text: str
-    speaker: int
-    audio: np.ndarray | None = None
-    sample_rate: int = CSM_RATE
-    started_at: float = 0.0
-    ended_at: float = 0.0
-    interrupted: bool = False
-    sentences: list[Sentence] = field(default_factory=list)
-    audio_file: str | None = None
-    typed: bool = False  # a typed message (no audio by nature)
-    _segments: list | None = field(default=None, repr=False)  # cached CSM segments (same tensors every turn)
-
-    def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"turn role must be 'user' or 'agent', got {self.role!r}")
-        if self.audio is not None:
-            self.audio = np.ascontiguousarray(self.audio, dtype=np.float32).reshape(-1)
-
-    @property
-    def has_audio(self) -> bool:
-        return self.audio is not None and len(self.audio) > 0
-
-    @property
-    def duration_s(self) -> float:
-        return 0.0 if self.audio is None else len(self.audio) / self.sample_rate
-
-    def default_file_name(self) -> str:
-        return f"turn-{self.id:04d}-{self.role}.wav"
-
-    def csm_segments(self, with_audio: bool = True) -> list:
-        """This turn as CSM context segments (one per sentence for agent turns), 24 kHz audio.
-
-        The segments are built once and reused, so the context tensors are the same objects
-        (and bytes) every time this turn appears in a context.
-        """
-        from csm_engine.tokens import Segment
-
-        if not self.text.strip():
-            return []
-        if self._segments is None:
-            self._segments = self._build_segments()
-        if with_audio:
-            return list(self._segments)
-        return [Segment(s.speaker, s.text, None) for s in self._segments]
-
-    def _build_segments(self) -> list:
-        import torch
-
-        from csm_engine.tokens import Segment
-
-        if not self.has_audio:
-            parts = [(s.text, None) for s in self.sentences if s.text.strip()] or [(self.text, None)]
-            return [Segment(self.speaker, text, None) for text, _ in parts]
-        audio = self.audio
-        if self.sample_rate != CSM_RATE:
-            from agent.audio import resample
-
-            audio = resample(audio, self.sample_rate, CSM_RATE)
-        if self.role == "agent" and self.sentences and self.sample_rate == CSM_RATE:
-            segments, offset = [], 0
-            for sentence in self.sentences:
-                piece = audio[offset : offset + sentence.samples]
-                offset += sentence.samples
-                if sentence.text.strip():
-                    tensor = torch.from_numpy(np.ascontiguousarray(piece)) if len(piece) else None
-                    segments.append(Segment(self.speaker, sentence.text, tensor))
-            return segments
-        return [Segment(self.speaker, self.text, torch.from_numpy(np.ascontiguousarray(audio)))]
-
-    def release_audio(self) -> None:
-        """Drop the audio from memory (it is on disk); the turn keeps only text in CSM context."""
-        self.audio = None
-        self._segments = None
-        for sentence in self.sentences:
-            sentence.codes = None
-
-    def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "id": self.id,
-            "role": self.role,
-            "text": self.text,
-            "speaker": self.speaker,
-            "started_at": self.started_at,
-            "ended_at": self.ended_at,
-            "interrupted": self.interrupted,
-            "audio": self.audio_file,
-            "sample_rate": self.sample_rate,
-        }
-        if self.typed:
-            data["typed"] = True
-        if self.sentences:
-            data["sentences"] = [{"text": s.text, "samples": s.samples} for s in self.sentences]
-        return data
 
 
 @dataclass(frozen=True)
@@ -195,6 +83,14 @@ class Conversation:
 
     # ---- turns ------------------------------------------------------------------------
 
+    def set_persona(self, persona: str, agent_speaker: int) -> None:
+        """The agent becomes ``persona`` speaking as ``agent_speaker`` (the user moves off that id)."""
+        with self._lock:
+            self.persona = persona
+            self.agent_speaker = int(agent_speaker)
+            if self.agent_speaker == self.user_speaker:
+                self.user_speaker = 1 if self.agent_speaker != 1 else 0
+
     def next_id(self) -> int:
         with self._lock:
             return self.turns[-1].id + 1 if self.turns else 1
@@ -212,10 +108,11 @@ class Conversation:
 
     def add_agent_turn(self, sentences: Sequence[Sentence], audio: np.ndarray | None, *, text: str | None = None,
                        interrupted: bool = False, started_at: float | None = None, ended_at: float | None = None,
-                       sample_rate: int = CSM_RATE) -> Turn:
+                       sample_rate: int = CSM_RATE, timings: dict[str, float | int] | None = None) -> Turn:
         """Record what the agent said: the sentences it started, and the audio actually played.
 
-        ``text`` is the reply as the LLM wrote it (default: the sentences as spoken).
+        ``text`` is the reply as the LLM wrote it (default: the sentences as spoken); ``timings``
+        its latencies and playback gaps (``TurnLatency.as_record``).
         """
         now = time.time()
         if text is None:
@@ -223,7 +120,7 @@ class Conversation:
         with self._lock:
             turn = Turn(self.next_id(), "agent", text, self.agent_speaker, audio, sample_rate,
                         started_at if started_at is not None else now, ended_at if ended_at is not None else now,
-                        interrupted=interrupted, sentences=list(sentences))
+                        interrupted=interrupted, sentences=list(sentences), timings=dict(timings or {}))
             self.turns.append(turn)
             return turn
 
@@ -241,8 +138,8 @@ class Conversation:
 
     # ---- CSM context ----------------------------------------------------------------------
 
-    def csm_context(self, voice: Any | None, budget: int, measure: Callable[[Any], int],
-                    extra: Sequence[Any] = ()) -> tuple[list, ContextReport]:
+    def csm_context(self, voice: "Segment | None", budget: int, measure: Callable[["Segment"], int],
+                    extra: Sequence["Segment"] = ()) -> tuple[list["Segment"], ContextReport]:
         """Segments for the next utterance: the voice clip, the turns that fit, then ``extra``.
 
         ``budget`` is the number of backbone positions the context may take; ``measure(segment)``
@@ -401,10 +298,11 @@ class Conversation:
         for turn in self.turns:
             audio = turn.audio
             if audio is None and turn.audio_file and self.directory is not None:
-                audio = _read_turn_wav(self.directory / turn.audio_file, turn)[0]
+                audio = read_turn_wav(self.directory / turn.audio_file, turn)[0]
             copy.turns.append(Turn(turn.id, turn.role, turn.text, turn.speaker, audio, turn.sample_rate,
                                    turn.started_at, turn.ended_at, turn.interrupted,
-                                   [Sentence(s.text, s.samples) for s in turn.sentences], typed=turn.typed))
+                                   [Sentence(s.text, s.samples) for s in turn.sentences], typed=turn.typed,
+                                   timings=dict(turn.timings)))
         copy.directory = target
         copy.save(target, watermark=watermark)
         return target
@@ -432,69 +330,20 @@ class Conversation:
         turns_data = data.get("turns")
         if not isinstance(turns_data, list):
             raise AgentError(f"{where}: 'turns' must be a list")
-        conversation = cls(str(data.get("persona") or "default"), _int(data, "agent_speaker", where, 0),
-                           _int(data, "user_speaker", where, 1))
+        conversation = cls(str(data.get("persona") or "default"), json_int(data, "agent_speaker", where, 0),
+                           json_int(data, "user_speaker", where, 1))
         conversation.created_at = float(data.get("created_at") or 0.0)
         base = json_path.parent
         for index, item in enumerate(turns_data):
-            turn = _turn_from_json(item, f"{where} turn {index + 1}")
+            turn = turn_from_json(item, f"{where} turn {index + 1}")
             if turn.audio_file:
                 wav = base / turn.audio_file
                 if not wav.is_file():
                     raise AgentError(f"{where}: turn {turn.id} audio {turn.audio_file} is missing next to it; "
                                      "restore the file or remove its \"audio\" entry")
                 if with_audio:
-                    turn.audio, turn.sample_rate = _read_turn_wav(wav, turn)
+                    turn.audio, turn.sample_rate = read_turn_wav(wav, turn)
                 conversation._written.add(turn.audio_file)
             conversation.turns.append(turn)
         conversation.directory = base
         return conversation
-
-
-# ---- helpers ------------------------------------------------------------------------------
-
-
-def _int(data: dict, key: str, where: str, default: int) -> int:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise AgentError(f"{where}: '{key}' must be a whole number, got {value!r}")
-    return value
-
-
-def _turn_from_json(item: Any, where: str) -> Turn:
-    if not isinstance(item, dict):
-        raise AgentError(f"{where} must be an object")
-    role = item.get("role")
-    if role not in ROLES:
-        raise AgentError(f"{where}: 'role' must be 'user' or 'agent', got {role!r}")
-    text = item.get("text")
-    if not isinstance(text, str):
-        raise AgentError(f"{where}: 'text' must be a string")
-    audio_file = item.get("audio")
-    if audio_file is not None and (not isinstance(audio_file, str) or "/" in audio_file or "\\" in audio_file):
-        raise AgentError(f"{where}: 'audio' must be a WAV file name next to conversation.json")
-    sentences = []
-    for s in item.get("sentences") or []:
-        if not isinstance(s, dict) or not isinstance(s.get("text"), str) or not isinstance(s.get("samples"), int):
-            raise AgentError(f"{where}: each sentence needs 'text' and 'samples'")
-        sentences.append(Sentence(s["text"], s["samples"]))
-    return Turn(
-        id=_int(item, "id", where, 0),
-        role=role,
-        text=text,
-        speaker=_int(item, "speaker", where, 0),
-        sample_rate=_int(item, "sample_rate", where, CSM_RATE),
-        started_at=float(item.get("started_at") or 0.0),
-        ended_at=float(item.get("ended_at") or 0.0),
-        interrupted=bool(item.get("interrupted", False)),
-        sentences=sentences,
-        audio_file=audio_file,
-        typed=bool(item.get("typed", False)),
-    )
-
-
-def _read_turn_wav(path: Path, turn: Turn) -> tuple[np.ndarray, int]:
-    from agent.audio import read_wav
-
-    audio, rate = read_wav(path)
-    return audio, rate

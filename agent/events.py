@@ -69,7 +69,8 @@ class AgentTurnDone:
 
 @dataclass(frozen=True)
 class TurnLatency:
-    """Milliseconds from the end of the user's speech (or the typed message) to each milestone.
+    """Milliseconds from the end of the user's speech (or the typed message) to each milestone,
+    and the gaps playback had inside the reply's sentences.
 
     ``None`` when the milestone did not happen (typed message: no transcript; text-only: no audio).
     """
@@ -78,6 +79,18 @@ class TurnLatency:
     transcript_ms: float | None
     first_token_ms: float | None
     first_audio_ms: float | None
+    turn_end_ms: float | None = None  # when the turn was judged over
+    underruns: int = 0  # times the speaker ran dry inside a sentence
+    underrun_s: float = 0.0  # silence it had to insert there
+
+    def as_record(self) -> dict[str, float | int]:
+        """The milestones that happened and the underruns, for ``conversation.json``."""
+        record: dict[str, float | int] = {"underruns": self.underruns, "underrun_s": round(self.underrun_s, 3)}
+        for name in ("turn_end_ms", "transcript_ms", "first_token_ms", "first_audio_ms"):
+            value = getattr(self, name)
+            if value is not None:
+                record[name] = round(value, 1)
+        return record
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import platformdirs
+
 from agent.errors import AgentError
 from agent.llm import Sampling
 
@@ -26,8 +28,6 @@ NOT_PERSONAS = {"voices.toml"}  # the engine's voice table shares prompts/
 
 def user_persona_dir() -> Path:
     """Where a user's own persona files go (searched before the built-in ones)."""
-    import platformdirs
-
     return Path(platformdirs.user_config_dir("csm-chat")) / "personas"
 
 
@@ -72,7 +72,7 @@ class PersonaVoice:
         Raises ``csm_engine.errors.CSMError`` (one line with the fix) for an unknown name or a
         missing local clip; hub clips are only fetched later, by ``load_voice_audio``.
         """
-        from csm_engine.voices import resolve_voice
+        from csm_engine.voices import resolve_voice  # imports torch
 
         if self.name is not None:
             return resolve_voice(self.name, speaker=speaker)

@@ -11,13 +11,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from agent.audio import write_wav
-from agent.conversation import CSM_RATE, Conversation, Sentence
+from agent.audio import resample, write_wav
+from agent.conversation import CSM_RATE, Conversation, Sentence, Turn
 from agent.errors import AgentError
+from agent.llm import SentenceSplitter
+from agent.personas import Persona
+from agent.speech_text import normalize_for_speech
+from agent.synthesis import ReplySynthesizer, SynthesisOptions
+
+if TYPE_CHECKING:  # torch-heavy: only for annotations
+    from csm_engine.generator import Generator
+    from csm_engine.tokens import Segment
 
 GAP_S = 0.3  # silence between turns in the joined file
 
@@ -30,11 +38,8 @@ class ReplayResult:
     turns: int
 
 
-def _sentences_of(turn: Any) -> list[str]:
+def _sentences_of(turn: Turn) -> list[str]:
     """What to say for a turn: its spoken sentences, else its text split into sentences."""
-    from agent.llm import SentenceSplitter
-    from agent.speech_text import normalize_for_speech
-
     if turn.sentences:
         texts = [s.text for s in turn.sentences if s.text.strip()]
         if texts:
@@ -47,10 +52,10 @@ def _sentences_of(turn: Any) -> list[str]:
 def replay_conversation(
     source: str | Path,
     out_dir: str | Path,
-    generator: Any,
+    generator: "Generator",
     *,
-    persona: Any = None,
-    voice: Any = None,
+    persona: Persona | None = None,
+    voice: "Segment | None" = None,
     all_turns: bool = False,
     seed: int | None = None,
     max_audio_ms: int | None = None,
@@ -58,7 +63,7 @@ def replay_conversation(
     progress: Callable[[str], None] | None = None,
 ) -> ReplayResult:
     """Re-synthesize ``source`` (a conversation dir or its json) into ``out_dir``; see the module docstring."""
-    from agent.synthesis import ReplySynthesizer, SynthesisOptions
+    from csm_engine.tokens import Segment  # imports torch
 
     saved = Conversation.load(source)
     out = Path(out_dir).expanduser()
@@ -90,8 +95,6 @@ def replay_conversation(
             for n, text in enumerate(texts):
                 spoken = synth.speak(text, speaker, earlier,
                                      seed=None if seed is None else seed * 1009 + index * 31 + n)
-                from csm_engine.tokens import Segment
-
                 earlier.append(Segment(speaker, text, synth.remember(spoken.audio, spoken.codes)))
                 sentences.append(Sentence(text, len(spoken.audio), spoken.codes))
                 parts.append(spoken.audio)
@@ -117,8 +120,6 @@ def replay_conversation(
             else:
                 running.add_agent_turn(turn.sentences, audio, text=turn.text, interrupted=turn.interrupted)
             if audio is not None and len(audio):
-                from agent.audio import resample
-
                 joined.append(resample(audio, turn.sample_rate, CSM_RATE))
         if joined and len(joined[-1]):
             joined.append(gap)

@@ -1,14 +1,13 @@
 """Every csm-chat option in one dataclass, with defaults from the user's config file.
 
 Precedence: built-in defaults < ``config.toml`` in the user's config dir (or ``--config``) <
-command-line flags. The TUI may change ``input_device``/``output_device``/``persona`` on the
-instance at run time; the pipeline reads the settings when it starts.
+command-line flags (``agent.config_file.load_settings``). Settings are frozen: a change at run
+time is a new instance (``with_changes``) handed to the part that uses it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError
@@ -18,7 +17,7 @@ ASR_ENGINES = ("faster-whisper", "openai-whisper")
 MODES = ("vad", "ptt")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AgentSettings:
     """Options of one csm-chat run (paths as strings; None = the embedded or automatic default)."""
 
@@ -75,14 +74,3 @@ class AgentSettings:
     def option_names(cls) -> list[str]:
         """Names a config file or a flag may set."""
         return [f.name for f in fields(cls) if f.name != "config_path"]
-
-
-def load_settings(config_path: str | Path | None = None, **overrides: Any) -> AgentSettings:
-    """Defaults, then the config file (the user's, or ``config_path``), then ``overrides`` (None = not given)."""
-    from agent.config_file import read_config
-
-    values, source = read_config(config_path)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if source is not None:
-        values["config_path"] = str(source)
-    return AgentSettings(**values)

@@ -11,13 +11,20 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agent.conversation import CSM_RATE, Conversation, ContextReport
 
+if TYPE_CHECKING:  # torch-heavy: only for annotations
+    import torch
+
+    from csm_engine.generator import Generator, Prompt
+    from csm_engine.tokens import Segment
+
 SAMPLES_PER_FRAME = 1920
+FRAME_MS = 80
 
 
 @dataclass
@@ -26,10 +33,11 @@ class SpokenSentence:
 
     text: str
     audio: np.ndarray
-    codes: Any  # torch LongTensor (32, frames) or None
+    codes: "torch.Tensor | None"  # LongTensor (32, frames)
     context_rows: int = 0
     prompt_rows: int = 0  # context + text rows + frame budget: must fit the window
     report: ContextReport | None = None
+    segment: "Segment | None" = None  # it as context, built once (see VoiceStage)
 
 
 @dataclass
@@ -45,18 +53,18 @@ class SynthesisOptions:
 class ReplySynthesizer:
     """Streams sentences for one speaker (the agent, or anyone in --replay --all-turns)."""
 
-    generator: Any  # csm_engine.generator.Generator
+    generator: "Generator"
     conversation: Conversation
-    voice: Any = None  # csm_engine.tokens.Segment of the persona's voice clip, pinned first
+    voice: "Segment | None" = None  # the persona's voice clip, pinned first
     options: SynthesisOptions = field(default_factory=SynthesisOptions)
-    on_prompt: Callable[[list, Any], None] | None = None  # (context segments, Prompt) for tests/metrics
+    on_prompt: Callable[[list, "Prompt"], None] | None = None  # (context segments, Prompt) for tests/metrics
     _rows: dict = field(default_factory=dict, repr=False)
 
     @property
     def window(self) -> int:
         return int(self.generator.config.max_seq_len)
 
-    def measure(self, segment: Any) -> int:
+    def measure(self, segment: "Segment") -> int:
         """Backbone positions a context segment takes (text rows + audio frames + end frame)."""
         key = id(segment)
         hit = self._rows.get(key)
@@ -68,7 +76,14 @@ class ReplySynthesizer:
         self._rows[key] = (segment, rows)
         return rows
 
-    def context_for(self, text: str, speaker: int, earlier: Sequence[Any] = ()) -> tuple[list, ContextReport, Any]:
+    def budget_s(self, text: str) -> float:
+        """The most audio CSM may make for ``text`` (its frame budget), in seconds."""
+        from csm_engine.generator import prepare_text, text_frame_budget  # imports torch
+
+        frames = min(max(1, self.options.max_audio_ms // FRAME_MS), text_frame_budget(prepare_text(text)))
+        return frames * FRAME_MS / 1000
+
+    def context_for(self, text: str, speaker: int, earlier: Sequence["Segment"] = ()) -> tuple[list, ContextReport, "Prompt"]:
         """Context segments for saying ``text`` after ``earlier`` sentences of the same reply."""
         bare = self.generator.build_prompt(text, speaker, [], self.options.max_audio_ms)
         budget = self.window - bare.tokens.shape[0] - bare.max_frames
@@ -80,10 +95,10 @@ class ReplySynthesizer:
                                f"({report.rows} rows for a budget of {budget})")
         return context, report, prompt
 
-    def stream(self, text: str, speaker: int, earlier: Sequence[Any] = (), *, cancel: threading.Event | None = None,
+    def stream(self, text: str, speaker: int, earlier: Sequence["Segment"] = (), *, cancel: threading.Event | None = None,
                seed: int | None = None, result: list | None = None) -> Iterator[np.ndarray]:
         """Yield 24 kHz float32 chunks of ``text``; afterwards ``result`` holds one SpokenSentence."""
-        import torch
+        import torch  # CSM's codes are torch tensors; torch loads only with CSM
 
         context, report, prompt = self.context_for(text, speaker, earlier)
         if self.on_prompt is not None:
@@ -109,16 +124,16 @@ class ReplySynthesizer:
                 result.append(SpokenSentence(text, audio, codes, report.rows,
                                              int(prompt.tokens.shape[0] + prompt.max_frames), report))
 
-    def speak(self, text: str, speaker: int, earlier: Sequence[Any] = (), **kwargs: Any) -> SpokenSentence:
+    def speak(self, text: str, speaker: int, earlier: Sequence["Segment"] = (), **kwargs: Any) -> SpokenSentence:
         """The whole sentence at once (replay)."""
         result: list[SpokenSentence] = []
         for _ in self.stream(text, speaker, earlier, result=result, **kwargs):
             pass
         return result[0]
 
-    def remember(self, audio: np.ndarray, codes: Any) -> Any:
+    def remember(self, audio: np.ndarray, codes: "torch.Tensor | None") -> "torch.Tensor":
         """Tell the engine ``audio`` decodes ``codes`` (when their lengths agree); returns the tensor to use."""
-        import torch
+        import torch  # as in stream()
 
         tensor = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
         if codes is not None and len(audio):
@@ -129,7 +144,8 @@ class ReplySynthesizer:
         return tensor
 
 
-def played_prefix(audio: np.ndarray, codes: Any, played: int) -> tuple[np.ndarray, Any]:
+def played_prefix(audio: np.ndarray, codes: "torch.Tensor | None", played: int
+                  ) -> tuple[np.ndarray, "torch.Tensor | None"]:
     """The part of a sentence actually heard, cut to whole 80 ms frames so codes and audio agree."""
     if played >= len(audio):
         return audio, codes

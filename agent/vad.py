@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 
 from agent.audio import PIPELINE_RATE
+from agent.embedded import silero_vad_jit
 from agent.errors import AgentError
 
 WINDOW = 512  # samples per Silero window at 16 kHz (32 ms)
@@ -75,7 +76,7 @@ class SileroModel:
         self.path, self.runtime = path, runtime
         try:
             if runtime == "onnx":
-                import onnxruntime
+                import onnxruntime  # the runtime chosen at load time; the other one is never imported
 
                 options = onnxruntime.SessionOptions()
                 options.intra_op_num_threads = 1
@@ -85,7 +86,7 @@ class SileroModel:
                     str(path), options, providers=["CPUExecutionProvider"]
                 )
             else:
-                import torch
+                import torch  # TorchScript runtime only
 
                 self._jit = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as error:  # a truncated or foreign file
@@ -111,7 +112,7 @@ class SileroModel:
             )
             self._context = x[:, -self.CONTEXT :]
             return float(out.reshape(-1)[0])
-        import torch
+        import torch  # TorchScript runtime only (imported at load)
 
         with torch.inference_mode():
             return float(self._jit(torch.from_numpy(np.ascontiguousarray(window)).unsqueeze(0), PIPELINE_RATE))
@@ -119,8 +120,6 @@ class SileroModel:
 
 def load_silero_model(path: str | Path | None = None, *, runtime: str = "auto") -> SileroModel:
     """Load Silero VAD from the silero-vad package (or ``path``); runtime "onnx", "jit" or "auto"."""
-    from agent.embedded import silero_vad_jit
-
     if runtime not in ("auto", "onnx", "jit"):
         raise AgentError(f"unknown VAD runtime {runtime!r}: use onnx, jit or auto")
     if runtime == "auto":

@@ -232,12 +232,12 @@ def test_forty_turns_stay_within_the_window_with_bounded_memory(tmp_path, chat_p
                                                   device="cpu", dtype="float32"))
     assert generator.config.max_seq_len == window
     events = Events()
-    pipeline = Pipeline(_settings(tmp_path, chat_persona, max_audio_ms=240), events, source=False,
-                        sink=MemorySink(24_000, speed=None), generator=generator, llm=smollm2_llm,
-                        transcriber=object())
     held: list[int] = []
     prompt_rows: list[int] = []
-    pipeline._on_prompt = lambda context, prompt: prompt_rows.append(prompt.tokens.shape[0] + prompt.max_frames)
+    pipeline = Pipeline(_settings(tmp_path, chat_persona, max_audio_ms=240), events, source=False,
+                        sink=MemorySink(24_000, speed=None), generator=generator, llm=smollm2_llm,
+                        transcriber=object(),
+                        on_prompt=lambda context, prompt: prompt_rows.append(prompt.tokens.shape[0] + prompt.max_frames))
     try:
         pipeline.start()
         pipeline.wait_ready(TIMEOUT_S)

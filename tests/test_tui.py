@@ -14,6 +14,7 @@ from rich.text import Text
 from textual.widgets import Input
 
 from agent.errors import AgentError  # noqa: E402
+from agent.settings import AgentSettings  # noqa: E402
 from agent.tui.app import CsmChatApp  # noqa: E402
 from agent.tui.text import literal, visible_controls  # noqa: E402
 from agent.events import AgentState, AgentText, AgentTurnDone  # noqa: E402
@@ -51,20 +52,13 @@ def test_visible_controls_shows_escape_sequences_as_symbols():
 # ---- app without models ---------------------------------------------------------------------
 
 
-class _Settings:
-    mode = "vad"
-    persona = "default"
-    input_device = None
-    output_device = None
-
-
 def _broken_pipeline(settings, emit):
     raise AgentError("Unknown LLM 'nope': pass --llm-model PATH to a .gguf file.")
 
 
 @pilot_test
 async def test_pipeline_error_is_a_notification_and_the_app_stays_up():
-    app = CsmChatApp(_Settings(), pipeline_factory=_broken_pipeline, personas=lambda: [])
+    app = CsmChatApp(AgentSettings(), pipeline_factory=_broken_pipeline, personas=lambda: [])
     async with app.run_test(size=(100, 30), notifications=True) as pilot:
         await pilot.pause()
         messages = [n.message for n in app._notifications]
@@ -79,7 +73,7 @@ async def test_pipeline_error_is_a_notification_and_the_app_stays_up():
 
 @pilot_test
 async def test_help_screen_lists_every_binding():
-    app = CsmChatApp(_Settings(), pipeline_factory=_broken_pipeline, personas=lambda: [])
+    app = CsmChatApp(AgentSettings(), pipeline_factory=_broken_pipeline, personas=lambda: [])
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press("f1")
         await pilot.pause()
@@ -93,7 +87,7 @@ async def test_help_screen_lists_every_binding():
 
 @pilot_test
 async def test_turn_view_shows_injected_markup_literally():
-    app = CsmChatApp(_Settings(), pipeline_factory=_broken_pipeline, personas=lambda: [])
+    app = CsmChatApp(AgentSettings(), pipeline_factory=_broken_pipeline, personas=lambda: [])
     async with app.run_test(size=(100, 30)) as pilot:
         transcript = app.query_one(Transcript)
         transcript.add_agent_sentence(7, INJECTION)
@@ -112,8 +106,6 @@ E2E_TIMEOUT_S = 120.0
 
 
 def _real_settings(tmp_path, tiny_checkpoint, mic_file=None, max_audio_ms=480):
-    from agent.settings import AgentSettings
-
     return AgentSettings(
         csm_model=str(tiny_checkpoint),
         mic_file=str(mic_file) if mic_file else None,

@@ -8,10 +8,7 @@ to run. Regenerate after an intended change with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-
-
 
 from textual.widgets import Input  # noqa: E402
 
@@ -27,17 +24,10 @@ from agent.events import (  # noqa: E402
     TurnLatency,
     UserTurn,
 )
+from agent.settings import AgentSettings  # noqa: E402
 from agent.tui.app import CsmChatApp  # noqa: E402
 
 SIZE = (120, 36)
-
-
-@dataclass
-class SnapshotSettings:
-    mode: str = "vad"
-    persona: str = "default"
-    input_device: str | None = None
-    output_device: str | None = None
 
 
 class ScriptedPipeline:
@@ -131,7 +121,7 @@ NO_WEIGHTS = [
 
 def scripted_app(script) -> CsmChatApp:
     return CsmChatApp(
-        SnapshotSettings(),
+        AgentSettings(),
         pipeline_factory=lambda settings, emit: ScriptedPipeline(script, emit),
         personas=lambda: ["default", "pirate"],
         devices=lambda: (["USB mic"], ["Headphones"]),

@@ -1,9 +1,9 @@
 """csm-chat's Textual app: shows the conversation and drives the pipeline by keys.
 
 The pipeline runs its stages on its own threads and reports through `emit`; every event
-becomes a `PipelineEvent` message posted to the app (post_message is thread-safe), so
-widgets only ever change on the event loop. Every pipeline call that may touch a model or
-wait on a thread (start, stop, submit_text, set_persona, save, replay_last) runs in a
+becomes a message posted to the app (post_message is thread-safe, see `agent.tui.messages`),
+so widgets only ever change on the event loop; one table says what each event changes. Every
+pipeline call that may touch a model or wait on a thread (start, stop, submit_text, set_persona, save, replay_last) runs in a
 thread worker; the cheap flag setters (interrupt, mute, mode, push-to-talk) are called
 directly so they take effect at once and in key order.
 """
@@ -11,17 +11,16 @@ directly so they take effect at once and in key order.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Protocol
+from typing import Callable, Iterable
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static
 
+from agent.audio import list_devices
 from agent.errors import AgentError
 from agent.events import (
     AgentState,
@@ -36,48 +35,17 @@ from agent.events import (
     TurnLatency,
     UserTurn,
 )
+from agent.personas import list_personas
+from agent.pipeline import Pipeline
+from agent.settings import AgentSettings
+from agent.tui.messages import MicLevelChanged, PipelineEvent, PipelineFactory, PipelineLike
 from agent.tui.screens import HelpScreen, SettingsChoice, SettingsScreen
 from agent.tui.text import visible_controls
 from agent.tui.widgets import LatencyPanel, LoadPanel, MicMeter, StateIndicator, Transcript
 
-if TYPE_CHECKING:
-    from agent.settings import AgentSettings
-
 MODE_LABELS = {"vad": "hands-free", "ptt": "push-to-talk"}
 SEVERITIES = {"info": "information", "warning": "warning", "error": "error"}
 STOP_TIMEOUT_S = 10.0
-
-
-class PipelineLike(Protocol):
-    """What the app needs from agent.pipeline.Pipeline (tests may pass a scripted stand-in)."""
-
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
-    def submit_text(self, text: str) -> None: ...
-    def interrupt(self) -> None: ...
-    def set_muted(self, muted: bool) -> None: ...
-    def set_mode(self, mode: str) -> None: ...
-    def push_to_talk(self, pressed: bool) -> None: ...
-    def set_persona(self, name_or_path: str) -> None: ...
-    def save(self, directory: str | Path | None = None) -> Path: ...
-    def replay_last(self) -> None: ...
-
-
-PipelineFactory = Callable[["AgentSettings", Callable[[Event], None]], PipelineLike]
-
-
-def _real_pipeline(settings: AgentSettings, emit: Callable[[Event], None]) -> PipelineLike:
-    from agent.pipeline import Pipeline  # imported late: it pulls in torch and the models
-
-    return Pipeline(settings, emit)
-
-
-class PipelineEvent(Message):
-    """An agent.events event, carried from a pipeline thread to the event loop."""
-
-    def __init__(self, event: Event) -> None:
-        super().__init__()
-        self.event = event
 
 
 class CsmChatApp(App):
@@ -116,15 +84,16 @@ class CsmChatApp(App):
     ) -> None:
         super().__init__()
         self.settings = settings
-        self._pipeline_factory = pipeline_factory or _real_pipeline
+        self._pipeline_factory = pipeline_factory or Pipeline
         self._list_personas = personas or _installed_personas
         self._list_devices = devices or _audio_devices
         self.pipeline: PipelineLike | None = None
-        self.mode = getattr(settings, "mode", "vad") or "vad"
-        self.persona = str(getattr(settings, "persona", "") or "default")
+        self.mode = settings.mode
+        self.persona = settings.persona or "default"
         self.muted = False
         self.talking = False  # push-to-talk pressed and not yet released
         self.notices: list[Notice] = []  # every Notice received, in order
+        self._handlers = self._event_handlers()
 
     # ---- layout -------------------------------------------------------------------------
 
@@ -165,33 +134,33 @@ class CsmChatApp(App):
 
     def _emit(self, event: Event) -> None:
         """Called by pipeline threads: hand the event to the event loop."""
-        self.post_message(PipelineEvent(event))
+        self.post_message(MicLevelChanged(event) if isinstance(event, MicLevel) else PipelineEvent(event))
+
+    def on_mic_level_changed(self, message: MicLevelChanged) -> None:
+        self.query_one(MicMeter).set_level(message.level.rms_dbfs)
 
     def on_pipeline_event(self, message: PipelineEvent) -> None:
-        event = message.event
-        transcript = self.query_one(Transcript)
-        if isinstance(event, StateChanged):
-            indicator = self.query_one(StateIndicator)
-            if event.state != indicator.state or not indicator.history:
-                indicator.show_state(event.state)
-            if event.state != AgentState.LOADING:
-                self.query_one(LoadPanel).finish()
-        elif isinstance(event, MicLevel):
-            self.query_one(MicMeter).set_level(event.rms_dbfs)
-        elif isinstance(event, PartialTranscript):
-            transcript.show_partial(event.text)
-        elif isinstance(event, UserTurn):
-            transcript.add_user_turn(event.turn_id, event.text)
-        elif isinstance(event, AgentText):
-            transcript.add_agent_sentence(event.turn_id, event.text)
-        elif isinstance(event, AgentTurnDone):
-            transcript.finish_agent_turn(event.turn_id, event.text, event.interrupted)
-        elif isinstance(event, TurnLatency):
-            self.query_one(LatencyPanel).add(event)
-        elif isinstance(event, LoadProgress):
-            self.query_one(LoadPanel).update_stage(event.stage, event.done)
-        elif isinstance(event, Notice):
-            self._show_notice(event)
+        self._handlers[type(message.event)](message.event)
+
+    def _event_handlers(self) -> dict[type, Callable]:
+        """What each kind of pipeline event changes on screen (run on the event loop)."""
+        return {
+            StateChanged: self._show_state,
+            PartialTranscript: lambda e: self.query_one(Transcript).show_partial(e.text),
+            UserTurn: lambda e: self.query_one(Transcript).add_user_turn(e.turn_id, e.text),
+            AgentText: lambda e: self.query_one(Transcript).add_agent_sentence(e.turn_id, e.text),
+            AgentTurnDone: lambda e: self.query_one(Transcript).finish_agent_turn(e.turn_id, e.text, e.interrupted),
+            TurnLatency: lambda e: self.query_one(LatencyPanel).add(e),
+            LoadProgress: lambda e: self.query_one(LoadPanel).update_stage(e.stage, e.done),
+            Notice: self._show_notice,
+        }
+
+    def _show_state(self, event: StateChanged) -> None:
+        indicator = self.query_one(StateIndicator)
+        if event.state != indicator.state or not indicator.history:
+            indicator.show_state(event.state)
+        if event.state != AgentState.LOADING:
+            self.query_one(LoadPanel).finish()
 
     def _show_notice(self, notice: Notice) -> None:
         self.notices.append(notice)
@@ -319,8 +288,8 @@ class CsmChatApp(App):
         inputs, outputs = self._list_devices()
         personas = self._list_personas()
         current = SettingsChoice(
-            input_device=_device_name(getattr(self.settings, "input_device", None)),
-            output_device=_device_name(getattr(self.settings, "output_device", None)),
+            input_device=_device_name(self.settings.input_device),
+            output_device=_device_name(self.settings.output_device),
             persona=self.persona,
         )
         screen = SettingsScreen(current, inputs=inputs, outputs=outputs, personas=personas)
@@ -331,13 +300,12 @@ class CsmChatApp(App):
             return
         if choice.persona and choice.persona != self.persona:
             self._set_persona(choice.persona)
-        devices_changed = False
-        for field in ("input_device", "output_device"):
-            value = getattr(choice, field)
-            if value != _device_name(getattr(self.settings, field, None)):
-                setattr(self.settings, field, value)
-                devices_changed = True
-        if devices_changed:
+        current = {"input_device": _device_name(self.settings.input_device),
+                   "output_device": _device_name(self.settings.output_device)}
+        chosen = {"input_device": choice.input_device, "output_device": choice.output_device}
+        changed = {name: value for name, value in chosen.items() if value != current[name]}
+        if changed:
+            self.settings = self.settings.with_changes(**changed)
             self.notify(
                 "Audio devices saved in this session's settings; restart csm-chat to use them.",
                 title="Devices",
@@ -390,14 +358,10 @@ def _device_name(device: object) -> str | None:
 
 
 def _installed_personas() -> list[str]:
-    from agent.personas import list_personas
-
     return list(list_personas())
 
 
 def _audio_devices() -> tuple[list[str], list[str]]:
-    from agent.audio import list_devices
-
     return list_devices()
 
 

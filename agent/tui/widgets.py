@@ -187,7 +187,12 @@ def _ms(value: float | None) -> str:
 
 
 class LatencyPanel(Static):
-    """Per-turn latencies from the end of the user's speech, newest last."""
+    """Per-turn latencies from the end of the user's speech, newest last, and playback gaps.
+
+    Columns (ms after the end of speech): ``end`` the turn judged over, ``asr`` the transcript,
+    ``llm`` the LLM's first token, ``play`` the first audio played; ``gaps``: times playback ran
+    dry inside a sentence.
+    """
 
     MAX_ROWS = 12
 
@@ -204,12 +209,13 @@ class LatencyPanel(Static):
         self._refresh_rows()
 
     def _refresh_rows(self) -> None:
-        rows = Text("turn   text  token  audio\n", style="bold")
+        rows = Text(" ".join(f"{h:>4}" for h in ("turn", "end", "asr", "llm", "play", "gaps")) + "\n", style="bold")
         for turn_id in sorted(self.latencies)[-self.MAX_ROWS :]:
             lat = self.latencies[turn_id]
             rows.append(
-                f"{turn_id:4d}  {_ms(lat.transcript_ms)}   {_ms(lat.first_token_ms)}   "
-                f"{_ms(lat.first_audio_ms)}\n"
+                f"{turn_id:4d} {_ms(lat.turn_end_ms)} {_ms(lat.transcript_ms)} {_ms(lat.first_token_ms)} "
+                f"{_ms(lat.first_audio_ms)} {lat.underruns:4d}\n",
+                style="bold red" if lat.underruns else "",
             )
         if not self.latencies:
             rows.append("no turns yet", style="dim")

@@ -1,0 +1,116 @@
+"""Think: a user input -> the LLM's reply, cut into speakable sentences as it streams.
+
+For each ``UserInput`` the stage records the user's turn (and saves), starts a ``Reply`` (the
+one cancel signal of that reply), streams the LLM, splits its deltas into sentences
+(``SentenceSplitter``), normalizes each for speech and sends ``AgentSentence`` frames to the
+voice stage as soon as each sentence ends, then ``EndOfReply``. One reply at a time: the next
+input waits until this reply has been spoken or cut off. A ``ReplayRequest`` plays the last
+agent turn's audio again, as a reply that records nothing.
+"""
+
+from __future__ import annotations
+
+from agent.audio import read_wav
+from agent.conversation import Conversation
+from agent.errors import AgentError
+from agent.events import AgentState, UserTurn
+from agent.frames import AgentSentence, EndOfReply, Frame, ReplayAudio, ReplayRequest, Reply, UserInput
+from agent.llm import SentenceSplitter
+from agent.personas import Persona
+from agent.saving import ConversationSaver
+from agent.speech_text import normalize_for_speech
+from agent.stages.base import FrameSink, Stage, StageContext
+from agent.stages.loading import Models
+
+
+class ThinkStage(Stage):
+    """See the module docstring. ``persona`` is handed over with ``use_persona``."""
+
+    name = "think"
+
+    def __init__(self, ctx: StageContext, downstream: FrameSink, models: Models, conversation: Conversation,
+                 persona: Persona, saver: ConversationSaver | None = None) -> None:
+        super().__init__(ctx, downstream)
+        self.models = models
+        self.conversation = conversation
+        self.persona = persona
+        self.saver = saver
+
+    def use_persona(self, persona: Persona) -> None:
+        """From the next reply on, answer as ``persona`` (its system prompt and LLM sampling)."""
+        self.persona = persona
+
+    def process(self, frame: Frame) -> None:
+        try:
+            match frame:
+                case UserInput() as user:
+                    self._answer(user)
+                case ReplayRequest():
+                    self._replay_last_turn()
+                case _:
+                    raise TypeError(f"the think stage does not take {type(frame).__name__}")
+        finally:
+            self.ctx.progress.end_input()
+
+    def _answer(self, user: UserInput) -> None:
+        self.models.wait("llm")
+        if self.ctx.stopping.is_set():
+            return
+        turn = self.conversation.add_user_turn(user.text, user.audio, 16_000, started_at=user.started_at,
+                                               ended_at=user.ended_at, typed=user.typed)
+        self.ctx.emit(UserTurn(turn.id, turn.text))
+        if self.saver is not None:
+            self.saver.save_quietly()
+        llm = self.models.llm
+        if llm is None:
+            self.ctx.set_state(AgentState.LISTENING)
+            return
+        persona = self.persona
+        reply = Reply(turn.id + 1, user.t0, user.transcript_ms)
+        self.ctx.replies.begin(reply)
+        self.ctx.set_state(AgentState.THINKING)
+        splitter = SentenceSplitter()
+        messages = self.conversation.llm_messages(persona.system_prompt)
+        try:
+            for delta in llm.stream_reply(messages, reply.cancel, sampling=persona.llm):
+                if reply.first_token_ms is None:
+                    reply.first_token_ms = reply.since_start_ms()
+                if reply.cancelled:
+                    break
+                for sentence in splitter.feed(delta):
+                    self._send_sentence(reply, sentence)
+            if not reply.cancelled:
+                for sentence in splitter.flush():
+                    self._send_sentence(reply, sentence)
+        except AgentError as error:
+            self.ctx.notice("error", str(error))
+        self._finish(reply)
+
+    def _send_sentence(self, reply: Reply, sentence: str) -> None:
+        spoken = normalize_for_speech(sentence)
+        if spoken.strip():
+            self.push(AgentSentence(reply, sentence, spoken))
+
+    def _finish(self, reply: Reply) -> None:
+        """Close the reply downstream, then wait until it is spoken or cut off (one reply at a time)."""
+        self.push(EndOfReply(reply))
+        downstream_alive = isinstance(self.downstream, Stage) and self.downstream.alive
+        while not reply.done.wait(0.2):
+            if self.ctx.stopping.is_set() and not (downstream_alive and self.downstream.alive):
+                break
+
+    def _replay_last_turn(self) -> None:
+        turn = self.conversation.last_agent_turn()
+        if turn is None:
+            self.ctx.notice("info", "nothing to replay yet")
+            return
+        audio = turn.audio
+        if audio is None and turn.audio_file and self.conversation.directory is not None:
+            audio, _ = read_wav(self.conversation.directory / turn.audio_file)
+        if audio is None or len(audio) == 0 or self.models.sink is None:
+            self.ctx.notice("info", "the last reply has no audio to replay (it was text only)")
+            return
+        reply = Reply(turn.id, 0.0, replay=True)
+        self.ctx.replies.begin(reply)
+        self.push(ReplayAudio(reply, audio, turn.sample_rate))
+        self._finish(reply)

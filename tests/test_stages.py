@@ -1,0 +1,267 @@
+"""Each agent stage on its own: frames in, frames out, the real stage code, only its model scripted.
+
+Capture runs the real Silero VAD on espeak-ng speech; voice runs the tiny random CSM into a
+real-time in-memory speaker; transcribe and think get a scripted transcriber / LLM.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from _stage_helpers import Collector, ScriptedLLM, ScriptedTranscriber, context, run_stage
+from agent.audio import MemorySink, QueueSource, load_audio
+from agent.conversation import Conversation
+from agent.events import AgentTurnDone, PartialTranscript, UserTurn
+from agent.frames import (AgentSentence, EndOfReply, PartialAudio, ReplayRequest, Reply, SpeechSegment, Stop,
+                          UserInput)
+from agent.personas import load_persona
+from agent.stages.capture import CaptureStage
+from agent.stages.loading import Models
+from agent.stages.think import ThinkStage
+from agent.stages.transcribe import TranscribeStage
+from agent.stages.voice import VoiceStage
+from agent.vad import VadSettings, VoiceActivityDetector, load_silero_model
+
+SILENCE_S = 1.0
+
+
+def _user_input(text: str) -> UserInput:
+    now = time.time()
+    return UserInput(text, None, time.monotonic(), now, now, typed=True)
+
+
+# ---- the frame tiers -----------------------------------------------------------------------------
+
+
+def test_a_cancelled_replys_data_frames_are_dropped_but_its_end_still_arrives():
+    ctx, _ = context()
+    seen: list = []
+
+    class Recorder(VoiceStage):
+        def process(self, frame):
+            seen.append(frame)
+
+    reply = Reply(2, time.monotonic())
+    stage = Recorder(ctx, Models(), Conversation(), load_persona("default"))
+    reply.cancel.set()
+    run_stage(stage, [AgentSentence(reply, "One.", "One."), EndOfReply(reply)])
+    assert seen == [EndOfReply(reply)]
+
+
+# ---- capture ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def silero():
+    return load_silero_model()
+
+
+def _capture(ctx, silero, source, **kwargs) -> tuple[CaptureStage, Collector]:
+    out = Collector()
+    stage = CaptureStage(ctx, out, partials=False, **kwargs)
+    stage.source = source
+    stage.vad = VoiceActivityDetector(VadSettings(end_silence_ms=500), model=silero)
+    return stage, out
+
+
+def test_capture_emits_one_segment_per_utterance(espeak_wav, silero):
+    ctx, _ = context()
+    source = QueueSource(16_000)
+    stage, out = _capture(ctx, silero, source)
+    silence = np.zeros(int(SILENCE_S * 16_000), np.float32)
+    first = load_audio(espeak_wav("what is the capital of france"))
+    second = load_audio(espeak_wav("thank you very much"))
+    source.push(np.concatenate([silence, first, silence, second, silence]))
+    source.end()
+    stage.run()  # on this thread: it returns at the end of the source
+    segments = out.of(SpeechSegment)
+    assert len(segments) == 2
+    for segment, spoken in zip(segments, (first, second)):
+        assert 0.7 * len(spoken) < len(segment.audio) < len(spoken) + 16_000
+    assert ctx.progress.input_over.is_set()
+
+
+def test_capture_barges_in_when_the_user_speaks_during_a_reply(espeak_wav, silero):
+    ctx, _ = context()
+    barge_ins: list[float] = []
+    source = QueueSource(16_000)
+    stage, out = _capture(ctx, silero, source, on_barge_in=lambda: barge_ins.append(time.monotonic()))
+    ctx.replies.begin(Reply(2, time.monotonic()))  # the agent is speaking
+    silence = np.zeros(int(SILENCE_S * 16_000), np.float32)
+    source.push(np.concatenate([silence, load_audio(espeak_wav("stop, wait a moment")), silence]))
+    source.end()
+    stage.run()
+    assert len(barge_ins) == 1
+    assert len(out.of(SpeechSegment)) == 1  # and what the user said goes on to be answered
+
+
+def test_capture_ignores_speech_while_muted(espeak_wav, silero):
+    ctx, _ = context()
+    source = QueueSource(16_000)
+    stage, out = _capture(ctx, silero, source)
+    stage.set_muted(True)
+    source.push(np.concatenate([load_audio(espeak_wav("thank you very much")), np.zeros(16_000, np.float32)]))
+    source.end()
+    stage.run()
+    assert out.of(SpeechSegment) == []
+
+
+# ---- transcribe ----------------------------------------------------------------------------------
+
+
+def test_transcribe_turns_speech_into_input_and_drops_empty_transcripts():
+    ctx, log = context()
+    out = Collector()
+    transcriber = ScriptedTranscriber(["Partial words", "Hello there.", ""])
+    stage = TranscribeStage(ctx, out, Models(transcriber=transcriber).mark_ready())
+    speech = np.full(16_000, 0.1, np.float32)
+    stage.start()
+    stage.put(PartialAudio(speech))  # shown while the user still speaks
+    deadline = time.monotonic() + 10
+    while not log.of(PartialTranscript):
+        assert time.monotonic() < deadline, "no partial transcript"
+        time.sleep(0.01)
+    for _ in range(2):
+        ctx.progress.begin_input()
+    run_stage(stage, [SpeechSegment(speech, time.monotonic(), 0.0, 1.0),
+                      SpeechSegment(speech, time.monotonic(), 1.0, 2.0)])
+    (user,) = out.of(UserInput)
+    assert user.text == "Hello there." and user.transcript_ms is not None and user.audio is speech
+    assert [e.text for e in log.of(PartialTranscript)] == ["Partial words"]
+    ctx.progress.end_of_input()
+    assert not ctx.progress.finished.is_set()  # the answered input is still in flight ...
+    ctx.progress.end_input()
+    assert ctx.progress.finished.is_set()  # ... the empty one was ended by the stage
+
+
+# ---- think ---------------------------------------------------------------------------------------
+
+
+def _think(ctx, llm, persona="default"):
+    out = Collector()
+    conversation = Conversation()
+    stage = ThinkStage(ctx, out, Models(llm=llm).mark_ready(), conversation, load_persona(persona))
+    return stage, out, conversation
+
+
+def test_think_splits_streamed_tokens_into_sentences():
+    ctx, log = context()
+    llm = ScriptedLLM(["Hello th", "ere. How are", " you, Dr. Smith? I am", " 3.5 times", " better"])
+    stage, out, conversation = _think(ctx, llm)
+    ctx.progress.begin_input()
+    run_stage(stage, [_user_input("Hi!")])
+    sentences = out.of(AgentSentence)
+    assert [s.shown for s in sentences] == ["Hello there.", "How are you, Dr. Smith?", "I am 3.5 times better"]
+    assert "three point five" in sentences[2].spoken  # normalized for speech
+    assert out.frames[-1] == EndOfReply(sentences[0].reply)
+    assert all(s.reply is sentences[0].reply for s in sentences)
+    assert [e.text for e in log.of(UserTurn)] == ["Hi!"] and conversation.turns[0].text == "Hi!"
+    assert llm.messages[0][-1] == {"role": "user", "content": "Hi!"}
+    assert ctx.progress.finished.is_set() is False and ctx.replies.current is sentences[0].reply
+
+
+def test_think_stops_the_llm_at_cancel_and_still_ends_the_reply():
+    ctx, _ = context()
+    llm = ScriptedLLM(["First sentence. Sec", "ond sentence. ", "Third sentence."], hold_after=1)
+    stage, out, _ = _think(ctx, llm)
+    stage.start()
+    stage.put(_user_input("Talk to me."))
+    out.wait_for(lambda: len(out.of(AgentSentence)) == 1, "the first sentence")
+    ctx.replies.cancel_current()
+    out.wait_for(lambda: out.of(EndOfReply), "the end of the cancelled reply")
+    run_stage(stage, [])
+    assert [s.shown for s in out.of(AgentSentence)] == ["First sentence."]
+    assert llm.saw_cancel and llm.sent == 1  # it stopped without streaming the rest
+    assert out.of(EndOfReply)[0].reply.cancelled
+
+
+def test_think_replay_with_nothing_said_yet_is_a_notice():
+    ctx, log = context()
+    stage, out, _ = _think(ctx, ScriptedLLM([]))
+    ctx.progress.begin_input()
+    run_stage(stage, [ReplayRequest()])
+    assert out.frames == [] and "nothing to replay" in log.items[-1].message
+    ctx.progress.end_of_input()
+    assert ctx.progress.finished.is_set()
+
+
+# ---- voice ---------------------------------------------------------------------------------------
+
+
+class RecordingGenerator:
+    """The real tiny Generator, recording which texts it was asked to speak."""
+
+    def __init__(self, generator) -> None:
+        self._generator = generator
+        self.texts: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self._generator, name)
+
+    def stream(self, text, speaker, context=(), **kwargs):
+        self.texts.append(text)
+        yield from self._generator.stream(text, speaker, context, **kwargs)
+
+
+def test_voice_drops_unstarted_sentences_when_cancelled_and_keeps_only_what_played(tiny_generator, chat_persona):
+    ctx, log = context()
+    sink = MemorySink(24_000, speed=1.0)  # a real-time speaker: playback lags generation
+    generator = RecordingGenerator(tiny_generator)
+    conversation = Conversation("tester", 0)
+    conversation.add_user_turn("Tell me three things.", None)
+    models = Models(generator=generator, sink=sink).mark_ready()
+    stage = VoiceStage(ctx, models, conversation, load_persona(str(chat_persona)), max_audio_ms=2000, seed=3)
+    reply = Reply(2, time.monotonic())
+    ctx.replies.begin(reply)
+    texts = ["The first thing.", "The second thing.", "The third thing."]
+    stage.start()
+    stage.put(AgentSentence(reply, texts[0], texts[0]))
+    deadline = time.monotonic() + 60
+    while sink.played_samples < 0.3 * 24_000:
+        assert time.monotonic() < deadline, "the reply never played"
+        time.sleep(0.01)
+    for text in texts[1:]:
+        stage.put(AgentSentence(reply, text, text))
+    ctx.replies.cancel_current()  # what Pipeline.interrupt does: cancel, then silence the sink
+    sink.stop()
+    played = sink.played_samples
+    stage.put(EndOfReply(reply))
+    assert reply.done.wait(30)
+    run_stage(stage, [])
+    assert texts[2] not in generator.texts  # never started
+    (done,) = log.of(AgentTurnDone)
+    assert done.interrupted
+    turn = conversation.turns[-1]
+    assert turn.role == "agent" and turn.interrupted and turn.text.startswith(texts[0])
+    assert 0 < len(turn.audio) <= played + sink.block_samples
+    assert sum(s.samples for s in turn.sentences) == len(turn.audio)
+    sink.close()
+
+
+def test_voice_text_only_records_every_sentence_without_audio():
+    ctx, log = context()
+    conversation = Conversation()
+    stage = VoiceStage(ctx, Models().mark_ready(), conversation, load_persona("default"))
+    stage.models.text_only = True
+    reply = Reply(1, time.monotonic())
+    ctx.replies.begin(reply)
+    run_stage(stage, [AgentSentence(reply, "One.", "One."), AgentSentence(reply, "Two.", "Two."),
+                      EndOfReply(reply)])
+    assert reply.done.is_set() and ctx.replies.current is None
+    (turn,) = conversation.turns
+    assert turn.text == "One. Two." and turn.audio is None and not turn.interrupted
+    assert log.of(AgentTurnDone)[0].text == "One. Two."
+
+
+def test_voice_records_the_reply_in_flight_when_stopped():
+    ctx, _ = context()
+    conversation = Conversation()
+    stage = VoiceStage(ctx, Models().mark_ready(), conversation, load_persona("default"))
+    stage.models.text_only = True
+    reply = Reply(1, time.monotonic())
+    ctx.replies.begin(reply)
+    run_stage(stage, [AgentSentence(reply, "Cut short.", "Cut short."), Stop()])
+    assert reply.done.is_set() and conversation.turns[0].text == "Cut short."
