@@ -18,7 +18,7 @@ import numpy as np
 from agent.audio import resample, write_wav
 from agent.conversation import CSM_RATE, Conversation, Sentence, Turn
 from agent.errors import AgentError
-from agent.llm import SentenceSplitter
+from agent.sentences import SentenceSplitter
 from agent.personas import Persona
 from agent.speech_text import normalize_for_speech
 from agent.synthesis import ReplySynthesizer, SynthesisOptions

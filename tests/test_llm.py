@@ -10,7 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from agent.errors import AgentError
-from agent.llm import LocalLLM, OpenAICompatibleLLM, Sampling, SentenceSplitter, chat_completions_url, make_llm
+from agent.llm import LocalLLM, OpenAICompatibleLLM, Sampling, chat_completions_url, make_llm
+from agent.sentences import SentenceSplitter
 
 QUESTION = [
     {"role": "system", "content": "You are a helpful assistant. Answer in two short sentences."},

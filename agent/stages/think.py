@@ -15,7 +15,7 @@ from agent.conversation import Conversation
 from agent.errors import AgentError
 from agent.events import AgentState, UserTurn
 from agent.frames import AgentSentence, EndOfReply, Frame, ReplayAudio, ReplayRequest, Reply, UserInput
-from agent.llm import SentenceSplitter
+from agent.sentences import SentenceSplitter
 from agent.personas import Persona
 from agent.saving import ConversationSaver
 from agent.speech_text import normalize_for_speech
