@@ -20,6 +20,39 @@ from agent.llm import ChatLLM, Message, Sampling
 from agent.stages.base import Stage, StageContext
 
 
+def wait_on(changed: threading.Condition, condition, what: str, timeout: float, recent) -> None:
+    """Wait (holding ``changed``) until ``condition()`` holds; fail naming ``what`` and ``recent()``."""
+    deadline = time.monotonic() + timeout
+    with changed:
+        while not condition():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out waiting for {what}; last seen: {recent()}")
+            changed.wait(min(remaining, 0.1))
+
+
+class RecordingGenerator:
+    """The real Generator, recording every stream call: text, context segments, start and end."""
+
+    def __init__(self, generator) -> None:
+        self._generator = generator
+        self.calls: list[dict] = []
+
+    def __getattr__(self, name):
+        return getattr(self._generator, name)
+
+    @property
+    def texts(self) -> list[str]:
+        return [call["text"] for call in self.calls]
+
+    def stream(self, text, speaker, context=(), **kwargs):
+        call = {"text": text, "speaker": speaker, "context": list(context), "started": time.monotonic(),
+                "ended": None}
+        self.calls.append(call)
+        yield from self._generator.stream(text, speaker, context, **kwargs)
+        call["ended"] = time.monotonic()
+
+
 class Collector:
     """A downstream that keeps every frame; like the voice stage, it marks a reply done at its end."""
 
@@ -40,13 +73,7 @@ class Collector:
             return [f for f in self.frames if isinstance(f, kind)]
 
     def wait_for(self, condition, what: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not condition():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"timed out waiting for {what}; frames: {self.frames[-10:]}")
-                self._changed.wait(min(remaining, 0.1))
+        wait_on(self._changed, condition, what, timeout, lambda: self.frames[-10:])
 
 
 class EventLog:

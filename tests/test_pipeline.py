@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from _stage_helpers import RecordingGenerator, wait_on
 from agent.audio import MemorySink, QueueSource, load_audio
 from agent.events import AgentState, AgentText, AgentTurnDone, Notice, StateChanged, TurnLatency, UserTurn
 from agent.pipeline import Pipeline
@@ -18,25 +19,6 @@ from agent.settings import AgentSettings
 
 pytestmark = pytest.mark.e2e
 TIMEOUT_S = 240.0
-
-
-class RecordingGenerator:
-    """The real Generator, recording every stream call: the context segments and when it finished."""
-
-    def __init__(self, generator) -> None:
-        self._generator = generator
-        self.calls: list[dict] = []
-
-    def __getattr__(self, name):
-        return getattr(self._generator, name)
-
-    def stream(self, text, speaker, context=(), **kwargs):
-        call = {"text": text, "speaker": speaker, "context": list(context), "started": time.monotonic(),
-                "ended": None}
-        self.calls.append(call)
-        for chunk in self._generator.stream(text, speaker, context, **kwargs):
-            yield chunk
-        call["ended"] = time.monotonic()
 
 
 class Events:
@@ -56,13 +38,7 @@ class Events:
             return [e for e in self.items if isinstance(e, kind)]
 
     def wait_for(self, condition, what: str, timeout: float = TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not condition():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"timed out waiting for {what}; events: {self.items[-15:]}")
-                self._changed.wait(min(remaining, 0.2))
+        wait_on(self._changed, condition, what, timeout, lambda: self.items[-15:])
 
 
 def _settings(tmp_path, persona, **changes) -> AgentSettings:

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from _stage_helpers import Collector, ScriptedLLM, ScriptedTranscriber, context, run_stage
+from _stage_helpers import Collector, RecordingGenerator, ScriptedLLM, ScriptedTranscriber, context, run_stage
 from agent.audio import MemorySink, QueueSource, load_audio
 from agent.conversation import Conversation
 from agent.events import AgentTurnDone, PartialTranscript, UserTurn
@@ -191,21 +191,6 @@ def test_think_replay_with_nothing_said_yet_is_a_notice():
 # ---- voice ---------------------------------------------------------------------------------------
 
 
-class RecordingGenerator:
-    """The real tiny Generator, recording which texts it was asked to speak."""
-
-    def __init__(self, generator) -> None:
-        self._generator = generator
-        self.texts: list[str] = []
-
-    def __getattr__(self, name):
-        return getattr(self._generator, name)
-
-    def stream(self, text, speaker, context=(), **kwargs):
-        self.texts.append(text)
-        yield from self._generator.stream(text, speaker, context, **kwargs)
-
-
 def test_voice_drops_unstarted_sentences_when_cancelled_and_keeps_only_what_played(tiny_generator, chat_persona):
     ctx, log = context()
     sink = MemorySink(24_000, speed=1.0)  # a real-time speaker: playback lags generation
@@ -241,13 +226,19 @@ def test_voice_drops_unstarted_sentences_when_cancelled_and_keeps_only_what_play
     sink.close()
 
 
-def test_voice_text_only_records_every_sentence_without_audio():
+def _text_only_voice():
+    """A voice stage without CSM (text only), with reply 1 in flight."""
     ctx, log = context()
     conversation = Conversation()
     stage = VoiceStage(ctx, Models().mark_ready(), conversation, load_persona("default"))
     stage.models.text_only = True
     reply = Reply(1, time.monotonic())
     ctx.replies.begin(reply)
+    return ctx, log, conversation, stage, reply
+
+
+def test_voice_text_only_records_every_sentence_without_audio():
+    ctx, log, conversation, stage, reply = _text_only_voice()
     run_stage(stage, [AgentSentence(reply, "One.", "One."), AgentSentence(reply, "Two.", "Two."),
                       EndOfReply(reply)])
     assert reply.done.is_set() and ctx.replies.current is None
@@ -257,11 +248,6 @@ def test_voice_text_only_records_every_sentence_without_audio():
 
 
 def test_voice_records_the_reply_in_flight_when_stopped():
-    ctx, _ = context()
-    conversation = Conversation()
-    stage = VoiceStage(ctx, Models().mark_ready(), conversation, load_persona("default"))
-    stage.models.text_only = True
-    reply = Reply(1, time.monotonic())
-    ctx.replies.begin(reply)
+    _, _, conversation, stage, reply = _text_only_voice()
     run_stage(stage, [AgentSentence(reply, "Cut short.", "Cut short."), Stop()])
     assert reply.done.is_set() and conversation.turns[0].text == "Cut short."
