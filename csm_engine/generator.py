@@ -423,19 +423,30 @@ def prepare_text(text: str) -> str:
 
 def load_generator(model_path: str | None = None, *, mimi_path: str | None = None, tokenizer_path: str | None = None,
                    device: str = "cpu", dtype: torch.dtype | str | None = None,
-                   cuda_graphs: bool | None = None) -> Generator:
+                   cuda_graphs: bool | None = None, adapter: str | os.PathLike | None = None) -> Generator:
     """Build a Generator from a checkpoint dir or hub repo id (default: the released CSM-1B).
 
     ``dtype``: a ``csm_engine.quantize.PRECISIONS`` name; None / "auto" picks the fastest for the
     device and model size (``csm_engine.quantize.default_precision``). Int8 scales are computed
     from float32 weights. ``cuda_graphs``: see ``Generator`` (None: on for CUDA devices).
+    ``adapter``: a ``csm-finetune`` output directory, merged into the float32 weights before
+    any conversion (``csm_engine.adapters``); CSMError if it was trained for another model.
     """
     from csm_engine import weights
     from csm_engine.quantize import apply_precision, resolve_precision
 
+    trained = None
+    if adapter is not None:  # read first: a broken adapter fails before seconds of model loading
+        from csm_engine.adapters import read_adapter
+
+        trained = read_adapter(adapter)
     chosen = None if dtype in (None, "auto") else resolve_precision(dtype, device)
-    load_dtype = torch.bfloat16 if chosen == "bfloat16" else torch.float32
+    load_dtype = torch.bfloat16 if chosen == "bfloat16" and trained is None else torch.float32
     model = weights.load_csm_model(model_path, device=device, dtype=load_dtype)
+    if trained is not None:
+        from csm_engine.adapters import merge_into_model
+
+        merge_into_model(model, trained)
     apply_precision(model, chosen or "auto")
     codec = weights.load_mimi(mimi_path, model_path=model_path, device=device)
     tokenizer = weights.load_text_tokenizer(tokenizer_path, model_path=model_path)
