@@ -48,9 +48,10 @@ def merged(trained, tmp_path_factory):
 
 
 def _logits(model, session):
+    """(backbone logits, decoder logits) of the training samples, every frame through the decoder."""
     tokens, mask, labels = collate(session.train_samples)
     with torch.no_grad():
-        return forward_logits(model.eval(), tokens, mask, labels, labelled_frames(labels))
+        return forward_logits(model.eval(), tokens, mask, labels, labelled_frames(labels))[:2]
 
 
 def _greedy(generator, n=6):

@@ -26,8 +26,8 @@ STATE_JSON = "state.json"
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    fingerprint: dict[str, Any]) -> Path:
-    """Write the state after ``step`` optimizer steps; older checkpoint files are removed after."""
+                    fingerprint: dict[str, Any], metrics: dict[str, Any] | None = None) -> Path:
+    """Write the state after ``step`` optimizer steps (and the run's ``metrics`` so far); older files go after."""
     directory = Path(out_dir) / CHECKPOINT_DIR
     directory.mkdir(parents=True, exist_ok=True)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -40,7 +40,7 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
                 moments[f"{name}::{key}"] = value
     save_safetensors_atomic(directory / optim_file, moments)
     write_json_atomic(directory / STATE_JSON, {"step": step, "weights": weights_file, "optimizer": optim_file,
-                                               "fingerprint": fingerprint})
+                                               "fingerprint": fingerprint, "metrics": metrics or {}})
     for old in directory.glob("*.safetensors"):
         if old.name not in (weights_file, optim_file):
             old.unlink(missing_ok=True)
@@ -58,13 +58,21 @@ def read_state(out_dir: Path) -> dict[str, Any] | None:
 
 
 def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    """Keys whose values differ, one level into nested tables (``options.lr``)."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(f"{key}.{k}" for k in _differences(a, b))
+        elif a != b:
+            out.append(key)
+    return out
 
 
 @torch.no_grad()
 def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    fingerprint: dict[str, Any]) -> int:
-    """Restore trainable weights and optimizer state; returns the step to continue from.
+                    fingerprint: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Restore trainable weights and optimizer state; returns (the step to continue from, the saved metrics).
 
     CSMError when there is no checkpoint or it was made with other data or options.
     """
@@ -93,4 +101,4 @@ def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         slot = {key.split("::", 1)[1]: value for key, value in moments.items() if key.split("::", 1)[0] == name}
         if slot:
             optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in slot.items()}
-    return int(state["step"])
+    return int(state["step"]), dict(state.get("metrics") or {})

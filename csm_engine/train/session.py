@@ -130,7 +130,9 @@ def build_trainable_model(source: ModelSource, options: TrainOptions, device: st
         replaced = [name for name, _ in model.named_parameters()]
     else:
         replaced = resolve_train_also(model, options.train_also)
-        modules = add_lora(model, options.lora) if options.lora.targets else []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(options.seed)  # LoRA's A matrices start random: the same run starts the same
+            modules = add_lora(model, options.lora) if options.lora.targets else []
         overlap = [m for m in modules if any(r.startswith(f"{m}.") for r in replaced)]
         if overlap:
             raise CSMError(f"--train-also and --lora-targets both name {overlap[0]!r}; keep it in one of them")

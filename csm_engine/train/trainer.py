@@ -12,6 +12,7 @@ interrupts at once (the files on disk are still whole: every write is temp-then-
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import threading
@@ -142,7 +143,9 @@ class Trainer:
         self.batches_per_epoch = max(1, len(train) // options.batch_size)
         steps = options.steps or math.ceil(options.epochs * self.batches_per_epoch / options.grad_accum)
         self.progress = Progress(total=steps)
-        self.fingerprint = {**fingerprint, "options": options.fingerprint(), "total_steps": steps}
+        # Through JSON, as it is stored: tuples become lists, so a resumed run compares equal.
+        self.fingerprint = json.loads(json.dumps({**fingerprint, "options": options.fingerprint(),
+                                                  "total_steps": steps}))
         for module in (getattr(model, "backbone", None), getattr(model, "decoder", None)):
             if module is not None:
                 module.gradient_checkpointing = options.grad_checkpointing
@@ -205,12 +208,16 @@ class Trainer:
         return total / weight
 
     def resume(self) -> None:
-        self.progress.step = load_checkpoint(self.out_dir, self.model, self.optimizer, self.fingerprint)
-        self.log(f"resumed from step {self.progress.step}/{self.progress.total}")
+        p = self.progress
+        p.step, metrics = load_checkpoint(self.out_dir, self.model, self.optimizer, self.fingerprint)
+        p.first_loss, p.last_loss, p.eval_loss = (metrics.get(k) for k in ("first_loss", "last_loss", "eval_loss"))
+        self.log(f"resumed from step {p.step}/{p.total}")
 
     def save(self) -> None:
         """Checkpoint and adapter of the last whole step (each file temp-then-rename)."""
-        save_checkpoint(self.out_dir, self.progress.step, self.model, self.optimizer, self.fingerprint)
+        p = self.progress
+        metrics = {"first_loss": p.first_loss, "last_loss": p.last_loss, "eval_loss": p.eval_loss}
+        save_checkpoint(self.out_dir, p.step, self.model, self.optimizer, self.fingerprint, metrics)
         if self.on_save is not None:
             self.on_save(self.progress)
 
