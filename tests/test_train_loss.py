@@ -14,33 +14,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from csm_engine import weights  # noqa: E402
-from csm_engine.config import get_flavor  # noqa: E402
-from csm_engine.model import CSMModel  # noqa: E402
-from csm_engine.testing import build_text_tokenizer, random_state_dict  # noqa: E402
+from csm_engine.testing import build_text_tokenizer  # noqa: E402
 from csm_engine.tokens import TextTokenizer  # noqa: E402
 from csm_engine.train.codes import EncodedUtterance  # noqa: E402
 from csm_engine.train.data import Utterance  # noqa: E402
 from csm_engine.train.loss import choose_decoder_frames, csm_loss  # noqa: E402
 from csm_engine.train.samples import IGNORE, build_samples, collate  # noqa: E402
-from test_parity import hf_config  # noqa: E402
+from test_parity import pair  # noqa: E402,F401  (the shared ours/theirs fixture: one random tiny checkpoint)
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def pair():
-    """(ours, theirs, config) on one random tiny checkpoint, float32, in train mode."""
-    from transformers import CsmForConditionalGeneration
-
-    cfg = get_flavor("tiny")
-    sd = random_state_dict(cfg, seed=77)
-    ours = CSMModel(cfg)
-    ours.load_state_dict(sd, strict=True)
-    torch.manual_seed(0)
-    theirs = CsmForConditionalGeneration(hf_config(cfg))
-    theirs.load_state_dict(weights.original_to_transformers(sd, cfg), strict=False)
-    theirs.depth_decoder.model.embed_tokens.weight.data.copy_(sd["audio_embeddings.weight"])
-    return ours.train(), theirs.train(), cfg
 
 
 def _utterance(conversation: str, turn: int, speaker: int, text: str, target: bool = True) -> Utterance:
@@ -139,3 +121,28 @@ def test_decoder_fraction_picks_a_share_of_frames():
     assert bool(((labels[..., 0] != IGNORE) | ~chosen).all())  # only labelled frames
     other = choose_decoder_frames(labels, 1 / 16, torch.Generator().manual_seed(1))
     assert not torch.equal(chosen, other)
+
+
+def test_gradient_checkpointing_changes_no_gradient(pair, batch):
+    ours, _, _ = pair
+    tokens, mask, labels = batch
+    grads = []
+    for checkpointing in (False, True):
+        ours.backbone.gradient_checkpointing = ours.decoder.gradient_checkpointing = checkpointing
+        ours.zero_grad()
+        csm_loss(ours, tokens, mask, labels).total.backward()
+        grads.append({n: p.grad.clone() for n, p in ours.named_parameters()})
+    ours.backbone.gradient_checkpointing = ours.decoder.gradient_checkpointing = False
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bfloat16_autocast_loss_is_close_to_float32(pair, batch):
+    ours, _, _ = pair
+    tokens, mask, labels = batch
+    with torch.no_grad():
+        exact = csm_loss(ours, tokens, mask, labels).total
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = csm_loss(ours, tokens, mask, labels).total
+    assert rounded.dtype == torch.float32 and torch.isfinite(rounded)
+    assert abs(float(rounded) - float(exact)) < 0.05 * float(exact)
