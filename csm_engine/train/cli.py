@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     t.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    t.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"), help="lr schedule")
+    t.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="lr schedule (default cosine)")
     t.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
     t.add_argument("--decoder-fraction", type=float, default=1 / 16,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,11 +123,10 @@ class CodesCache:
 
 
 def encode_utterances(utterances: list[Utterance], codec, cache: CodesCache | None, *, trim: bool = True,
-                      progress: bool = True, on_skip: Callable[[Utterance, str], None] | None = None
-                      ) -> list[EncodedUtterance]:
+                      progress: bool = True) -> list[EncodedUtterance]:
     """Read, trim and encode every utterance with audio (cached); text-only ones pass through.
 
-    An empty or all-silent clip is a CSMError naming it (or, with ``on_skip``, reported and left out).
+    A missing, unreadable, empty or all-silent clip is a CSMError naming it and the fix.
     """
     from tqdm import tqdm
 
@@ -149,12 +147,8 @@ def encode_utterances(utterances: list[Utterance], codec, cache: CodesCache | No
                 audio = trim_silence(audio)
             if audio.numel() < SAMPLES_PER_FRAME:
                 problem = "is empty" if audio.numel() == 0 else "is silent or shorter than one 80 ms frame"
-                if on_skip is None:
-                    raise CSMError(f"{u.source}: the clip {u.audio.describe()} {problem}; re-record it or remove it "
-                                   "(and its transcript)")
-                on_skip(u, problem)
-                bar.update(1)
-                continue
+                raise CSMError(f"{u.source}: the clip {u.audio.describe()} {problem}; re-record it or remove it "
+                               "(and its transcript)")
             codes = cache.get(audio) if cache is not None else None
             if codes is None:
                 codes = codec.encode(audio).long()

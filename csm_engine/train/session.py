@@ -92,7 +92,7 @@ class Session:
         return trainer.run()
 
 
-def load_samples(data: DataOptions, source: ModelSource, config, device: str, log=print
+def load_samples(data: DataOptions, source: ModelSource, config, device: str
                  ) -> tuple[list[Sample], list[Sample], dict[str, Any], list[str]]:
     """(train, eval, data summary, notes): every clip read, encoded (cached) and fitted to the window."""
     utterances = find_utterances(list(data.paths), speaker=data.speaker, roles=data.roles)
@@ -101,11 +101,10 @@ def load_samples(data: DataOptions, source: ModelSource, config, device: str, lo
     codec = weights.load_mimi(mimi_file, device=device)
     cache = CodesCache(Path(data.cache_dir) if data.cache_dir else default_cache_dir(), file_key(mimi_file))
     notes: list[str] = []
-    skip = (lambda u, why: notes.append(f"left out {u.source}: {why}")) if data.skip_long else None
-    encoded = encode_utterances(utterances, codec, cache, trim=data.trim, progress=data.progress, on_skip=skip)
     window = min(data.max_seq_len, config.max_seq_len)
     if window < 16:
         raise CSMError(f"--max-seq-len must be at least 16 positions, got {data.max_seq_len}")
+    encoded = encode_utterances(utterances, codec, cache, trim=data.trim, progress=data.progress)
     samples = build_samples(encoded, tokenizer, window, context=data.context,
                             max_context_turns=data.max_context_turns, num_codebooks=config.audio_num_codebooks,
                             skip_long=data.skip_long, on_skip=lambda u, why: notes.append(f"left out {why}"))
@@ -157,7 +156,7 @@ def prepare_session(args: argparse.Namespace | None, options: TrainOptions, devi
         raise CSMError(f"--roles takes user and/or agent, got {','.join(data.roles) or 'nothing'}")
     model_dir = weights.resolve_model_dir(source.model_path)
     config = weights.read_config(model_dir)
-    train, evaluation, summary, notes = load_samples(data, source, config, device, log)
+    train, evaluation, summary, notes = load_samples(data, source, config, device)
     model, replaced, lora_info = build_trainable_model(source, options, device)
     info = {"kind": "full" if options.full else "lora",
             "base_model": str(model_dir.resolve()) if source.model_path and Path(source.model_path).expanduser().is_dir()
