@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from csm_engine.adapters import merge_into_model, read_adapter
 from csm_engine.codec import MimiCodec
 from csm_engine.config import FRAME_MS, SAMPLES_PER_FRAME
 from csm_engine.cuda_graphs import FrameStep, FrameSteps, cuda_graphs_available
@@ -435,17 +436,12 @@ def load_generator(model_path: str | None = None, *, mimi_path: str | None = Non
     from csm_engine import weights
     from csm_engine.quantize import apply_precision, resolve_precision
 
-    trained = None
-    if adapter is not None:  # read first: a broken adapter fails before seconds of model loading
-        from csm_engine.adapters import read_adapter
-
-        trained = read_adapter(adapter)
+    # Read first: a broken adapter fails before seconds of model loading.
+    trained = read_adapter(adapter) if adapter is not None else None
     chosen = None if dtype in (None, "auto") else resolve_precision(dtype, device)
     load_dtype = torch.bfloat16 if chosen == "bfloat16" and trained is None else torch.float32
     model = weights.load_csm_model(model_path, device=device, dtype=load_dtype)
     if trained is not None:
-        from csm_engine.adapters import merge_into_model
-
         merge_into_model(model, trained)
     apply_precision(model, chosen or "auto")
     codec = weights.load_mimi(mimi_path, model_path=model_path, device=device)
