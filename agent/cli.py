@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--tokenizer-path", metavar="PATH", help="text tokenizer.json (default: next to the model, or the hub)")
     models.add_argument("--csm-dtype", choices=("auto", *PRECISIONS),
                         help="CSM precision (default: the fastest for the device)")
+    models.add_argument("--adapter", metavar="DIR", help="CSM adapter from csm-finetune (default: the persona's)")
     models.add_argument("--llm-model", metavar="PATH.gguf", help="GGUF chat model (default: embedded SmolLM2-135M)")
     models.add_argument("--llm-url", metavar="URL", help="OpenAI-compatible server instead of the in-process LLM")
     models.add_argument("--asr", choices=("faster-whisper", "openai-whisper"), help="speech recognizer")
@@ -95,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 SETTING_FLAGS = (
     "headless", "mic_file", "speaker_file", "input_device", "output_device", "mode", "realtime", "csm_model",
-    "mimi_path", "tokenizer_path", "csm_dtype", "llm_model", "llm_url", "asr", "asr_model", "device", "persona",
-    "save_dir", "max_turns", "max_audio_ms", "seed", "watermark",
+    "mimi_path", "tokenizer_path", "csm_dtype", "adapter", "llm_model", "llm_url", "asr", "asr_model", "device",
+    "persona", "save_dir", "max_turns", "max_audio_ms", "seed", "watermark",
 )
 
 
@@ -219,8 +220,10 @@ def run_replay(args: argparse.Namespace, settings: AgentSettings) -> int:
 
     device = resolve_device(settings.device)
     started = time.monotonic()
+    adapter = settings.adapter or (persona.adapter_path() if persona is not None else None)
     generator = load_generator(settings.csm_model, mimi_path=settings.mimi_path,
-                               tokenizer_path=settings.tokenizer_path, device=device, dtype=settings.csm_dtype)
+                               tokenizer_path=settings.tokenizer_path, device=device, dtype=settings.csm_dtype,
+                               adapter=adapter)
     voice = None
     if persona is not None and persona.voice is not None:
         from csm_engine.voices import load_voice_segment  # imports torch

@@ -93,7 +93,17 @@ class Persona:
     topk: int = 50
     max_audio_length_ms: int = 20_000  # per sentence
     llm: Sampling = field(default_factory=Sampling)  # pass as stream_reply(..., sampling=persona.llm)
+    adapter: str | None = None  # a csm-finetune output dir, as written (relative to the persona file)
     path: Path | None = None  # the file it came from
+
+    def adapter_path(self) -> str | None:
+        """The adapter directory to pass as ``load_generator(..., adapter=)``; None without one."""
+        if self.adapter is None:
+            return None
+        path = Path(self.adapter).expanduser()
+        if not path.is_absolute() and self.path is not None:
+            path = self.path.parent / path
+        return str(path)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -156,7 +166,7 @@ def parse_persona(data: dict[str, Any], source: str, base_dir: Path | None = Non
     top = _Fields(source, data)
     top.reject_unknown(
         {"name", "description", "system_prompt", "speaker_id", "voice", "temperature", "topk",
-         "max_audio_length_ms", "llm"}  # fmt: skip
+         "max_audio_length_ms", "llm", "adapter"}  # fmt: skip
     )
     voice = None
     if isinstance(data.get("voice"), str):
@@ -190,6 +200,7 @@ def parse_persona(data: dict[str, Any], source: str, base_dir: Path | None = Non
         topk=top.integer("topk", 50, 1, 2051),
         max_audio_length_ms=top.integer("max_audio_length_ms", 20_000, 80, 90_000),
         llm=llm,
+        adapter=top.text("adapter"),
         path=None,
     )
 

@@ -26,6 +26,7 @@ class AgentSettings:
     mimi_path: str | None = None
     tokenizer_path: str | None = None
     csm_dtype: str | None = None  # a csm_engine.quantize.PRECISIONS name; None = engine default
+    adapter: str | None = None  # csm-finetune output merged into CSM; None = the persona's (if any)
     llm_model: str | None = None  # GGUF path; None = embedded SmolLM2-135M-Instruct
     llm_url: str | None = None  # OpenAI-compatible server instead of the in-process model
     asr: str = "faster-whisper"

@@ -103,6 +103,8 @@ def build_generate_parser(prog: str = "csm-generate") -> argparse.ArgumentParser
     p.add_argument("--mimi-path", default=None, help="Mimi codec safetensors (default: from the model dir or hub)")
     p.add_argument("--tokenizer-path", default=None,
                    help="text tokenizer.json (default: from the model dir, else unsloth/Llama-3.2-1B)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a csm-finetune output (adapter.json + adapter.safetensors) merged into the model")
     p.add_argument("--no-watermark", action="store_true", help="do not watermark the output (it is by default)")
     p.add_argument("--watermark-dir", default=None,
                    help="local silentcipher model folder (default $CSM_WATERMARK_DIR or the hub)")
@@ -130,6 +132,9 @@ def check_generate_args(args: argparse.Namespace) -> None:
         raise CSMError(f"--speaker must be >= 0, got {args.speaker}")
     if args.voice_text is not None and not args.voice:
         raise CSMError("--voice-text is the transcript of a --voice CLIP: pass --voice too")
+    adapter = getattr(args, "adapter", None)
+    if adapter is not None and not (Path(adapter).expanduser() / "adapter.json").is_file():
+        raise CSMError(f"--adapter {adapter}: no adapter.json there; pass the --out directory of csm-finetune")
     out = Path(args.output).expanduser()
     if out.is_dir():
         raise CSMError(f"--output {out} is a directory; pass a file name such as {out / 'audio.wav'}")
@@ -215,7 +220,7 @@ def _load_torch_generator(args: argparse.Namespace, device: str):
     from csm_engine.generator import load_generator
 
     return load_generator(args.model_path, mimi_path=args.mimi_path, tokenizer_path=args.tokenizer_path,
-                          device=device, dtype=None if args.dtype == "auto" else args.dtype)
+                          device=device, dtype=None if args.dtype == "auto" else args.dtype, adapter=args.adapter)
 
 
 def generate_main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from csm_engine.adapters import merge_into_model, read_adapter
 from csm_engine.codec import MimiCodec
 from csm_engine.config import FRAME_MS, SAMPLES_PER_FRAME
 from csm_engine.cuda_graphs import FrameStep, FrameSteps, cuda_graphs_available
@@ -446,19 +447,25 @@ def prepare_text(text: str) -> str:
 
 def load_generator(model_path: str | None = None, *, mimi_path: str | None = None, tokenizer_path: str | None = None,
                    device: str = "cpu", dtype: torch.dtype | str | None = None,
-                   cuda_graphs: bool | None = None) -> Generator:
+                   cuda_graphs: bool | None = None, adapter: str | os.PathLike | None = None) -> Generator:
     """Build a Generator from a checkpoint dir or hub repo id (default: the released CSM-1B).
 
     ``dtype``: a ``csm_engine.quantize.PRECISIONS`` name; None / "auto" picks the fastest for the
     device and model size (``csm_engine.quantize.default_precision``). Int8 scales are computed
     from float32 weights. ``cuda_graphs``: see ``Generator`` (None: on for CUDA devices).
+    ``adapter``: a ``csm-finetune`` output directory, merged into the float32 weights before
+    any conversion (``csm_engine.adapters``); CSMError if it was trained for another model.
     """
     from csm_engine import weights
     from csm_engine.quantize import apply_precision, resolve_precision
 
+    # Read first: a broken adapter fails before seconds of model loading.
+    trained = read_adapter(adapter) if adapter is not None else None
     chosen = None if dtype in (None, "auto") else resolve_precision(dtype, device)
-    load_dtype = torch.bfloat16 if chosen == "bfloat16" else torch.float32
+    load_dtype = torch.bfloat16 if chosen == "bfloat16" and trained is None else torch.float32
     model = weights.load_csm_model(model_path, device=device, dtype=load_dtype)
+    if trained is not None:
+        merge_into_model(model, trained)
     apply_precision(model, chosen or "auto")
     codec = weights.load_mimi(mimi_path, model_path=model_path, device=device)
     tokenizer = weights.load_text_tokenizer(tokenizer_path, model_path=model_path)

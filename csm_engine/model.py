@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from csm_engine.config import CSMConfig, RopeScaling, TransformerConfig
 
@@ -129,7 +130,7 @@ class Attention(nn.Module):
         # from the fused [q | k | v]: fn(qkv, cos, sin, k_cache, v_cache, pos, n_heads) -> (B, T, H * D).
         self.attend_fused = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos: Tensor | int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos: Tensor | int | None) -> Tensor:
         b, t, _ = x.shape
         if self.attend_fused is not None and isinstance(pos, int):
             y = self.attend_fused(self.qkv_fused(x), cos, sin, self.kv_cache.k, self.kv_cache.v, pos, self.n_heads)
@@ -145,6 +146,9 @@ class Attention(nn.Module):
             k = apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
             v = self.v_proj(x)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if pos is None:  # a whole sequence from position 0 without the cache (training)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+            return self.output_proj(y.transpose(1, 2).reshape(b, t, -1))
         if self.kv_cache is None:
             raise RuntimeError("call setup_caches() before running the model")
         k, v = self.kv_cache.update(pos, k, v)
@@ -180,7 +184,7 @@ class TransformerLayer(nn.Module):
         # computes exactly what the modules below would.
         self.step_fused = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos: Tensor | int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos: Tensor | int | None) -> Tensor:
         if self.step_fused is not None and isinstance(pos, int):
             return self.step_fused(x, cos, sin, self.attn.kv_cache.k, self.attn.kv_cache.v, pos)
         h = x + self.attn(self.sa_norm(x), cos, sin, mask, pos)
@@ -202,6 +206,8 @@ class Transformer(nn.Module):
         self.register_buffer(
             "causal_mask", torch.tril(torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool)), persistent=False
         )
+        # Recompute each layer's activations in backward instead of keeping them (training only).
+        self.gradient_checkpointing = False
 
     def setup_caches(self, batch_size: int, dtype: torch.dtype, max_seq_len: int | None = None) -> None:
         seq = max_seq_len or self.cfg.max_seq_len
@@ -218,13 +224,24 @@ class Transformer(nn.Module):
             if layer.attn.kv_cache is not None:
                 layer.attn.kv_cache.reset()
 
-    def forward(self, x: Tensor, pos: Tensor | int) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor | int | None) -> Tensor:
         """x (B, T, dim) at positions ``pos`` -> normed hidden states (B, T, dim).
 
         ``pos`` is a tensor (T,) of positions, or an int: the first of T contiguous positions.
         The int form is the generation fast path: rope and mask are views of the precomputed
         tables, attention covers only the filled cache, and a single new row needs no mask.
+        ``pos`` None: the whole sequence at positions 0..T-1, causal, the KV caches neither
+        read nor written (the differentiable path training uses).
         """
+        if pos is None:
+            t = x.shape[1]
+            cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+            for layer in self.layers:
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(layer, x, cos, sin, None, None, use_reentrant=False)
+                else:
+                    x = layer(x, cos, sin, None, None)
+            return self.norm(x)
         if isinstance(pos, int):
             t = x.shape[1]
             cos, sin = self.rope_cos[pos:pos + t], self.rope_sin[pos:pos + t]
@@ -324,7 +341,8 @@ class CSMModel(nn.Module):
         """Normed backbone hidden states (B, T, dim) for token frames at positions input_pos.
 
         ``input_pos``: (T,) or (B, T) positions, or an int, the first of T contiguous positions
-        (the generation fast path: attention over the filled cache only).
+        (the generation fast path: attention over the filled cache only), or None: positions
+        0..T-1 without the cache (training).
         """
         pos = input_pos[0] if isinstance(input_pos, Tensor) and input_pos.dim() == 2 else input_pos
         return self.backbone(self.embed_frames(tokens, mask), pos)

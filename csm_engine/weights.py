@@ -517,6 +517,12 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self._names)
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of one tensor (original name), read from the file header only."""
+        stored = self._names[name]
+        code = self._handles[self._where[stored]].get_slice(stored).get_dtype()
+        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(code, torch.float32)
+
     def tensor(self, name: str) -> Tensor:
         """One tensor in original layout (q/k rows back in interleaved order), read from disk now."""
         stored = self._names[name]

@@ -150,3 +150,44 @@ def chat_persona(tmp_path_factory, espeak_wav) -> Path:
         encoding="utf-8",
     )
     return path
+
+
+# ---- csm-finetune: espeak clips with transcripts, a saved conversation ----
+
+TRAIN_CLIP_TEXTS = ("Hello there, how are you doing today?", "The weather is lovely this morning.",
+                    "Thank you so much for your help.")
+
+
+@pytest.fixture(scope="session")
+def train_clip_folder(tmp_path_factory, espeak_wav) -> Path:
+    """A clip folder as csm-finetune reads it: three espeak clips (NAME.wav) with transcripts (NAME.txt)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("train_clips")
+    for i, text in enumerate(TRAIN_CLIP_TEXTS):
+        shutil.copy(espeak_wav(text), folder / f"clip{i}.wav")
+        (folder / f"clip{i}.txt").write_text(text + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def saved_conversation(tmp_path_factory, espeak_wav) -> Path:
+    """A conversation directory written by the agent's own writer (agent.conversation.Conversation.save):
+    user turns at 16 kHz, agent turns at 24 kHz split into sentences, one typed turn."""
+    import numpy as np
+
+    from agent.audio import load_audio
+    from agent.conversation import Conversation, Sentence
+
+    conversation = Conversation("tester", agent_speaker=0)
+    question = "Hi, what is the weather like?"
+    conversation.add_user_turn(question, load_audio(espeak_wav(question), 16000), 16000)
+    first, second = "It is sunny today.", "Do you want to go for a walk?"
+    parts = [load_audio(espeak_wav(t, voice="en-gb"), 24000) for t in (first, second)]
+    conversation.add_agent_turn([Sentence(first, len(parts[0])), Sentence(second, len(parts[1]))],
+                                np.concatenate(parts), sample_rate=24000)
+    conversation.add_user_turn("Yes, that sounds lovely.", None, typed=True)
+    reply = "Great, let us go after lunch."
+    audio = load_audio(espeak_wav(reply, voice="en-gb"), 24000)
+    conversation.add_agent_turn([Sentence(reply, len(audio))], audio, sample_rate=24000)
+    return conversation.save(tmp_path_factory.mktemp("saved_conversation") / "convo")

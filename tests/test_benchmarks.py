@@ -41,3 +41,14 @@ def test_quant_error_reports_every_precision():
     errors = result["flavors"]["tiny"]
     assert set(errors) == {"bfloat16", "int8"}
     assert all(0 < e["decoder_rel_rms"] < 0.05 for e in errors.values())
+
+
+def test_train_speed_prints_a_row_per_mode():
+    import train_speed
+
+    result = train_speed.main(["--steps", "1", "--warmup", "0", "--seq-len", "48", "--target-frames", "8",
+                               "--threads", str(torch.get_num_threads())])
+    rows = result["rows"]
+    assert [r["mode"] for r in rows] == ["lora", "full"]
+    assert all(r["steps_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["target_frames_per_s"] > 0 for r in rows)
+    assert 0 < rows[0]["trainable_params"] < rows[1]["trainable_params"] == rows[1]["params"]

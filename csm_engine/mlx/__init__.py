@@ -60,12 +60,14 @@ def __getattr__(name: str) -> Any:
 
 def load_generator(model_path: str | os.PathLike | None = None, *, mimi_path: str | None = None,
                    tokenizer_path: str | None = None, quantize_bits: int | None = None,
-                   dtype: str | None = None, device: str = "cpu") -> "MLXGenerator":
+                   dtype: str | None = None, device: str = "cpu",
+                   adapter: str | os.PathLike | None = None) -> "MLXGenerator":
     """An ``MLXGenerator`` from a checkpoint dir or hub id, as ``csm_engine.generator.load_generator``.
 
     ``quantize_bits`` (4 or 8) quantizes the transformer weights with ``mlx.nn.quantize``;
     ``dtype`` (float32 default, bfloat16, float16) is the MLX weight dtype; ``device`` is where
-    the torch Mimi codec runs.
+    the torch Mimi codec runs. ``adapter``: a csm-finetune output merged into the weights before
+    conversion (a merged checkpoint from ``csm-finetune --merge`` loads like any other).
     """
     require_mlx()
     if quantize_bits is not None and quantize_bits not in (4, 8):
@@ -74,7 +76,7 @@ def load_generator(model_path: str | os.PathLike | None = None, *, mimi_path: st
     from csm_engine.mlx.convert import load_mlx_model
     from csm_engine.mlx.generator import MLXGenerator
 
-    model = load_mlx_model(model_path, dtype=dtype, quantize_bits=quantize_bits)
+    model = load_mlx_model(model_path, dtype=dtype, quantize_bits=quantize_bits, adapter=adapter)
     codec = weights.load_mimi(mimi_path, model_path=model_path, device=device)
     tokenizer = weights.load_text_tokenizer(tokenizer_path, model_path=model_path)
     return MLXGenerator(model, codec, tokenizer)

@@ -31,7 +31,7 @@ def load_mlx_generator(args: argparse.Namespace, device: str = "cpu"):
     from csm_engine.mlx import load_generator
 
     return load_generator(args.model_path, mimi_path=args.mimi_path, tokenizer_path=args.tokenizer_path,
-                          quantize_bits=args.quantize, dtype=args.mlx_dtype, device=device)
+                          quantize_bits=args.quantize, dtype=args.mlx_dtype, device=device, adapter=args.adapter)
 
 
 def generate_main(argv: list[str] | None = None) -> int:

@@ -164,12 +164,16 @@ def _write_cached(path: Path, config: CSMConfig, weights: Mapping[str, mx.array]
 
 
 def load_mlx_weights(model_path: str | os.PathLike | None, *, dtype: str | mx.Dtype | None = None,
-                     cache_dir: str | os.PathLike | None = None,
-                     use_cache: bool = True) -> tuple[CSMConfig, dict[str, mx.array]]:
-    """(config, MLX weights) of a checkpoint dir or hub id, from the conversion cache when possible."""
+                     cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
+                     adapter: str | os.PathLike | None = None) -> tuple[CSMConfig, dict[str, mx.array]]:
+    """(config, MLX weights) of a checkpoint dir or hub id, from the conversion cache when possible.
+
+    ``adapter`` (a csm-finetune output) is merged into the torch weights before conversion; such
+    weights are not cached (the cache key covers the checkpoint only).
+    """
     target = mlx_dtype(dtype)
     key = None
-    if use_cache and model_path is not None and Path(model_path).is_dir():
+    if use_cache and adapter is None and model_path is not None and Path(model_path).is_dir():
         key = checkpoint_key(Path(model_path), target)
     cached_file = Path(cache_dir or default_cache_dir()) / f"{key}.safetensors" if key else None
     if cached_file is not None and cached_file.is_file():
@@ -180,6 +184,10 @@ def load_mlx_weights(model_path: str | os.PathLike | None, *, dtype: str | mx.Dt
     from csm_engine import weights as torch_weights
 
     config, state_dict = torch_weights.load_state_dict(model_path)
+    if adapter is not None:
+        from csm_engine.adapters import merge_into_state_dict, read_adapter
+
+        state_dict = merge_into_state_dict(state_dict, read_adapter(adapter), config)
     converted = state_dict_to_mlx(state_dict, config, target)
     del state_dict
     if cached_file is not None:
@@ -191,7 +199,8 @@ def load_mlx_weights(model_path: str | os.PathLike | None, *, dtype: str | mx.Dt
 
 
 def load_mlx_model(model_path: str | os.PathLike | None = None, *, dtype: str | mx.Dtype | None = None,
-                   quantize_bits: int | None = None, cache_dir: str | os.PathLike | None = None) -> MLXCSMModel:
-    """An ``MLXCSMModel`` from a checkpoint dir or hub id (see ``csm_engine.weights``)."""
-    config, converted = load_mlx_weights(model_path, dtype=dtype, cache_dir=cache_dir)
+                   quantize_bits: int | None = None, cache_dir: str | os.PathLike | None = None,
+                   adapter: str | os.PathLike | None = None) -> MLXCSMModel:
+    """An ``MLXCSMModel`` from a checkpoint dir or hub id (see ``csm_engine.weights``), optionally with an adapter."""
+    config, converted = load_mlx_weights(model_path, dtype=dtype, cache_dir=cache_dir, adapter=adapter)
     return build_model(config, converted, quantize_bits=quantize_bits)
