@@ -213,7 +213,7 @@ class Pipeline:
         self.think.use_persona(persona)
         self.voice.use_persona(persona)
         if self.models.generator is not None and not self.models.text_only:
-            self.ctx.spawn(lambda: self.loader.load_voice(persona), "voice-load")
+            self.ctx.spawn(lambda: self.loader.switch_persona(persona), "voice-load")
 
     def save(self, directory: str | Path | None = None) -> Path:
         """Save the conversation now (to ``directory``, or its own directory); returns where."""

@@ -54,6 +54,7 @@ class Models:
         self.vad: VoiceActivityDetector | None = None
         self.watermarker = watermarker
         self.voice: "Segment | None" = None  # the persona's voice clip, pinned first in CSM's context
+        self.adapter: str | None = None  # the csm-finetune adapter merged into the loaded generator
         self.text_only = False
         self.device = "cpu"
         self.ready = {name: threading.Event() for name in PARTS}
@@ -202,15 +203,39 @@ class ModelLoader:
         finally:
             m.ready["csm"].set()
 
+    def adapter_for(self, persona: Persona) -> str | None:
+        """The adapter CSM speaks with for ``persona``: --adapter / config first, else the persona's."""
+        return self.settings.adapter or persona.adapter_path()
+
     def _make_generator(self, persona: Persona) -> "Generator":
         from csm_engine.generator import load_generator  # imports torch
 
         s = self.settings
+        adapter = self.adapter_for(persona)
         generator = load_generator(s.csm_model, mimi_path=s.mimi_path, tokenizer_path=s.tokenizer_path,
-                                   device=self.models.device, dtype=s.csm_dtype)
+                                   device=self.models.device, dtype=s.csm_dtype, adapter=adapter)
         # On CUDA: capture the frame's graph now rather than in the first reply.
         generator.prepare(persona.temperature, persona.topk)
+        self.models.adapter = adapter
         return generator
+
+    def switch_persona(self, persona: Persona) -> None:
+        """Load what ``persona`` speaks with: its voice clip, and CSM again if its adapter differs.
+
+        Adapters are merged into the weights at load time, so another adapter is another model;
+        until it is loaded the current one keeps speaking.
+        """
+        m = self.models
+        if m.generator is not None and self.adapter_for(persona) != m.adapter and not m.text_only:
+            try:
+                generator = self._stage("csm", lambda: self._make_generator(persona))
+            except CSMError as error:
+                self.ctx.notice("warning", f"persona {persona.name}: its adapter could not be loaded, "
+                                           f"speaking without it: {error}")
+            else:
+                if self.persona() is persona:
+                    m.generator = generator
+        self.load_voice(persona)
 
     def load_voice(self, persona: Persona) -> None:
         """The persona's voice clip as the pinned first context segment (none: a warning).

@@ -143,12 +143,12 @@ class VoiceStage(Stage):
         held.clear()
 
     def _synthesizer(self) -> ReplySynthesizer:
-        voice = self.models.voice
-        if self._synth is None or self._synth.voice is not voice:
+        voice, generator = self.models.voice, self.models.generator
+        if self._synth is None or self._synth.voice is not voice or self._synth.generator is not generator:
             p = self.persona
             options = SynthesisOptions(temperature=p.temperature, topk=p.topk,
                                        max_audio_ms=self.max_audio_ms or p.max_audio_length_ms, seed=self.seed)
-            self._synth = ReplySynthesizer(self.models.generator, self.conversation, voice, options,
+            self._synth = ReplySynthesizer(generator, self.conversation, voice, options,
                                            on_prompt=self._record_prompt)
         return self._synth
 
