@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -198,6 +198,7 @@ class AudioSource(ABC):
 
     sample_rate: int = PIPELINE_RATE
     block_samples: int = PIPELINE_RATE * BLOCK_MS // 1000
+    input_latency_s: float = 0.0  # device-reported delay from sound reaching the mic to read()
 
     @abstractmethod
     def start(self) -> None:
@@ -372,6 +373,7 @@ class MicrophoneSource(QueueSource):
             )
         except (sd.PortAudioError, ValueError) as error:
             raise AgentError(f"no microphone found: {_one_line(error)}; {NO_MIC_FIX}") from None
+        self.input_latency_s = float(self._stream.latency)
 
     def _callback(self, indata: np.ndarray, frames: int, time_info: object, status: object) -> None:
         # PortAudio thread: copy and hand over, nothing else.
@@ -456,13 +458,25 @@ class _PlaybackQueue:
             return self.changed.wait_for(lambda: self.pending == 0, timeout)
 
 
+FarEndListener = Callable[[np.ndarray, int, float], None]
+"""``listener(samples, sample_rate, play_time)``: one block as handed to the device (read-only
+float32), its rate in Hz, and when its first sample plays (``time.monotonic()`` seconds)."""
+
+
 class AudioSink(ABC):
     """A speaker fed chunk by chunk; plays in order, ``stop()`` cuts it within one block.
 
     ``write()`` never blocks for playback. ``played_samples`` (at ``sample_rate``) and
     ``played_s`` count audio actually handed to the speaker since the sink was made, so a
     caller can tell how much of an interrupted reply was heard.
+
+    The far-end tap: ``add_listener(fn)`` calls ``fn(samples, sample_rate, play_time)`` with
+    every block handed to the device, in order, on the playback thread (the echo canceller's
+    reference). ``SpeakerSink`` hands blocks continuously (zeros when idle); ``MemorySink`` only
+    while audio is queued, so listeners must treat a jump in ``play_time`` as silence.
     """
+
+    output_latency_s: float = 0.0  # device-reported delay from handing a block over to hearing it
 
     def __init__(self, sample_rate: int, *, block_ms: int = PLAYBACK_BLOCK_MS) -> None:
         self.sample_rate = int(sample_rate)
@@ -475,6 +489,7 @@ class AudioSink(ABC):
         self._played = 0
         self._played_audio: list[np.ndarray] = []
         self._keep_audio = False
+        self._listeners: tuple[FarEndListener, ...] = ()
         self.chunks: list[PlayedChunk] = []
 
     # -- producer side
@@ -518,6 +533,21 @@ class AudioSink(ABC):
     def close(self) -> None:
         """Play what is queued, then release the speaker."""
         self.wait_idle()
+
+    def add_listener(self, listener: FarEndListener) -> Callable[[], None]:
+        """Receive every block handed to the device (see the class docstring); returns a remover.
+
+        Listeners run on the playback thread (an audio callback for a real speaker): they must
+        be quick and never block. One that raises is removed, so playback goes on.
+        """
+        with self._write_lock:
+            self._listeners = (*self._listeners, listener)
+        return lambda: self.remove_listener(listener)
+
+    def remove_listener(self, listener: FarEndListener) -> None:
+        """Stop calling ``listener`` (no error if it was not added)."""
+        with self._write_lock:
+            self._listeners = tuple(fn for fn in self._listeners if fn is not listener)
 
     @property
     def pending_samples(self) -> int:
@@ -566,7 +596,18 @@ class AudioSink(ABC):
             if filled and self._keep_audio:
                 self._played_audio.append(block[:filled].copy())
             self._played += filled
+            if self._listeners:
+                self._tell_listeners(block, now + self.output_latency_s)
         return block
+
+    def _tell_listeners(self, block: np.ndarray, play_time: float) -> None:
+        view = block.view()
+        view.flags.writeable = False
+        for listener in self._listeners:
+            try:
+                listener(view, self.sample_rate, play_time)
+            except Exception:  # a broken listener must not silence the speaker
+                self.remove_listener(listener)
 
 
 class MemorySink(AudioSink):
@@ -680,6 +721,7 @@ class SpeakerSink(AudioSink):
         except (sd.PortAudioError, ValueError) as error:
             raise AgentError(f"no speaker found: {_one_line(error)}; {NO_SPEAKER_FIX}") from None
         self.underflows = 0
+        self.output_latency_s = float(self._stream.latency)
 
     def _callback(self, outdata: np.ndarray, frames: int, time_info: object, status: object) -> None:
         if status:
