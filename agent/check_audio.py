@@ -22,6 +22,7 @@ import numpy as np
 from agent.audio import PIPELINE_RATE, AudioSink, AudioSource, MemorySink, list_devices, open_microphone, open_speaker
 from agent.echo import EchoCanceller, PassThrough, aec_unavailable_reason, far_end_tap, open_echo_canceller
 from agent.errors import AgentError
+from agent.room_spec import RoomSpec
 from agent.timeline import PlayedTimeline, time_to_index
 
 SIGNAL_RATE = 24_000  # Hz, CSM's rate: the test plays what the agent would
@@ -136,6 +137,37 @@ def record_echo(
     return Recording(played, mic_audio, out if canceller.enabled else None, int(heard[0]), int(heard[-1]) + 1)
 
 
+def record_in_room(
+    room: str | RoomSpec,
+    agent_audio: np.ndarray,
+    sample_rate: int,
+    *,
+    user_audio: np.ndarray | None = None,
+    realtime: bool = False,
+    user_waits: bool | None = None,
+    aec: bool = True,
+    noise_suppression: bool = True,
+    **timing,
+) -> Recording:
+    """``record_echo`` in a simulated room, with everything it needs built and closed: a
+    MemorySink (1x or instant) feeding the room, the room relaying to an EchoCanceller
+    (or a PassThrough: ``aec=False``). ``timing``: ``lead_s``, ``tail_s``, ``stop_after_s``."""
+    from agent.room import SimulatedRoom, load_room
+
+    spec = room if isinstance(room, RoomSpec) else load_room(room)
+    source = SimulatedRoom(spec, user_audio, realtime=realtime, user_waits=user_waits, trailing_silence_s=30.0)
+    sink = MemorySink(sample_rate, speed=1.0 if realtime else None)
+    unhear = sink.add_listener(source.hear)
+    canceller = EchoCanceller.attach(source, sink, noise_suppression=noise_suppression) if aec else PassThrough()
+    try:
+        return record_echo(source, sink, canceller, agent_audio, sample_rate, **timing)
+    finally:
+        canceller.close()
+        unhear()
+        sink.close()
+        source.stop()
+
+
 def echo_delay_samples(reference: np.ndarray, mic: np.ndarray, max_lag: int) -> tuple[int, float]:
     """Lag (samples) at which ``mic`` best matches ``reference``, by GCC-PHAT, and the peak's
     prominence (peak over the median of the correlation: >10 is a clear echo)."""
@@ -204,7 +236,7 @@ def format_report(check: AudioCheck) -> str:
 
 def run_check_audio(settings, notice=None) -> AudioCheck:
     """``--check-audio`` for these settings: the sound card, or ``settings.room`` when set."""
-    if getattr(settings, "room", None):
+    if settings.room:
         from agent.room import open_room
 
         source = open_room(settings.room, realtime=settings.realtime)
@@ -213,9 +245,8 @@ def run_check_audio(settings, notice=None) -> AudioCheck:
     else:
         source, sink = _open_devices(settings)
         unhear = lambda: None  # noqa: E731
-    aec_mode = getattr(settings, "aec", "auto")
     try:
-        canceller = open_echo_canceller(aec_mode, source, sink, notice=notice)
+        canceller = open_echo_canceller(settings.aec, source, sink, notice=notice)
         try:
             recording = record_echo(source, sink, canceller, check_signal())
         finally:
@@ -224,8 +255,8 @@ def run_check_audio(settings, notice=None) -> AudioCheck:
         unhear()
         source.stop()
         sink.close()
-    reason = aec_unavailable_reason()
-    aec = "on (WebRTC AEC3)" if canceller.enabled else ("off" if aec_mode == "off" else f"unavailable: {reason}")
+    aec = ("on (WebRTC AEC3)" if canceller.enabled else "off" if settings.aec == "off"
+           else f"unavailable: {aec_unavailable_reason()}")
     return analyse(recording, aec=aec)
 
 

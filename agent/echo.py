@@ -10,7 +10,8 @@ It is fed two streams:
   ``add_listener`` and its ``clock``), at any rate. Blocks are placed on a 16 kHz timeline by
   play time, so a sink that goes quiet between replies leaves silence, not a shift.
 - the near-end: 16 kHz microphone blocks (512 samples) through ``process(block)``, which
-  returns the cleaned block, same size, 8 ms later (the module works in 10 ms frames).
+  returns the cleaned block, same size; ``latency_ms`` later: 8 ms of framing (the module
+  takes 10 ms frames) plus the module's own delay (measured: AEC3 8 ms, noise suppression 6 ms).
 
 For each 10 ms microphone frame the canceller hands the module the reference frame that played
 at the same moment, then the microphone frame: the echo then arrives in the microphone after its
@@ -25,6 +26,7 @@ passes audio through; ``mode="on"`` is then an ``AgentError`` naming the fix.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -83,6 +85,7 @@ class EchoCanceller:
         self._apm = rtc.AudioProcessingModule(
             echo_cancellation=True, noise_suppression=noise_suppression, high_pass_filter=high_pass_filter
         )
+        self._module_delay = _module_delay_samples(noise_suppression, high_pass_filter)
         self._near_frame = rtc.AudioFrame.create(PIPELINE_RATE, 1, FRAME)
         self._far_frame = rtc.AudioFrame.create(PIPELINE_RATE, 1, FRAME)
         self._near_pcm = np.frombuffer(self._near_frame.data, np.int16)  # views into the frames
@@ -115,8 +118,10 @@ class EchoCanceller:
 
     @property
     def latency_ms(self) -> float:
-        """How much later a sample comes out of ``process`` than it went in (framing), in ms."""
-        return 1000.0 * self._prefill / PIPELINE_RATE if self._anchor is not None else 0.0
+        """How much later a sound comes out of ``process`` than it went in, in ms (known after
+        the first block: framing depends on the block size)."""
+        framing = self._prefill if self._anchor is not None else 0
+        return 1000.0 * (framing + self._module_delay) / PIPELINE_RATE
 
     def add_far_end(self, samples: np.ndarray, sample_rate: int, play_time: float) -> None:
         """A far-end listener: ``samples`` at ``sample_rate`` Hz started playing at ``play_time``."""
@@ -206,6 +211,26 @@ def open_echo_canceller(
     if first and notice is not None:
         notice(f"echo cancellation is off: its library did not load ({reason}); {AEC_FIX}")
     return PassThrough()
+
+
+@functools.lru_cache(maxsize=4)
+def _module_delay_samples(noise_suppression: bool, high_pass_filter: bool) -> int:
+    """The module's own delay for these settings, measured once: noise in, where it comes out."""
+    from livekit import rtc
+
+    apm = rtc.AudioProcessingModule(echo_cancellation=True, noise_suppression=noise_suppression,
+                                    high_pass_filter=high_pass_filter)
+    probe = _to_pcm16(np.random.default_rng(0).standard_normal(50 * FRAME) * 0.1)
+    silence = rtc.AudioFrame.create(PIPELINE_RATE, 1, FRAME)
+    out = []
+    for i in range(50):
+        apm.process_reverse_stream(silence)
+        frame = rtc.AudioFrame(probe[i * FRAME : (i + 1) * FRAME].tobytes(), PIPELINE_RATE, 1, FRAME)
+        apm.set_stream_delay_ms(0)
+        apm.process_stream(frame)
+        out.append(np.frombuffer(frame.data, np.int16).astype(np.float64))
+    heard, sent = np.concatenate(out)[10 * FRAME :], probe[10 * FRAME : 30 * FRAME].astype(np.float64)
+    return int(np.argmax(np.correlate(heard, sent, mode="valid")))  # heard[n + lag] ~ sent[n]
 
 
 def _to_pcm16(samples: np.ndarray) -> np.ndarray:

@@ -46,8 +46,10 @@ Time: with ``realtime=True`` blocks come at the pace of real time from ``start()
 schedule, over the agent if the file says so. With ``realtime=False`` (paced runs: the pipeline
 reads the mic only between replies) the room has its own clock that advances one block per
 ``read()``; what the agent plays is placed at the room's current time, and the user waits
-until the echo has died away before going on with the file. ``clock()`` is that clock, on the
-scale of ``time.monotonic()``: an echo canceller must use it with the room's ``add_listener``.
+until the echo has died away before going on with the file (``user_waits``, default: only
+when paced; ``user_waits=False`` keeps the file on schedule, for double talk in paced tests).
+``clock()`` is that clock, on the scale of ``time.monotonic()``: an echo canceller must use it
+with the room's ``add_listener``.
 The source ends with the user's file (plus ``trailing_silence_s``); without one it never ends.
 """
 
@@ -143,9 +145,11 @@ class SimulatedRoom(AudioSource):
         realtime: bool = True,
         trailing_silence_s: float = 0.0,
         block_ms: int = BLOCK_MS,
+        user_waits: bool | None = None,
     ) -> None:
         self.spec = spec
         self.realtime = realtime
+        self.user_waits = (not realtime) if user_waits is None else user_waits
         self.block_samples = PIPELINE_RATE * block_ms // 1000
         self.rir = room_impulse_response(spec, PIPELINE_RATE)
         self._delay = int(round(spec.device_delay_ms * PIPELINE_RATE / 1000))
@@ -262,8 +266,8 @@ class SimulatedRoom(AudioSource):
         if self._user is None:
             return np.zeros(b, np.float32)
         end = self._far.end
-        if not self.realtime and end is not None and end + self._delay + len(self.rir) > start:
-            return np.zeros(b, np.float32)  # paced: the user waits for the agent's voice to die away
+        if self.user_waits and end is not None and end + self._delay + len(self.rir) > start:
+            return np.zeros(b, np.float32)  # the user waits for the agent's voice to die away
         if self._user_pos >= len(self._user):
             return None
         block = np.zeros(b, np.float32)

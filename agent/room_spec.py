@@ -124,7 +124,7 @@ def load_room(spec: str | Path) -> RoomSpec:
     path = Path(text).expanduser()
     if path.suffix.lower() != ".toml" or not path.is_file():
         raise AgentError(f"unknown room {text!r}: use a preset ({', '.join(PRESETS)}) or the path of a .toml "
-                         "room file (see agent/room.py)")
+                         "room file (its keys: README, 'Simulated rooms')")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:
