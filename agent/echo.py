@@ -174,6 +174,14 @@ class PassThrough:
         pass
 
 
+def check_aec_mode(mode: str) -> None:
+    """AgentError (one line, naming the fix) for an unknown mode, or ``on`` where the library is missing."""
+    if mode not in AEC_MODES:
+        raise AgentError(f"unknown --aec mode {mode!r}: use on, off or auto")
+    if mode == "on" and (reason := aec_unavailable_reason()) is not None:
+        raise AgentError(f"--aec on: echo cancellation is not available here ({reason}): {AEC_FIX}")
+
+
 def far_end_tap(source: AudioSource, sink: AudioSink) -> tuple[Any, Callable[[], float]]:
     """Where to listen for the far end, and the clock its play times and the mic share.
 
@@ -196,15 +204,12 @@ def open_echo_canceller(
 ) -> EchoCanceller | PassThrough:
     """``--aec`` ``on`` (AgentError if the library is missing), ``off``, or ``auto`` (on where it
     loads; elsewhere ``notice`` gets one line, once per process, and audio passes through)."""
-    if mode not in AEC_MODES:
-        raise AgentError(f"unknown --aec mode {mode!r}: use on, off or auto")
+    check_aec_mode(mode)
     if mode == "off":
         return PassThrough()
     reason = aec_unavailable_reason()
     if reason is None:
         return EchoCanceller.attach(source, sink, **options)
-    if mode == "on":
-        raise AgentError(f"--aec on: echo cancellation is not available here ({reason}): {AEC_FIX}")
     global _noticed
     with _notice_lock:
         first, _noticed = not _noticed, True

@@ -16,7 +16,6 @@ from agent.errors import AgentError
 DEFAULT_CSM_MODEL = "sesame/csm-1b"
 ASR_ENGINES = ("faster-whisper", "openai-whisper")
 MODES = ("vad", "ptt")
-AEC_MODES = ("auto", "on", "off")  # auto: on where WebRTC's echo canceller loads
 
 
 @dataclass
@@ -69,13 +68,10 @@ class AgentSettings:
             raise AgentError(f"max audio length must be at least 80 ms (one frame), got {self.max_audio_ms}")
         if self.end_silence_ms < 32:
             raise AgentError(f"end_silence_ms must be at least 32, got {self.end_silence_ms}")
-        if self.aec not in AEC_MODES:
-            raise AgentError(f"unknown --aec mode {self.aec!r}: use on, off or auto")
-        if self.aec == "on":
-            from agent.echo import AEC_FIX, aec_unavailable_reason
+        if self.aec != "auto":
+            from agent.echo import check_aec_mode
 
-            if (reason := aec_unavailable_reason()) is not None:
-                raise AgentError(f"--aec on: echo cancellation is not available here ({reason}): {AEC_FIX}")
+            check_aec_mode(self.aec)
         if self.room is not None:
             from agent.room_spec import load_room
 

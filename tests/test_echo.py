@@ -174,3 +174,11 @@ def test_missing_library_auto_says_so_once_and_on_is_a_one_line_error():
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("csm-chat: --aec on:") and "pip install livekit" in lines[0]
+
+
+def test_settings_refuse_an_unknown_aec_mode_in_one_line():
+    from agent.settings import AgentSettings
+
+    with pytest.raises(AgentError, match="unknown --aec mode 'sometimes': use on, off or auto"):
+        AgentSettings(aec="sometimes")
+    assert AgentSettings(aec="on").aec == "on"  # the library is installed here
