@@ -60,10 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     audio.add_argument("--output-device", metavar="INDEX|NAME", help="speaker (see --list-devices)")
     audio.add_argument("--mode", choices=("vad", "ptt"), help="hands-free turn detection (vad) or push-to-talk (ptt)")
     audio.add_argument("--room", metavar="PRESET|ROOM.toml",
-                       help="route the agent's speech back into the mic through a simulated room "
+                       help="a simulated room instead of the mic: the agent's speech comes back through it "
                             "(office, living-room, office-loud, living-room-loud, or a room file)")
     audio.add_argument("--aec", choices=("on", "off", "auto"),
-                       help="echo cancellation (default auto: on where WebRTC's canceller is installed)")
+                       help="echo cancellation (default auto: on where WebRTC's canceller loads)")
     pace = audio.add_mutually_exclusive_group()
     pace.add_argument("--realtime", dest="realtime", action="store_true", default=None,
                       help="play --mic-file in real time (default); the user may talk over the agent")

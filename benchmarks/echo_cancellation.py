@@ -57,13 +57,13 @@ def erle_rows(agent, realtime: bool) -> list[dict]:
     for name in PRESETS:
         for ns in (True, False):
             rec = record_in_room(name, agent, 24_000, realtime=realtime, noise_suppression=ns)
-            start = rec.signal_start + int(CONVERGENCE_S * PIPELINE_RATE)
+            window = slice(rec.signal_start + int(CONVERGENCE_S * PIPELINE_RATE), rec.signal_end)
             seconds = [erle_db(rec.mic[a : a + PIPELINE_RATE], rec.cleaned[a : a + PIPELINE_RATE])
                        for a in range(rec.signal_start, rec.signal_end - PIPELINE_RATE + 1, PIPELINE_RATE)]
             rows.append({
                 "room": name, "rt60_s": PRESETS[name].rt60_s, "noise_suppression": ns, "realtime": realtime,
                 "echo_dbfs": round(rms_db(rec.mic[rec.signal_start : rec.signal_end]), 1),
-                "erle_after_2s_db": round(erle_db(rec.mic[start : rec.signal_end], rec.cleaned[start : rec.signal_end]), 1),
+                "erle_after_2s_db": round(erle_db(rec.mic[window], rec.cleaned[window]), 1),
                 "erle_per_second_db": [round(x, 1) for x in seconds],
             })
             print(f"{name:17} RT60 {PRESETS[name].rt60_s:.2f} s  NS {'on ' if ns else 'off'} "
@@ -119,9 +119,11 @@ def main() -> None:
     dt = result["double_talk"]
     for room, barge_in in [(room, b) for room in PRESETS for b in (False, True)]:
         sel = [r for r in dt if r["barge_in"] == barge_in and r["room"] == room]
+        mean = lambda key: sum(r[key] for r in sel) / len(sel)  # noqa: E731
+        margin = min(r["cleaned_dbfs"] - r["residual_echo_dbfs"] for r in sel)
         print(f"double talk in {room}, {'barge-in' if barge_in else 'full overlap'}: mean word recall raw "
-              f"{sum(r['recall_raw'] for r in sel) / len(sel):.2f}, cleaned {sum(r['recall_cleaned'] for r in sel) / len(sel):.2f}; "
-              f"cleaned - residual: min {min(r['cleaned_dbfs'] - r['residual_echo_dbfs'] for r in sel):.1f} dB")
+              f"{mean('recall_raw'):.2f}, cleaned {mean('recall_cleaned'):.2f}; "
+              f"cleaned - residual: min {margin:.1f} dB")
     print(json.dumps(result))
 
 
