@@ -147,6 +147,7 @@ def record_in_room(
     user_waits: bool | None = None,
     aec: bool = True,
     noise_suppression: bool = True,
+    stream_delay_ms: float = 0.0,
     **timing,
 ) -> Recording:
     """``record_echo`` in a simulated room, with everything it needs built and closed: a
@@ -158,7 +159,8 @@ def record_in_room(
     source = SimulatedRoom(spec, user_audio, realtime=realtime, user_waits=user_waits, trailing_silence_s=30.0)
     sink = MemorySink(sample_rate, speed=1.0 if realtime else None)
     unhear = sink.add_listener(source.hear)
-    canceller = EchoCanceller.attach(source, sink, noise_suppression=noise_suppression) if aec else PassThrough()
+    options = {"noise_suppression": noise_suppression, "stream_delay_ms": stream_delay_ms}
+    canceller = EchoCanceller.attach(source, sink, **options) if aec else PassThrough()
     try:
         return record_echo(source, sink, canceller, agent_audio, sample_rate, **timing)
     finally:

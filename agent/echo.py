@@ -128,7 +128,7 @@ class EchoCanceller:
         self._far.add(samples, sample_rate, play_time)
 
     def process(self, block: np.ndarray) -> np.ndarray:
-        """Cleaned microphone audio for a 16 kHz float32 block; same length, 8 ms behind."""
+        """Cleaned microphone audio for a 16 kHz float32 block; same length, ``latency_ms`` behind."""
         block = np.asarray(block, np.float32).reshape(-1)
         if self._anchor is None:
             start = self.clock() - len(block) / PIPELINE_RATE - self.input_latency_s

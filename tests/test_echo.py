@@ -39,8 +39,8 @@ def user_phrase(espeak_wav) -> np.ndarray:
     return load_audio(espeak_wav(USER_TEXT, voice="en-us+f3"), PIPELINE_RATE)
 
 
-def _run(room_name: str, agent: np.ndarray, **options):
-    return record_in_room(room_name, agent, 24_000, **options)
+def _run(room, agent: np.ndarray, **options):
+    return record_in_room(room, agent, 24_000, **options)
 
 
 def _erle_after_convergence(recording) -> float:
@@ -67,6 +67,17 @@ def test_erle_holds_in_real_time_with_threads(agent_speech):
     erle = _erle_after_convergence(recording)
     print(f"living-room-loud real time: ERLE after {CONVERGENCE_S:g} s {erle:.1f} dB")
     assert erle >= 25.0
+
+
+def test_a_known_long_delay_is_bridged_with_stream_delay_ms(agent_speech):
+    # 700 ms of sound-card delay is beyond what AEC3 finds alone; told the delay, it cancels.
+    from dataclasses import replace
+
+    slow = replace(load_room("office"), name="slow-card", device_delay_ms=700.0)
+    alone = _erle_after_convergence(_run(slow, agent_speech, realtime=False))
+    told = _erle_after_convergence(_run(slow, agent_speech, realtime=False, stream_delay_ms=700.0))
+    print(f"700 ms device delay: ERLE {alone:.1f} dB alone, {told:.1f} dB with stream_delay_ms=700")
+    assert alone < 10.0 and told >= 25.0
 
 
 def test_without_a_reference_nothing_is_cancelled(agent_speech):
