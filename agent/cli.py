@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--all-turns", action="store_true", help="--replay the user's turns too, not only the agent's")
     run.add_argument("--list-devices", action="store_true", help="list audio input/output devices and exit")
     run.add_argument("--list-personas", action="store_true", help="list installed personas and exit")
+    run.add_argument("--check-audio", action="store_true",
+                     help="play a test sound, measure the echo and what echo cancellation removes, and say "
+                          "whether hands-free will work (with --room: in the simulated room)")
     run.add_argument("--config", metavar="PATH", help="config file with defaults (default: the user's config.toml)")
 
     audio = p.add_argument_group("audio")
@@ -64,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     audio.add_argument("--input-device", metavar="INDEX|NAME", help="microphone (see --list-devices)")
     audio.add_argument("--output-device", metavar="INDEX|NAME", help="speaker (see --list-devices)")
     audio.add_argument("--mode", choices=("vad", "ptt"), help="hands-free turn detection (vad) or push-to-talk (ptt)")
+    audio.add_argument("--room", metavar="PRESET|ROOM.toml",
+                       help="a simulated room instead of the mic: the agent's speech comes back through it "
+                            "(office, living-room, office-loud, living-room-loud, or a room file)")
+    audio.add_argument("--aec", choices=("on", "off", "auto"),
+                       help="echo cancellation (default auto: on where WebRTC's canceller loads)")
     pace = audio.add_mutually_exclusive_group()
     pace.add_argument("--realtime", dest="realtime", action="store_true", default=None,
                       help="play --mic-file in real time (default); the user may talk over the agent")
@@ -97,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 SETTING_FLAGS = (
     "headless", "mic_file", "speaker_file", "input_device", "output_device", "mode", "realtime", "csm_model",
     "mimi_path", "tokenizer_path", "csm_dtype", "adapter", "llm_model", "llm_url", "asr", "asr_model", "device",
-    "persona", "save_dir", "max_turns", "max_audio_ms", "seed", "watermark",
+    "persona", "save_dir", "max_turns", "max_audio_ms", "seed", "watermark", "room", "aec",
 )
 
 
@@ -139,6 +147,12 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{name:16} (broken: {error})")
         return 0
     settings = settings_from_args(args)
+    if args.check_audio:
+        from agent.check_audio import format_report, run_check_audio
+
+        check = run_check_audio(settings, notice=lambda line: print(f"warning: {line}", file=sys.stderr))
+        print(format_report(check))
+        return 0
     if args.replay:
         return run_replay(args, settings)
     if args.out or args.all_turns:

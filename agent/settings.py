@@ -44,6 +44,8 @@ class AgentSettings:
     realtime: bool = True  # play mic_file in real time (False: as fast as the pipeline takes it)
     mode: str = "vad"  # "vad" (hands-free) | "ptt" (push-to-talk)
     end_silence_ms: int = 600  # pause that ends a user turn (VAD)
+    room: str | None = None  # a simulated room (preset name or .toml) between speaker and mic
+    aec: str = "auto"  # echo cancellation: auto | on | off
     # session
     save_dir: str | None = None  # conversation directory, saved after every turn
     headless: bool = False
@@ -66,6 +68,14 @@ class AgentSettings:
             raise AgentError(f"max audio length must be at least 80 ms (one frame), got {self.max_audio_ms}")
         if self.end_silence_ms < 32:
             raise AgentError(f"end_silence_ms must be at least 32, got {self.end_silence_ms}")
+        if self.aec != "auto":
+            from agent.echo import check_aec_mode
+
+            check_aec_mode(self.aec)
+        if self.room is not None:
+            from agent.room_spec import load_room
+
+            load_room(self.room)  # a bad room file fails here, in one line, before anything loads
 
     def with_changes(self, **changes: Any) -> "AgentSettings":
         """A copy with some options replaced (validated)."""

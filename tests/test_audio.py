@@ -230,3 +230,67 @@ def test_queue_source_read_times_out_and_stop_wakes_a_blocked_reader():
     source.stop()
     reader.join(timeout=1)
     assert result == [None]
+
+
+# ---- the far-end tap: what the sink hands to the device, with its play time
+
+
+class _Tap:
+    def __init__(self) -> None:
+        self.blocks: list[tuple[np.ndarray, int, float]] = []
+
+    def __call__(self, samples: np.ndarray, sample_rate: int, play_time: float) -> None:
+        self.blocks.append((samples.copy(), sample_rate, play_time))
+
+
+def test_sink_tap_gets_every_block_in_order_with_its_play_time():
+    sink = MemorySink(16_000, speed=1.0)
+    tap = _Tap()
+    sink.add_listener(tap)
+    before = time.monotonic()
+    sink.write(tone(300, 0.5, 16_000), 16_000)
+    assert sink.wait_idle(timeout=5.0)
+    sink.close()
+    np.testing.assert_array_equal(np.concatenate([b for b, _, _ in tap.blocks]), sink.audio())
+    assert {rate for _, rate, _ in tap.blocks} == {16_000} and len(tap.blocks) == 25  # 20 ms blocks
+    times = np.array([t for _, _, t in tap.blocks])
+    assert times[0] >= before and np.all(np.diff(times) > 0)
+    # Paced at 1x: each block plays about 20 ms after the one before (thread jitter aside).
+    assert times[-1] - times[0] == pytest.approx(0.48, abs=0.1)
+
+
+def test_sink_tap_play_times_jump_over_idle_gaps():
+    sink = MemorySink(16_000, speed=1.0)
+    tap = _Tap()
+    sink.add_listener(tap)
+    sink.write(tone(300, 0.2, 16_000), 16_000)
+    sink.wait_idle(timeout=5.0)
+    time.sleep(0.3)  # MemorySink hands nothing over while idle
+    sink.write(tone(300, 0.2, 16_000), 16_000)
+    sink.wait_idle(timeout=5.0)
+    sink.close()
+    ends = [t + len(b) / 16_000 for b, _, t in tap.blocks]
+    starts = [t for _, _, t in tap.blocks]
+    gaps = [s - e for s, e in zip(starts[1:], ends[:-1])]
+    assert max(gaps) >= 0.25 and sorted(gaps)[-2] < 0.05  # one gap, where it was idle
+
+
+def test_sink_tap_remover_and_a_failing_listener_do_not_stop_playback():
+    sink = MemorySink(16_000, speed=None)
+    kept, dropped = _Tap(), _Tap()
+    calls = []
+
+    def broken(samples, sample_rate, play_time):
+        calls.append(play_time)
+        samples[0] = 1.0  # blocks are read-only: this raises, and the listener is removed
+
+    remove = sink.add_listener(dropped)
+    sink.add_listener(broken)
+    sink.add_listener(kept)
+    remove()
+    sink.write(tone(300, 0.1, 16_000), 16_000)
+    sink.wait_idle(timeout=5.0)
+    sink.write(tone(300, 0.1, 16_000), 16_000)
+    sink.close()
+    assert dropped.blocks == [] and len(calls) == 1
+    assert sum(len(b) for b, _, _ in kept.blocks) == 3200 == len(sink.audio())

@@ -45,6 +45,7 @@ class MicrophoneSource(QueueSource):
             )
         except (sd.PortAudioError, ValueError) as error:
             raise AgentError(f"no microphone found: {_one_line(error)}; {NO_MIC_FIX}") from None
+        self.input_latency_s = float(self._stream.latency)
 
     def _callback(self, indata: np.ndarray, frames: int, time_info: object, status: object) -> None:
         # PortAudio thread: copy and hand over, nothing else.
@@ -96,6 +97,7 @@ class SpeakerSink(AudioSink):
         except (sd.PortAudioError, ValueError) as error:
             raise AgentError(f"no speaker found: {_one_line(error)}; {NO_SPEAKER_FIX}") from None
         self.underflows = 0
+        self.output_latency_s = float(self._stream.latency)
 
     def _callback(self, outdata: np.ndarray, frames: int, time_info: object, status: object) -> None:
         if status:

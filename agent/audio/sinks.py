@@ -9,6 +9,7 @@ from abc import ABC
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -74,6 +75,11 @@ class _PlaybackQueue:
             return self.changed.wait_for(lambda: self.pending == 0, timeout)
 
 
+FarEndListener = Callable[[np.ndarray, int, float], None]
+"""``listener(samples, sample_rate, play_time)``: one block as handed to the device (read-only
+float32), its rate in Hz, and when its first sample plays (``time.monotonic()`` seconds)."""
+
+
 class AudioSink(ABC):
     """A speaker fed chunk by chunk; plays in order, ``stop()`` cuts it within one block.
 
@@ -86,6 +92,8 @@ class AudioSink(ABC):
     caller can tell how much of an interrupted reply was heard.
     """
 
+    output_latency_s: float = 0.0  # device-reported delay from handing a block over to hearing it
+
     def __init__(self, sample_rate: int, *, block_ms: int = PLAYBACK_BLOCK_MS) -> None:
         self.sample_rate = int(sample_rate)
         self.block_samples = max(1, self.sample_rate * block_ms // 1000)
@@ -97,6 +105,7 @@ class AudioSink(ABC):
         self._played = 0
         self._played_audio: list[np.ndarray] = []
         self._keep_audio = False
+        self._listeners: tuple[FarEndListener, ...] = ()
         self.chunks: list[PlayedChunk] = []
         self._in_utterance = False
         self._starving = False
@@ -135,6 +144,23 @@ class AudioSink(ABC):
             self._queue.clear()
             self._in_utterance = self._starving = False
             self._paused.clear()
+
+    def add_listener(self, listener: FarEndListener) -> Callable[[], None]:
+        """Receive every block handed to the device (the far-end tap); returns a remover.
+
+        Listeners run on the playback thread (an audio callback for a real speaker): they must
+        be quick and never block. One that raises is removed, so playback goes on.
+        ``SpeakerSink`` hands blocks continuously (zeros when idle or paused); ``MemorySink``
+        only while audio is queued, so listeners must treat a jump in ``play_time`` as silence.
+        """
+        with self._write_lock:
+            self._listeners = (*self._listeners, listener)
+        return lambda: self.remove_listener(listener)
+
+    def remove_listener(self, listener: FarEndListener) -> None:
+        """Stop calling ``listener`` (no error if it was not added)."""
+        with self._write_lock:
+            self._listeners = tuple(fn for fn in self._listeners if fn is not listener)
 
     def begin_utterance(self) -> None:
         """Audio written from now on is one utterance: running dry before its end is an underrun."""
@@ -223,7 +249,10 @@ class AudioSink(ABC):
     def _consume(self, n: int) -> np.ndarray:
         """Pull the next n samples for the speaker (zeros when idle or paused) and account for them."""
         if self._paused.is_set():
-            return np.zeros(n, np.float32)
+            silence = np.zeros(n, np.float32)
+            if self._listeners:
+                self._tell_listeners(silence, time.monotonic() + self.output_latency_s)
+            return silence
         with self._consume_lock:  # wait_idle() must not return between the pull and the count
             block, filled, starts = self._queue.pull(n)
             if filled:
@@ -236,7 +265,18 @@ class AudioSink(ABC):
             if filled and self._keep_audio:
                 self._played_audio.append(block[:filled].copy())
             self._played += filled
+            if self._listeners:
+                self._tell_listeners(block, now + self.output_latency_s)
         return block
+
+    def _tell_listeners(self, block: np.ndarray, play_time: float) -> None:
+        view = block.view()
+        view.flags.writeable = False
+        for listener in self._listeners:
+            try:
+                listener(view, self.sample_rate, play_time)
+            except Exception:  # a broken listener must not silence the speaker
+                self.remove_listener(listener)
 
 
 class MemorySink(AudioSink):

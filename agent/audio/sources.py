@@ -28,6 +28,7 @@ class AudioSource(ABC):
 
     sample_rate: int = PIPELINE_RATE
     block_samples: int = PIPELINE_RATE * BLOCK_MS // 1000
+    input_latency_s: float = 0.0  # device-reported delay from sound reaching the mic to read()
 
     @abstractmethod
     def start(self) -> None:
