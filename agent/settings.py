@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from agent.end_of_turn import TurnSettings
 from agent.errors import AgentError
 
 DEFAULT_CSM_MODEL = "sesame/csm-1b"
@@ -43,7 +44,10 @@ class AgentSettings:
     speaker_file: str | None = None  # WAV that receives everything the agent says
     realtime: bool = True  # play mic_file in real time (False: as fast as the pipeline takes it)
     mode: str = "vad"  # "vad" (hands-free) | "ptt" (push-to-talk)
-    end_silence_ms: int = 600  # pause that ends a user turn (VAD)
+    end_silence_ms: int = 600  # pause that ends a user turn (VAD; with turn = "silence" or no model)
+    turn: str = "smart"  # end of a hands-free turn: "smart" (end-of-turn model) | "silence" (fixed pause)
+    turn_threshold: float = 0.5  # P(done) from the end-of-turn model that ends a turn
+    turn_max_silence_ms: int = 2000  # smart: a pause this long ends the turn whatever the model says
     # session
     save_dir: str | None = None  # conversation directory, saved after every turn
     headless: bool = False
@@ -66,6 +70,12 @@ class AgentSettings:
             raise AgentError(f"max audio length must be at least 80 ms (one frame), got {self.max_audio_ms}")
         if self.end_silence_ms < 32:
             raise AgentError(f"end_silence_ms must be at least 32, got {self.end_silence_ms}")
+        self.turn_settings()  # validates turn, turn_threshold, turn_max_silence_ms
+
+    def turn_settings(self) -> TurnSettings:
+        """The end-of-turn rule these options ask for (AgentError when they cannot work)."""
+        return TurnSettings(mode=self.turn, threshold=self.turn_threshold,
+                            max_silence_ms=self.turn_max_silence_ms, end_silence_ms=self.end_silence_ms)
 
     def with_changes(self, **changes: Any) -> "AgentSettings":
         """A copy with some options replaced (validated)."""
