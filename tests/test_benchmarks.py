@@ -41,3 +41,14 @@ def test_quant_error_reports_every_precision():
     errors = result["flavors"]["tiny"]
     assert set(errors) == {"bfloat16", "int8"}
     assert all(0 < e["decoder_rel_rms"] < 0.05 for e in errors.values())
+
+
+@pytest.mark.slow
+def test_turn_model_benchmark_prints_decision_times(capsys):
+    import turn_model
+
+    result = turn_model.main(["--repeats", "1", "--no-judgements"])
+    for key in ("features", "model", "decision", "decision_cpu"):
+        assert result[key]["n"] == len(result["input_s"]) and 0 < result[key]["median_ms"] <= result[key]["p95_ms"]
+    assert max(result["input_s"]) > 8  # one input longer than the model's 8 s window
+    assert '"decision"' in capsys.readouterr().out
