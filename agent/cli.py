@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(office, living-room, office-loud, living-room-loud, or a room file)")
     audio.add_argument("--aec", choices=("on", "off", "auto"),
                        help="echo cancellation (default auto: on where WebRTC's canceller loads)")
+    audio.add_argument("--turn", choices=("smart", "silence"),
+                       help="hands-free end of turn: the end-of-turn model (smart, default) or a fixed pause (silence)")
+    audio.add_argument("--turn-threshold", type=float, metavar="P",
+                       help="end-of-turn model probability that ends a turn (default 0.5)")
     pace = audio.add_mutually_exclusive_group()
     pace.add_argument("--realtime", dest="realtime", action="store_true", default=None,
                       help="play --mic-file in real time (default); the user may talk over the agent")
@@ -103,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 SETTING_FLAGS = (
-    "headless", "mic_file", "speaker_file", "input_device", "output_device", "mode", "realtime", "csm_model",
-    "mimi_path", "tokenizer_path", "csm_dtype", "adapter", "llm_model", "llm_url", "asr", "asr_model", "device",
-    "persona", "save_dir", "max_turns", "max_audio_ms", "seed", "watermark", "room", "aec",
+    "headless", "mic_file", "speaker_file", "input_device", "output_device", "mode", "turn", "turn_threshold",
+    "realtime", "csm_model", "mimi_path", "tokenizer_path", "csm_dtype", "adapter", "llm_model", "llm_url", "asr",
+    "asr_model", "device", "persona", "save_dir", "max_turns", "max_audio_ms", "seed", "watermark", "room", "aec",
 )
 
 

@@ -39,7 +39,9 @@ def _expected_types() -> dict[str, tuple[type, ...]]:
         allowed: list[type] = []
         if "str" in hint:
             allowed.append(str)
-        if "int" in hint:
+        if "float" in hint:
+            allowed.append(float)
+        if "int" in hint or "float" in hint:  # a TOML 1 is as good as 1.0 for a float option
             allowed.append(int)
         if "bool" in hint:
             allowed.append(bool)

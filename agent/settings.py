@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from agent.echo import check_aec_mode
+from agent.end_of_turn import TurnSettings
 from agent.errors import AgentError
+from agent.room_spec import load_room
 
 DEFAULT_CSM_MODEL = "sesame/csm-1b"
 ASR_ENGINES = ("faster-whisper", "openai-whisper")
@@ -43,7 +46,10 @@ class AgentSettings:
     speaker_file: str | None = None  # WAV that receives everything the agent says
     realtime: bool = True  # play mic_file in real time (False: as fast as the pipeline takes it)
     mode: str = "vad"  # "vad" (hands-free) | "ptt" (push-to-talk)
-    end_silence_ms: int = 600  # pause that ends a user turn (VAD)
+    end_silence_ms: int = 600  # pause that ends a user turn (VAD; with turn = "silence" or no model)
+    turn: str = "smart"  # end of a hands-free turn: "smart" (end-of-turn model) | "silence" (fixed pause)
+    turn_threshold: float = 0.5  # P(done) from the end-of-turn model that ends a turn
+    turn_max_silence_ms: int = 2000  # smart: a pause this long ends the turn whatever the model says
     room: str | None = None  # a simulated room (preset name or .toml) between speaker and mic
     aec: str = "auto"  # echo cancellation: auto | on | off
     # session
@@ -69,13 +75,15 @@ class AgentSettings:
         if self.end_silence_ms < 32:
             raise AgentError(f"end_silence_ms must be at least 32, got {self.end_silence_ms}")
         if self.aec != "auto":
-            from agent.echo import check_aec_mode
-
             check_aec_mode(self.aec)
         if self.room is not None:
-            from agent.room_spec import load_room
-
             load_room(self.room)  # a bad room file fails here, in one line, before anything loads
+        self.turn_settings()  # validates turn, turn_threshold, turn_max_silence_ms
+
+    def turn_settings(self) -> TurnSettings:
+        """The end-of-turn rule these options ask for (AgentError when they cannot work)."""
+        return TurnSettings(mode=self.turn, threshold=self.turn_threshold,
+                            max_silence_ms=self.turn_max_silence_ms, end_silence_ms=self.end_silence_ms)
 
     def with_changes(self, **changes: Any) -> "AgentSettings":
         """A copy with some options replaced (validated)."""

@@ -2,7 +2,8 @@
 
 Two detectors with one stream interface: ``feed(block) -> list[VadEvent]``.
 ``VoiceActivityDetector`` runs Silero VAD (the model packaged in ``silero-vad``, on ONNX
-Runtime or TorchScript) on 32 ms windows and ends a turn after a pause; ``PushToTalk`` starts
+Runtime or TorchScript) on 32 ms windows and ends a turn after a pause (a fixed one, or as an
+``EndOfTurnJudge`` from ``agent.end_of_turn`` decides); ``PushToTalk`` starts
 and ends turns on key press and release. A ``speech_end`` event carries the turn's audio, ready for ASR. Times are seconds of
 stream audio fed since the detector was made or reset (not wall-clock time).
 """
@@ -19,6 +20,7 @@ import numpy as np
 
 from agent.audio import PIPELINE_RATE
 from agent.embedded import silero_vad_jit
+from agent.end_of_turn import EndOfTurnJudge, TurnVerdict
 from agent.errors import AgentError
 
 WINDOW = 512  # samples per Silero window at 16 kHz (32 ms)
@@ -30,13 +32,15 @@ class VadEvent:
 
     ``speech_end`` carries ``audio``: the whole turn (float32, 16 kHz, with a little lead-in
     and tail around the speech) and ``forced`` when it was cut by ``max_speech_s`` or flush.
-    For ``speech_end``, ``t`` is where the speech stopped, before the end-of-turn pause.
+    For ``speech_end``, ``t`` is where the speech stopped, before the end-of-turn pause, and
+    ``ended_t`` where the turn was judged over (``t`` plus the pause that ended it).
     """
 
     kind: Literal["speech_start", "speech_end"]
     t: float
     audio: np.ndarray | None = field(default=None, repr=False, compare=False)
     forced: bool = False
+    ended_t: float | None = None
 
     @property
     def duration_s(self) -> float:
@@ -176,15 +180,21 @@ class VoiceActivityDetector:
     """Silero VAD over a 16 kHz stream: speech_start once speech lasts ``min_speech_ms``,
     speech_end (with the turn's audio) after ``end_silence_ms`` of pause.
 
+    With ``end_of_turn`` (an ``EndOfTurnJudge``) the judge decides which pause ends a turn
+    instead of ``end_silence_ms``: it is asked on every window of a turn with the current pause
+    length, and its latest verdict is ``last_verdict`` (``waiting`` = judged unfinished).
+
     Not thread-safe: feed it from one thread (the capture loop). The detector owns its
-    ``SileroModel`` (recurrent state included): give each detector its own.
+    ``SileroModel`` (recurrent state included) and its judge: give each detector its own.
     """
 
     sample_rate = PIPELINE_RATE
 
-    def __init__(self, settings: VadSettings | None = None, *, model: SileroModel | None = None) -> None:
+    def __init__(self, settings: VadSettings | None = None, *, model: SileroModel | None = None,
+                 end_of_turn: EndOfTurnJudge | None = None) -> None:
         self.settings = settings or VadSettings()
         self._model = model if model is not None else load_silero_model()
+        self.end_of_turn = end_of_turn
         s = self.settings
         self._end_silence = s.end_silence_ms * PIPELINE_RATE // 1000
         self._min_speech = s.min_speech_ms * PIPELINE_RATE // 1000
@@ -205,6 +215,9 @@ class VoiceActivityDetector:
         self._start = 0
         self._silence_from: int | None = None  # first sample of the current pause
         self.last_probability = 0.0
+        self.last_verdict: TurnVerdict | None = None
+        if self.end_of_turn is not None:
+            self.end_of_turn.reset()
 
     @property
     def speaking(self) -> bool:
@@ -215,6 +228,13 @@ class VoiceActivityDetector:
     def time_s(self) -> float:
         """Stream time reached so far, in seconds."""
         return self._pos / PIPELINE_RATE
+
+    @property
+    def pause_ms(self) -> float:
+        """Length of the current pause inside a turn (0 while speaking or between turns), ms."""
+        if not self._speaking or self._silence_from is None:
+            return 0.0
+        return (self._pos - self._silence_from) * 1000 / PIPELINE_RATE
 
     def current_audio(self) -> np.ndarray:
         """Audio of the turn in progress (for a partial transcript); empty when not speaking."""
@@ -259,27 +279,41 @@ class VoiceActivityDetector:
                 self._speaking, self._start, self._silence_from = True, self._candidate, None
                 self._candidate = None
                 self._buffer.begin(self._start)
+                self._new_turn()
                 return [VadEvent("speech_start", self._start / PIPELINE_RATE)]
             return []
         if is_speech:
             self._silence_from = None
         elif is_silence and self._silence_from is None:
             self._silence_from = window_start
-        if self._silence_from is not None and self._pos - self._silence_from >= self._end_silence:
+        if self._pause_ends_turn():
             return [self._end_turn(self._silence_from)]
         if self._pos - self._start >= self._max_speech:
             event = self._end_turn(self._pos, forced=True)
             # The user is still talking: what follows is a new turn.
             self._speaking, self._start, self._silence_from = True, self._pos, None
             self._buffer.begin(self._pos)
+            self._new_turn()
             return [event, VadEvent("speech_start", self._pos / PIPELINE_RATE)]
         return []
+
+    def _pause_ends_turn(self) -> bool:
+        """Whether the current pause (if any) ends the turn: the judge's call, or end_silence_ms."""
+        if self.end_of_turn is None:
+            return self._silence_from is not None and self._pos - self._silence_from >= self._end_silence
+        self.last_verdict = self.end_of_turn.update(self.pause_ms, self._buffer.audio)
+        return self.last_verdict.ended
+
+    def _new_turn(self) -> None:
+        self.last_verdict = None
+        if self.end_of_turn is not None:
+            self.end_of_turn.reset()
 
     def _end_turn(self, speech_end: int, *, forced: bool = False) -> VadEvent:
         """End the turn whose speech stopped at stream sample ``speech_end`` (audio gets the tail)."""
         audio = self._buffer.end(min(self._pos, speech_end + self._tail))
         self._speaking, self._silence_from = False, None
-        return VadEvent("speech_end", speech_end / PIPELINE_RATE, audio, forced)
+        return VadEvent("speech_end", speech_end / PIPELINE_RATE, audio, forced, self._pos / PIPELINE_RATE)
 
 
 class PushToTalk:
@@ -345,7 +379,8 @@ class PushToTalk:
     def _end(self, *, forced: bool) -> VadEvent:
         audio = np.concatenate(self._turn) if self._turn else np.zeros(0, np.float32)
         self._speaking, self._turn = False, []
-        return VadEvent("speech_end", self._pos / PIPELINE_RATE, audio, forced)
+        t = self._pos / PIPELINE_RATE
+        return VadEvent("speech_end", t, audio, forced, t)
 
 
 TurnDetector = VoiceActivityDetector | PushToTalk

@@ -52,3 +52,14 @@ def test_train_speed_prints_a_row_per_mode():
     assert [r["mode"] for r in rows] == ["lora", "full"]
     assert all(r["steps_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["target_frames_per_s"] > 0 for r in rows)
     assert 0 < rows[0]["trainable_params"] < rows[1]["trainable_params"] == rows[1]["params"]
+
+
+@pytest.mark.slow
+def test_turn_model_benchmark_prints_decision_times(capsys):
+    import turn_model
+
+    result = turn_model.main(["--repeats", "1", "--no-judgements"])
+    for key in ("features", "model", "decision", "decision_cpu"):
+        assert result[key]["n"] == len(result["input_s"]) and 0 < result[key]["median_ms"] <= result[key]["p95_ms"]
+    assert max(result["input_s"]) > 8  # one input longer than the model's 8 s window
+    assert '"decision"' in capsys.readouterr().out

@@ -1,0 +1,143 @@
+"""Smart Turn v3.2 on this CPU: time per end-of-turn decision, and what it decides on espeak speech.
+
+    python benchmarks/turn_model.py [--repeats 5] [--no-judgements]
+
+Inputs are realistic: espeak-ng questions of 1-4 s and a 9 s ramble (cut to its last 8 s),
+each with 200 ms of lead-in and the 192 ms pause at which the judge first asks. Times (one
+ONNX Runtime thread, as the agent runs it): the features (log-mel of the last 8 s), the model
+on ready features, and a whole decision (both). With ``--judgements`` (default) it also runs
+the judge over the test suite's streams (real Silero VAD) and prints each model answer and
+the end-of-speech -> turn-ended delays in stream time. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from agent.audio import PIPELINE_RATE, load_audio  # noqa: E402
+from agent.turn_model import load_turn_model, turn_features  # noqa: E402
+
+TIMING_TEXTS = [
+    "What time is it?", "Can you tell me a joke?", "What should I cook for dinner tonight?",
+    "I was wondering whether you could help me plan a trip to Rome next spring, with a day in Florence.",
+    "So yesterday I went to the market and bought apples, pears, some bread, a little cheese and then "
+    "I walked home along the river because the weather was lovely.",
+]
+BARE_CLAUSES = ["I'd like to know", "What is the capital of", "Could you please remind me to", "My favourite colour is"]
+
+
+def espeak(text: str, directory: Path) -> np.ndarray:
+    path = directory / f"{abs(hash(text))}.wav"
+    if not path.exists():
+        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(path), text], check=True)
+    return load_audio(path)
+
+
+def speech_only(clip: np.ndarray) -> np.ndarray:
+    loud = np.nonzero(np.abs(clip) > 0.02)[0]
+    return clip[loud[0] : loud[-1] + 1]
+
+
+def stats_ms(seconds: list[float]) -> dict:
+    ms = np.asarray(seconds) * 1000
+    return {"median_ms": round(float(np.median(ms)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
+            "n": len(ms)}
+
+
+def timings(model, inputs: list[np.ndarray], repeats: int) -> dict:
+    """Wall time of features, model and whole decision; and the decision's CPU time on this thread
+    (on a shared machine wall time includes waiting for a core, CPU time does not)."""
+    features, model_only, decision, decision_cpu = [], [], [], []
+    for _ in range(repeats):
+        for audio in inputs:
+            t0 = time.perf_counter()
+            x = turn_features(audio)
+            t1 = time.perf_counter()
+            model.probability_of_features(x)
+            t2 = time.perf_counter()
+            c2 = time.thread_time()
+            model.probability(audio)
+            decision_cpu.append(time.thread_time() - c2)
+            t3 = time.perf_counter()
+            features.append(t1 - t0)
+            model_only.append(t2 - t1)
+            decision.append(t3 - t2)
+    return {"features": stats_ms(features), "model": stats_ms(model_only), "decision": stats_ms(decision),
+            "decision_cpu": stats_ms(decision_cpu)}
+
+
+def judgements(directory: Path) -> dict:
+    """The test suite's streams through the real VAD and the judge: answers and delays (stream time)."""
+    import test_end_of_turn as suite
+
+    from agent.end_of_turn import EndOfTurnJudge, TurnSettings
+    from agent.vad import load_silero_model
+
+    silero, judge = load_silero_model(), EndOfTurnJudge(TurnSettings(), load_turn_model())
+    clip = lambda text: speech_only(espeak(text, directory))  # noqa: E731
+    silence = suite.silence
+    questions, delays = {}, []
+    for text in suite.QUESTIONS:
+        speech = clip(text)
+        run = suite.run_stream(np.concatenate([silence(0.5), speech, silence(2.5)]), silero, judge)
+        turn = run.turns[0]
+        delays.append(turn.ended_t - (0.5 + len(speech) / PIPELINE_RATE))
+        questions[text] = {"answers": [round(p, 3) for p in run.answers], "turns": len(run.turns),
+                           "ended_by": run.verdicts[-1][1].reason,
+                           "speech_end_to_turn_end_ms": round(delays[-1] * 1000)}
+    paused = {}
+    for i, (first, rest) in enumerate(suite.PAUSED_SENTENCES):
+        pause = suite.PAUSES_S[i % len(suite.PAUSES_S)]
+        audio = np.concatenate([silence(0.5), clip(first), silence(pause), clip(rest), silence(2.5)])
+        run = suite.run_stream(audio, silero, judge)
+        paused[f"{first} [{pause} s] {rest}"] = {"turns": len(run.turns), "answers": [round(p, 3) for p in run.answers]}
+    bare = {}
+    for text in BARE_CLAUSES:
+        run = suite.run_stream(np.concatenate([silence(0.5), clip(text), silence(0.5)]), silero, judge)
+        bare[text] = [round(p, 3) for p in run.answers]
+    d = np.asarray(delays) * 1000
+    return {"questions": questions, "questions_done_at_first_check": sum(q["answers"][0] >= 0.5 for q in questions.values()),
+            "speech_end_to_turn_end_ms": {"median": round(float(np.median(d))), "p25": round(float(np.percentile(d, 25))),
+                                          "p75": round(float(np.percentile(d, 75))), "max": round(float(d.max()))},
+            "paused_sentences": paused, "bare_clauses_first_answers": bare}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="passes over the timing inputs (default 5)")
+    parser.add_argument("--no-judgements", dest="judgements", action="store_false",
+                        help="only the timings, not the judge over the test streams")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if shutil.which("espeak-ng") is None:
+        parser.error("espeak-ng is not installed (apt-get install espeak-ng)")
+    model = load_turn_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        lead, pause = np.zeros(3200, np.float32), np.zeros(3072, np.float32)  # 200 ms, 192 ms
+        inputs = [np.concatenate([lead, speech_only(espeak(t, directory)), pause]) for t in TIMING_TEXTS]
+        result = {"cpu_count": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
+                  "ort_threads": 1, "input_s": [round(len(a) / PIPELINE_RATE, 2) for a in inputs],
+                  **timings(model, inputs, args.repeats)}
+        if args.judgements:
+            result["judgements"] = judgements(directory)
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
