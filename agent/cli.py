@@ -193,8 +193,9 @@ class TurnPrinter:
                 print(f"agent: {event.text}{suffix}", file=self.out, flush=True)
             elif isinstance(event, TurnLatency):
                 print(f"  latency: transcript {_fmt_ms(event.transcript_ms)}, first token "
-                      f"{_fmt_ms(event.first_token_ms)}, first audio {_fmt_ms(event.first_audio_ms)}",
-                      file=self.out, flush=True)
+                      f"{_fmt_ms(event.first_token_ms)}, first audio {_fmt_ms(event.first_audio_ms)} "
+                      f"(after the end of speech; turn ended {_fmt_ms(event.turn_end_ms)}); "
+                      f"playback gaps {event.underruns}", file=self.out, flush=True)
             elif isinstance(event, Notice):
                 print(f"{event.level}: {event.message}", file=self.err, flush=True)
 

@@ -17,6 +17,7 @@ class AgentState(str, Enum):
     LOADING = "loading"
     LISTENING = "listening"
     HEARING = "hearing you"
+    WAITING = "waiting for you to finish"  # a pause, but the user seems not finished
     TRANSCRIBING = "transcribing"
     THINKING = "thinking"
     SPEAKING = "speaking"
@@ -102,6 +103,14 @@ class LoadProgress:
 
 
 @dataclass(frozen=True)
+class AudioSetup:
+    """How the microphone is heard: echo cancellation on or off, and the simulated room if any."""
+
+    echo_cancellation: bool
+    room: str | None = None
+
+
+@dataclass(frozen=True)
 class Notice:
     """A one-line message for the user with the fix; level is "info", "warning" or "error"."""
 
@@ -118,5 +127,6 @@ Event = Union[
     AgentTurnDone,
     TurnLatency,
     LoadProgress,
+    AudioSetup,
     Notice,
 ]

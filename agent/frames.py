@@ -80,17 +80,45 @@ class Stop(SystemFrame):
     """The pipeline is stopping: finish what must be finished and end the loop."""
 
 
-# ---- capture -> transcribe ----------------------------------------------------------------------
+# ---- capture -> turn -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AudioBlock(DataFrame):
+    """One 16 kHz microphone block, echo-cancelled, and what the capture stage knew about it."""
+
+    audio: np.ndarray = field(repr=False, compare=False)
+    captured_at: float  # monotonic time the block was read (its last sample had just been heard)
+    user_over_echo: bool = False  # the double-talk detector heard a person over the agent's voice
+
+
+@dataclass(frozen=True)
+class EndOfAudio(ControlFrame):
+    """The source has ended (end of the mic file, or the microphone was stopped)."""
+
+
+# ---- turn -> transcribe ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class SpeechSegment(DataFrame):
-    """A finished user utterance: 16 kHz float32 audio and when it happened."""
+    """A finished user turn: 16 kHz float32 audio and when it happened."""
 
     audio: np.ndarray = field(repr=False, compare=False)
-    t0: float  # monotonic time the end of the turn was detected
+    t0: float  # monotonic time the speech ended (latencies count from here)
     started_at: float  # wall-clock times of the speech
     ended_at: float
+    turn_end_ms: float | None = None  # end of speech -> the turn judged over
+    span: tuple[int, int] | None = None  # the stream samples ``audio`` covers
+    over_reply: bool = False  # spoken while a reply played: backchannel or barge-in, by its words
+
+
+@dataclass(frozen=True)
+class TentativeSpeech(DataFrame):
+    """The turn as it would end now (a pause has begun): transcribe it ahead, in case it does."""
+
+    audio: np.ndarray = field(repr=False, compare=False)
+    span: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -114,6 +142,7 @@ class UserInput(DataFrame):
     ended_at: float
     transcript_ms: float | None = None
     typed: bool = False
+    turn_end_ms: float | None = None
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@
 TUI and the CLI use. Each stage runs on its own thread and passes typed frames
 (``agent.frames``) to the next::
 
-    capture (source + VAD/push-to-talk) --SpeechSegment--> transcribe (Whisper) --UserInput-->
-    think (LLM -> sentences) --AgentSentence/EndOfReply--> voice (CSM stream -> speaker sink)
+    capture (source -> echo cancellation) --AudioBlock--> turn (VAD + end-of-turn judge,
+    barge-in) --SpeechSegment--> transcribe (Whisper) --UserInput--> think (LLM -> sentences)
+    --AgentSentence/EndOfReply--> voice (CSM stream -> speaker sink)
 
 The first sentence is spoken while the LLM is still writing the rest. An interruption
 (``interrupt``: the user's voice or the interrupt key) cancels the reply in flight through its
@@ -29,18 +30,22 @@ from agent.asr import Transcriber
 from agent.audio import AudioSink, AudioSource, WavFileSource, write_wav
 from agent.conversation import Conversation
 from agent.errors import AgentError
-from agent.events import AgentState, Event
+from agent.barge_in import BargeIn
+from agent.echo import open_echo_canceller
+from agent.events import AgentState, AudioSetup, Event
 from agent.frames import ReplayRequest, UserInput
 from agent.llm import ChatLLM
 from agent.personas import Persona, load_persona
 from agent.saving import ConversationSaver, default_save_dir
 from agent.settings import MODES, AgentSettings
 from agent.stages.base import StageContext
-from agent.stages.capture import CaptureStage
+from agent.stages.capture import CancelledEcho, CaptureStage, EchoRemover, NoEchoRemoval
+from agent.stages.turn import TurnStage
 from agent.stages.loading import ModelLoader, Models
 from agent.stages.think import ThinkStage
 from agent.stages.transcribe import TranscribeStage
 from agent.stages.voice import PromptHook, VoiceStage
+from agent.room import SimulatedRoom, open_room
 from agent.vad import SileroModel
 
 if TYPE_CHECKING:  # torch-heavy: only for annotations
@@ -75,11 +80,9 @@ class Pipeline:
         self.conversation = Conversation(settings.persona or "default", self.persona.speaker_id)
         self.save_dir = Path(settings.save_dir).expanduser() if settings.save_dir else default_save_dir()
         self.fatal: AgentError | None = None
-        paced = bool(settings.mic_file) and not settings.realtime  # --fast: the file waits for the agent
-        if settings.mic_file and source is None:
-            # Trailing silence lets a turn that runs to the end of the file reach its end-of-turn pause.
-            source = WavFileSource(settings.mic_file, speed=1.0 if settings.realtime else None,
-                                   trailing_silence_s=settings.end_silence_ms / 1000 + 0.5)
+        paced = bool(settings.mic_file or settings.room) and not settings.realtime  # --fast: input waits
+        if source is None and (settings.mic_file or settings.room):
+            source = _file_or_room(settings)
         self.ctx = StageContext(emit, headless=settings.headless, max_turns=settings.max_turns, on_fatal=self._fail)
         self.models = Models(source=source, sink=sink, generator=generator, llm=llm, transcriber=transcriber,
                              vad_model=vad_model, watermarker=watermarker)
@@ -89,10 +92,15 @@ class Pipeline:
         self.voice = VoiceStage(self.ctx, self.models, self.conversation, self.persona, saver=self.saver,
                                 max_audio_ms=settings.max_audio_ms, seed=settings.seed, on_prompt=on_prompt)
         self.think = ThinkStage(self.ctx, self.voice, self.models, self.conversation, self.persona, self.saver)
-        self.transcribe = TranscribeStage(self.ctx, self.think, self.models)
-        self.capture = CaptureStage(self.ctx, self.transcribe, mode=settings.mode, partials=not settings.headless,
-                                    paced=paced, on_barge_in=self.interrupt)
-        self._stages = (self.capture, self.transcribe, self.think, self.voice)
+        self.barge_in = BargeIn(self.ctx.replies, pause=self._pause_speaker, resume=self._resume_speaker,
+                                interrupt=self.interrupt)
+        self.transcribe = TranscribeStage(self.ctx, self.think, self.models, self.barge_in)
+        self.turn = TurnStage(self.ctx, self.transcribe, mode=settings.mode, partials=not settings.headless,
+                              paced=paced, barge_in=self.barge_in)
+        self.capture = CaptureStage(self.ctx, self.turn, paced=paced)
+        self._stages = (self.capture, self.turn, self.transcribe, self.think, self.voice)
+        self._detach_echo: Callable[[], None] | None = None
+        self._detach_room: Callable[[], None] | None = None
         self._started = self._stopped = False
 
     # ---- state the CLI and tests read ------------------------------------------------------------
@@ -132,7 +140,7 @@ class Pipeline:
         self._started = True
         self.ctx.set_state(AgentState.LOADING)
         self.ctx.spawn(self._load_then_listen, "startup")
-        for stage in (self.transcribe, self.think, self.voice):
+        for stage in (self.turn, self.transcribe, self.think, self.voice):
             stage.start()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -196,13 +204,13 @@ class Pipeline:
         if mode not in MODES:
             raise AgentError(f"unknown mode {mode!r}: use 'vad' (hands-free) or 'ptt' (push-to-talk)")
         self.settings = self.settings.with_changes(mode=mode)
-        self.capture.set_mode(mode)
+        self.turn.set_mode(mode)
 
     def push_to_talk(self, pressed: bool) -> None:
         if pressed:
-            self.capture.ptt.press()
+            self.turn.ptt.press()
         else:
-            self.capture.ptt.release()
+            self.turn.ptt.release()
 
     def set_persona(self, name_or_path: str) -> None:
         """Switch who the agent is from the next reply on (voice loads in the background)."""
@@ -235,8 +243,39 @@ class Pipeline:
             m.loaded.wait()  # a file plays once everything is loaded, as a user would wait
         if self.fatal is not None or self.ctx.stopping.is_set():
             return
-        self.capture.source, self.capture.vad = m.source or None, m.vad
+        self.turn.vad = m.vad
+        if m.source:
+            self.capture.source = m.source
+            if isinstance(m.source, SimulatedRoom) and m.sink is not None:
+                self._detach_room = m.sink.add_listener(m.source.hear)  # the speaker plays into the room
+            self.capture.echo = self._echo_remover(m.source, m.sink)
         self.capture.start()
+
+    def _echo_remover(self, source: AudioSource, sink: AudioSink | None) -> EchoRemover:
+        """The agent's voice taken out of the mic: AEC where sound can travel from speaker to mic."""
+        mode = self.settings.aec
+        # auto: on for a microphone or a room in hands-free mode (a WAV file hears no speaker)
+        if sink is None or mode == "off" or (mode == "auto" and (not source.hears_speaker
+                                                                  or self.settings.mode == "ptt")):
+            self.ctx.emit(AudioSetup(False, self.settings.room))
+            return NoEchoRemoval()
+        try:
+            canceller = open_echo_canceller(mode if mode == "on" else "auto", source, sink,
+                                            notice=lambda line: self.ctx.notice("warning", line))
+        except AgentError as error:
+            self._fail(error)
+            return NoEchoRemoval()
+        self._detach_echo = canceller.close
+        self.ctx.emit(AudioSetup(canceller.enabled, self.settings.room))
+        return CancelledEcho(canceller)
+
+    def _pause_speaker(self) -> None:
+        if self.models.sink is not None:
+            self.models.sink.pause()
+
+    def _resume_speaker(self) -> None:
+        if self.models.sink is not None:
+            self.models.sink.resume()
 
     def _loaded(self) -> None:
         if self.fatal is None:
@@ -253,6 +292,9 @@ class Pipeline:
         self.ctx.progress.finished.set()
 
     def _close_sink(self) -> None:
+        for detach in (self._detach_echo, self._detach_room):
+            if detach is not None:
+                detach()
         sink = self.models.sink
         if sink is None:
             return
@@ -268,3 +310,12 @@ class Pipeline:
             write_wav(target, self.models.watermark(audio, sink.sample_rate), sink.sample_rate)
         except OSError as error:
             self.ctx.notice("error", f"cannot write {target}: {error.strerror or error}")
+
+
+def _file_or_room(settings: AgentSettings) -> AudioSource:
+    """--mic-file played as if spoken live, or --room: a simulated room (with --mic-file's voice)."""
+    # Trailing silence lets a turn that runs to the end of the file reach its end-of-turn pause.
+    trailing_s = max(settings.end_silence_ms, settings.turn_max_silence_ms) / 1000 + 0.5
+    if settings.room:
+        return open_room(settings.room, settings.mic_file, realtime=settings.realtime, trailing_silence_s=trailing_s)
+    return WavFileSource(settings.mic_file, speed=1.0 if settings.realtime else None, trailing_silence_s=trailing_s)

@@ -137,6 +137,8 @@ class BackgroundNoise:
 class SimulatedRoom(AudioSource):
     """A microphone in a simulated room: user voice + the agent's echo + noise (see the module doc)."""
 
+    hears_speaker = True
+
     def __init__(
         self,
         spec: RoomSpec,

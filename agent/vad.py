@@ -41,6 +41,8 @@ class VadEvent:
     audio: np.ndarray | None = field(default=None, repr=False, compare=False)
     forced: bool = False
     ended_t: float | None = None
+    span: tuple[int, int] | None = None  # speech_end: the stream samples ``audio`` covers
+
 
     @property
     def duration_s(self) -> float:
@@ -146,6 +148,11 @@ class _TurnBuffer:
         self._start = 0  # stream sample of the first sample held
         self._len = 0
         self._recording = False
+
+    @property
+    def start(self) -> int:
+        """Stream sample of the first sample held."""
+        return self._start
 
     def push(self, samples: np.ndarray) -> None:
         self._chunks.append(samples)
@@ -309,11 +316,33 @@ class VoiceActivityDetector:
         if self.end_of_turn is not None:
             self.end_of_turn.reset()
 
+    @property
+    def speech_s(self) -> float:
+        """Seconds from the start of the turn in progress to the end of its speech so far (a pause
+        going on now is not counted); 0 between turns."""
+        if not self._speaking:
+            return 0.0
+        end = self._silence_from if self._silence_from is not None else self._pos
+        return (end - self._start) / PIPELINE_RATE
+
+    def audio_if_ended_now(self) -> tuple[tuple[int, int], np.ndarray] | None:
+        """In a pause longer than the tail: the span and audio a ``speech_end`` now would carry.
+
+        Lets the turn's transcription start during the pause; the ``span`` of the real
+        ``speech_end`` says whether it covers the same audio. None while speaking or between turns.
+        """
+        if not self._speaking or self._silence_from is None or self._pos < self._silence_from + self._tail:
+            return None
+        start, end = self._buffer.start, self._silence_from + self._tail
+        return (start, end), self._buffer.audio()[: end - start].copy()
+
     def _end_turn(self, speech_end: int, *, forced: bool = False) -> VadEvent:
         """End the turn whose speech stopped at stream sample ``speech_end`` (audio gets the tail)."""
-        audio = self._buffer.end(min(self._pos, speech_end + self._tail))
+        start, end = self._buffer.start, min(self._pos, speech_end + self._tail)
+        audio = self._buffer.end(end)
         self._speaking, self._silence_from = False, None
-        return VadEvent("speech_end", speech_end / PIPELINE_RATE, audio, forced, self._pos / PIPELINE_RATE)
+        return VadEvent("speech_end", speech_end / PIPELINE_RATE, audio, forced, self._pos / PIPELINE_RATE,
+                        (start, end))
 
 
 class PushToTalk:

@@ -30,7 +30,7 @@ def _csm_chat() -> str:
 def _base_args(tiny_checkpoint, chat_persona, tmp_path) -> list[str]:
     return [_csm_chat(), "--headless", "--csm-model", str(tiny_checkpoint), "--persona", str(chat_persona),
             "--speaker-file", str(tmp_path / "agent.wav"), "--save", str(tmp_path / "saved"), "--no-watermark",
-            "--seed", "5", "--device", "cpu"]
+            "--seed", "5", "--device", "cpu", "--turn", "silence"]
 
 
 def _env(tmp_path) -> dict:

@@ -42,8 +42,9 @@ class Events:
 
 
 def _settings(tmp_path, persona, **changes) -> AgentSettings:
+    # The fixed-pause turn rule: these tests are about the pipeline, not about judging turns.
     values = dict(csm_model="unused", persona=str(persona), save_dir=str(tmp_path / "saved"), headless=True,
-                  watermark=False, seed=7, device="cpu")
+                  watermark=False, seed=7, device="cpu", turn="silence")
     values.update(changes)
     return AgentSettings(**values)
 

@@ -15,12 +15,15 @@ from _stage_helpers import Collector, RecordingGenerator, ScriptedLLM, ScriptedT
 from agent.audio import MemorySink, QueueSource, load_audio
 from agent.conversation import Conversation
 from agent.events import AgentTurnDone, PartialTranscript, UserTurn
-from agent.frames import (AgentSentence, EndOfReply, PartialAudio, ReplayRequest, Reply, SpeechSegment, Stop,
-                          UserInput)
+from agent.barge_in import BargeIn
+from agent.events import MicLevel
+from agent.frames import (AgentSentence, AudioBlock, EndOfAudio, EndOfReply, PartialAudio, ReplayRequest, Reply,
+                          SpeechSegment, Stop, TentativeSpeech, UserInput)
 from agent.personas import load_persona
 from agent.stages.capture import CaptureStage
 from agent.stages.loading import Models
 from agent.stages.think import ThinkStage
+from agent.stages.turn import TurnStage
 from agent.stages.transcribe import TranscribeStage
 from agent.stages.voice import VoiceStage
 from agent.vad import VadSettings, VoiceActivityDetector, load_silero_model
@@ -54,59 +57,121 @@ def test_a_cancelled_replys_data_frames_are_dropped_but_its_end_still_arrives():
 # ---- capture ---------------------------------------------------------------------------------------
 
 
+def _capture(ctx, samples: np.ndarray) -> tuple[CaptureStage, Collector]:
+    out = Collector()
+    stage = CaptureStage(ctx, out)
+    source = QueueSource(16_000)
+    source.push(samples)
+    source.end()
+    stage.source = source
+    return stage, out
+
+
+def test_capture_sends_every_block_stamped_then_the_end_of_audio():
+    ctx, log = context()
+    samples = np.random.default_rng(0).normal(0, 0.1, 16_000).astype(np.float32)
+    stage, out = _capture(ctx, samples)
+    before = time.monotonic()
+    stage.run()  # on this thread: it returns at the end of the source
+    blocks = out.of(AudioBlock)
+    assert len(blocks) == -(-16_000 // 512) and isinstance(out.frames[-1], EndOfAudio)
+    assert np.array_equal(np.concatenate([b.audio for b in blocks])[:16_000], samples)
+    assert all(before <= a.captured_at <= b.captured_at for a, b in zip(blocks, blocks[1:]))
+    assert log.of(MicLevel) and -25 < log.of(MicLevel)[0].rms_dbfs < -15
+
+
+def test_capture_sends_silence_while_muted():
+    ctx, _ = context()
+    stage, out = _capture(ctx, np.full(4096, 0.5, np.float32))
+    stage.set_muted(True)
+    stage.run()
+    assert not any(b.audio.any() for b in out.of(AudioBlock))
+
+
+# ---- turn ------------------------------------------------------------------------------------------
+
+
 @pytest.fixture(scope="module")
 def silero():
     return load_silero_model()
 
 
-def _capture(ctx, silero, source, **kwargs) -> tuple[CaptureStage, Collector]:
+class SpeakerControls:
+    """Records what the barge-in rule did to the speaker and the reply."""
+
+    def __init__(self, ctx) -> None:
+        self.calls: list[str] = []
+        self.ctx = ctx
+
+    def barge_in(self) -> BargeIn:
+        return BargeIn(self.ctx.replies, pause=lambda: self.calls.append("pause"),
+                       resume=lambda: self.calls.append("resume"), interrupt=self._interrupt)
+
+    def _interrupt(self) -> None:
+        self.calls.append("interrupt")
+        self.ctx.replies.cancel_current()
+
+
+def _turns(ctx, silero, samples: np.ndarray, barge_in: BargeIn | None = None, judge=None) -> Collector:
+    """Run the turn stage over ``samples`` (16 kHz) as 32 ms blocks heard in real time."""
     out = Collector()
-    stage = CaptureStage(ctx, out, partials=False, **kwargs)
-    stage.source = source
-    stage.vad = VoiceActivityDetector(VadSettings(end_silence_ms=500), model=silero)
-    return stage, out
+    stage = TurnStage(ctx, out, partials=False, barge_in=barge_in)
+    stage.vad = VoiceActivityDetector(VadSettings(end_silence_ms=500), model=silero, end_of_turn=judge)
+    t0 = time.monotonic()
+    blocks = [AudioBlock(samples[i:i + 512], t0 + (i + 512) / 16_000) for i in range(0, len(samples) - 511, 512)]
+    run_stage(stage, [*blocks, EndOfAudio()])
+    return out
 
 
-def test_capture_emits_one_segment_per_utterance(espeak_wav, silero):
+def _spoken(espeak_wav, *texts: str) -> list[np.ndarray]:
+    return [load_audio(espeak_wav(text)) for text in texts]
+
+
+def test_turn_sends_one_segment_per_utterance_with_its_end_of_speech(espeak_wav, silero):
     ctx, _ = context()
-    source = QueueSource(16_000)
-    stage, out = _capture(ctx, silero, source)
     silence = np.zeros(int(SILENCE_S * 16_000), np.float32)
-    first = load_audio(espeak_wav("what is the capital of france"))
-    second = load_audio(espeak_wav("thank you very much"))
-    source.push(np.concatenate([silence, first, silence, second, silence]))
-    source.end()
-    stage.run()  # on this thread: it returns at the end of the source
+    first, second = _spoken(espeak_wav, "what is the capital of france", "thank you very much")
+    out = _turns(ctx, silero, np.concatenate([silence, first, silence, second, silence]))
     segments = out.of(SpeechSegment)
     assert len(segments) == 2
     for segment, spoken in zip(segments, (first, second)):
         assert 0.7 * len(spoken) < len(segment.audio) < len(spoken) + 16_000
+        assert 450 <= segment.turn_end_ms <= 750  # the 500 ms pause rule, from when the speech stopped
+    tentative = out.of(TentativeSpeech)
+    assert [t.span for t in tentative] == [s.span for s in segments]  # transcription could start early
     assert ctx.progress.input_over.is_set()
 
 
-def test_capture_barges_in_when_the_user_speaks_during_a_reply(espeak_wav, silero):
+def test_turn_pauses_then_interrupts_a_reply_the_user_talks_over(espeak_wav, silero):
     ctx, _ = context()
-    barge_ins: list[float] = []
-    source = QueueSource(16_000)
-    stage, out = _capture(ctx, silero, source, on_barge_in=lambda: barge_ins.append(time.monotonic()))
+    controls = SpeakerControls(ctx)
     ctx.replies.begin(Reply(2, time.monotonic()))  # the agent is speaking
     silence = np.zeros(int(SILENCE_S * 16_000), np.float32)
-    source.push(np.concatenate([silence, load_audio(espeak_wav("stop, wait a moment")), silence]))
-    source.end()
-    stage.run()
-    assert len(barge_ins) == 1
-    assert len(out.of(SpeechSegment)) == 1  # and what the user said goes on to be answered
+    (phrase,) = _spoken(espeak_wav, "stop, wait a moment, I have a question")
+    out = _turns(ctx, silero, np.concatenate([silence, phrase, silence]), controls.barge_in())
+    assert controls.calls == ["pause", "interrupt"]  # silent at once, cut once it was a real turn
+    (segment,) = out.of(SpeechSegment)
+    assert not segment.over_reply  # already decided: it goes on to be answered
 
 
-def test_capture_ignores_speech_while_muted(espeak_wav, silero):
+def test_a_short_utterance_over_a_reply_waits_for_its_words(espeak_wav, silero):
     ctx, _ = context()
-    source = QueueSource(16_000)
-    stage, out = _capture(ctx, silero, source)
-    stage.set_muted(True)
-    source.push(np.concatenate([load_audio(espeak_wav("thank you very much")), np.zeros(16_000, np.float32)]))
-    source.end()
-    stage.run()
-    assert out.of(SpeechSegment) == []
+    controls = SpeakerControls(ctx)
+    ctx.replies.begin(Reply(2, time.monotonic()))
+    barge_in = controls.barge_in()
+    silence = np.zeros(int(SILENCE_S * 16_000), np.float32)
+    (mm,) = _spoken(espeak_wav, "mm hmm")
+    out = _turns(ctx, silero, np.concatenate([silence, mm, silence]), barge_in)
+    assert controls.calls == ["pause"]
+    (segment,) = out.of(SpeechSegment)
+    assert segment.over_reply
+    # The transcribe stage asks the rule: a backchannel resumes the reply and is not answered.
+    transcribe_out = Collector()
+    stage = TranscribeStage(ctx, transcribe_out, Models(transcriber=ScriptedTranscriber(["Mm-hmm."])).mark_ready(),
+                            barge_in)
+    run_stage(stage, [segment])
+    assert controls.calls == ["pause", "resume"] and transcribe_out.frames == []
+    assert not ctx.replies.current.cancelled
 
 
 # ---- transcribe ----------------------------------------------------------------------------------

@@ -115,6 +115,7 @@ def _real_settings(tmp_path, tiny_checkpoint, mic_file=None, max_audio_ms=480):
         seed=0,
         max_audio_ms=max_audio_ms,
         watermark=False,  # the watermark needs silentcipher weights; not what these tests are about
+        turn="silence",  # nor is judging turns
     )
 
 

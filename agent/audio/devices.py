@@ -23,6 +23,8 @@ class MicrophoneSource(QueueSource):
     Use ``open_microphone()`` to build one; errors become one-line ``AgentError``s.
     """
 
+    hears_speaker = True
+
     def __init__(self, device: int | str | None = None, *, block_ms: int = BLOCK_MS) -> None:
         sd = _sounddevice(NO_MIC_FIX)
         self.device = resolve_device(device, "input")

@@ -29,6 +29,7 @@ class AudioSource(ABC):
     sample_rate: int = PIPELINE_RATE
     block_samples: int = PIPELINE_RATE * BLOCK_MS // 1000
     input_latency_s: float = 0.0  # device-reported delay from sound reaching the mic to read()
+    hears_speaker: bool = False  # sound from the agent's speaker can reach it (a mic in a room)
 
     @abstractmethod
     def start(self) -> None:

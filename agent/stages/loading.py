@@ -19,6 +19,7 @@ import numpy as np
 from agent.asr import Transcriber, make_transcriber
 from agent.audio import AudioSink, AudioSource, MemorySink, open_microphone, open_speaker
 from agent.conversation import CSM_RATE
+from agent.end_of_turn import build_turn_judge
 from agent.errors import AgentError
 from agent.events import LoadProgress
 from agent.llm import ChatLLM, LocalLLM, make_llm
@@ -158,8 +159,11 @@ class ModelLoader:
     def _load_vad(self) -> None:
         try:
             model = self.models.vad_model or self._stage("vad", load_silero_model)
+            judge, notice = self._stage("turn", lambda: build_turn_judge(self.settings.turn_settings()))
+            if notice:
+                self.ctx.notice("warning", notice)
             self.models.vad = VoiceActivityDetector(VadSettings(end_silence_ms=self.settings.end_silence_ms),
-                                                    model=model)
+                                                    model=model, end_of_turn=judge)
         finally:
             self.models.ready["vad"].set()
 

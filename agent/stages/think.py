@@ -66,7 +66,7 @@ class ThinkStage(Stage):
             self.ctx.set_state(AgentState.LISTENING)
             return
         persona = self.persona
-        reply = Reply(turn.id + 1, user.t0, user.transcript_ms)
+        reply = Reply(turn.id + 1, user.t0, user.transcript_ms, user.turn_end_ms)
         self.ctx.replies.begin(reply)
         self.ctx.set_state(AgentState.THINKING)
         splitter = SentenceSplitter()

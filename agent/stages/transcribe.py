@@ -1,17 +1,22 @@
 """Transcribe: speech segments -> user inputs (Whisper), and partial transcripts for the screen.
 
-A ``SpeechSegment`` becomes a ``UserInput`` with the time it took (``transcript_ms``, from the
-end of the turn); an empty transcript (a noise, a cough) ends that input without a reply. A
-``PartialAudio`` is transcribed only when nothing newer waits, and shown as a
-``PartialTranscript`` event.
+A ``SpeechSegment`` becomes a ``UserInput`` with its milestones: ``turn_end_ms`` (end of speech
+-> turn judged over) and ``transcript_ms`` (end of speech -> transcript). A ``TentativeSpeech``
+(the turn as it would end at the current pause) is transcribed ahead of time; when the segment
+that ends the turn covers the same audio, that transcript is used and the turn costs no
+Whisper time after it ends. An empty transcript (a noise, a cough) ends the input without a
+reply. A segment spoken over a reply goes to ``BargeIn.verdict``: a backchannel lets the reply
+resume and is not answered. ``PartialAudio`` is transcribed only when nothing newer waits.
 """
 
 from __future__ import annotations
 
 import time
 
+from agent.asr import Transcript
+from agent.barge_in import BargeIn
 from agent.events import PartialTranscript
-from agent.frames import Frame, PartialAudio, SpeechSegment, UserInput
+from agent.frames import Frame, PartialAudio, SpeechSegment, TentativeSpeech, UserInput
 from agent.stages.base import FrameSink, Stage, StageContext
 from agent.stages.loading import Models
 
@@ -23,19 +28,26 @@ class TranscribeStage(Stage):
 
     name = "transcribe"
 
-    def __init__(self, ctx: StageContext, downstream: FrameSink, models: Models) -> None:
+    def __init__(self, ctx: StageContext, downstream: FrameSink, models: Models,
+                 barge_in: BargeIn | None = None) -> None:
         super().__init__(ctx, downstream)
         self.models = models
+        self.barge_in = barge_in
+        self._ahead: tuple[tuple[int, int], Transcript] | None = None  # a tentative span and its transcript
+        self.reused = 0  # turns whose transcript was made during the pause
 
     def process(self, frame: Frame) -> None:
         self.models.wait("asr")
+        transcriber = self.models.transcriber
         match frame:
             case PartialAudio(audio=audio):
-                transcriber = self.models.transcriber
                 if transcriber is not None and self.inbox.empty() and len(audio) >= MIN_PARTIAL_SAMPLES:
                     text = transcriber.transcribe(audio).text
                     if text:
                         self.ctx.emit(PartialTranscript(text))
+            case TentativeSpeech(audio=audio, span=span):
+                if transcriber is not None and self.inbox.empty():
+                    self._ahead = (span, transcriber.transcribe(audio))
             case SpeechSegment() as speech:
                 self._transcribe(speech)
             case _:
@@ -44,13 +56,24 @@ class TranscribeStage(Stage):
     def _transcribe(self, speech: SpeechSegment) -> None:
         transcriber = self.models.transcriber
         if transcriber is None:
-            self.ctx.progress.end_input()
+            self._drop(speech)
             return
-        transcript = transcriber.transcribe(speech.audio)
+        if self._ahead is not None and speech.span is not None and self._ahead[0] == speech.span:
+            transcript = self._ahead[1]
+            self.reused += 1
+        else:
+            transcript = transcriber.transcribe(speech.audio)
+        self._ahead = None
         transcript_ms = (time.monotonic() - speech.t0) * 1000
+        if speech.over_reply and self.barge_in is not None and not self.barge_in.verdict(transcript.text):
+            self._drop(speech)  # a backchannel over the reply: it goes on, and this is not answered
+            return
         if transcript.is_empty:
-            self.ctx.progress.end_input()
-            self.ctx.set_state(self.ctx.listening_or_current())
+            self._drop(speech)
             return
         self.push(UserInput(transcript.text, speech.audio, speech.t0, speech.started_at, speech.ended_at,
-                            transcript_ms))
+                            transcript_ms, turn_end_ms=speech.turn_end_ms))
+
+    def _drop(self, speech: SpeechSegment) -> None:
+        self.ctx.progress.end_input()
+        self.ctx.set_state(self.ctx.listening_or_current())

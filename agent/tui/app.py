@@ -26,6 +26,7 @@ from agent.events import (
     AgentState,
     AgentText,
     AgentTurnDone,
+    AudioSetup,
     Event,
     LoadProgress,
     MicLevel,
@@ -93,6 +94,7 @@ class CsmChatApp(App):
         self.muted = False
         self.talking = False  # push-to-talk pressed and not yet released
         self.notices: list[Notice] = []  # every Notice received, in order
+        self.audio_setup: AudioSetup | None = None  # echo cancellation / room, once the mic is open
         self._handlers = self._event_handlers()
 
     # ---- layout -------------------------------------------------------------------------
@@ -153,7 +155,12 @@ class CsmChatApp(App):
             TurnLatency: lambda e: self.query_one(LatencyPanel).add(e),
             LoadProgress: lambda e: self.query_one(LoadPanel).update_stage(e.stage, e.done),
             Notice: self._show_notice,
+            AudioSetup: self._show_audio_setup,
         }
+
+    def _show_audio_setup(self, setup: AudioSetup) -> None:
+        self.audio_setup = setup
+        self._show_mode()
 
     def _show_state(self, event: StateChanged) -> None:
         indicator = self.query_one(StateIndicator)
@@ -320,6 +327,10 @@ class CsmChatApp(App):
         label = f"mode: {MODE_LABELS.get(self.mode, self.mode)}"
         if self.mode == "ptt":
             label += "  (F2: stop talking)" if self.talking else "  (F2: talk)"
+        if self.audio_setup is not None:
+            label += "  echo cancel: " + ("on" if self.audio_setup.echo_cancellation else "off")
+            if self.audio_setup.room:
+                label += f"  room: {self.audio_setup.room}"
         mode = self.query_one("#mode", Static)
         mode.update(label)
         mode.set_class(self.talking, "-talking")

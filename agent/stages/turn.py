@@ -1,0 +1,176 @@
+"""Turn-taking: echo-cancelled microphone blocks -> the user's turns, and what their voice means.
+
+Runs the active detector on each ``AudioBlock``: hands-free, Silero VAD with the end-of-turn
+judge (``agent.end_of_turn``: the Smart Turn model at a short pause, or a fixed pause), or
+push-to-talk. It sends downstream:
+
+- ``SpeechSegment`` when a turn is over, with when the speech really ended (``t0``, from the
+  blocks' capture times) and how long the turn took to be judged over (``turn_end_ms``);
+- ``TentativeSpeech`` as soon as a pause could end the turn, so transcription starts while the
+  judge still listens (the transcript is ready when the turn ends);
+- ``PartialAudio`` about once a second while the user speaks (for the screen).
+
+The user's voice during a reply goes to ``BargeIn`` (``agent.barge_in``): heard -> playback
+pauses; long enough, or words that are not a backchannel -> the reply is interrupted. While the
+agent's voice is still in the room the VAD may not hear a person through the echo canceller;
+the capture stage's double-talk detector (``AudioBlock.user_over_echo``) counts as hearing.
+
+State shown: hearing you, waiting (the judge thinks the user is not finished), transcribing.
+Paced mic files (``--fast``) are processed only while no reply is pending.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+
+from agent.audio import PIPELINE_RATE
+from agent.barge_in import BargeIn
+from agent.events import AgentState
+from agent.frames import AudioBlock, EndOfAudio, Frame, PartialAudio, SpeechSegment, TentativeSpeech
+from agent.stages.base import FrameSink, Stage, StageContext
+from agent.vad import PushToTalk, VadEvent, VoiceActivityDetector
+
+PARTIAL_INTERVAL_S = 1.0  # partial transcripts while the user speaks (TUI only)
+MIN_TURN_S = 0.25  # shorter "turns" (clicks) are not sent to Whisper
+CLOCK_S = 30.0  # how far back stream positions can be mapped to the time they were heard
+UNCONFIRMED_S = 0.5  # heard over the echo but no turn found by the VAD this long after: let go
+
+
+class TurnStage(Stage):
+    """See the module docstring. ``vad`` and ``barge_in`` are set before the stage starts."""
+
+    name = "turn"
+
+    def __init__(self, ctx: StageContext, downstream: FrameSink, *, mode: str = "vad", partials: bool = True,
+                 paced: bool = False, barge_in: BargeIn | None = None) -> None:
+        super().__init__(ctx, downstream)
+        self._mode = mode
+        self.partials = partials  # headless runs have no screen to show partials on
+        self.paced = paced
+        self.barge_in = barge_in
+        self.vad: VoiceActivityDetector | None = None
+        self.ptt = PushToTalk()
+        self._detector: VoiceActivityDetector | PushToTalk | None = None
+        self._clock: deque[tuple[int, float]] = deque()  # (stream sample after a block, monotonic time heard)
+        self._pos = 0
+        self._speech_started_at = time.time()
+        self._last_partial = -PARTIAL_INTERVAL_S
+        self._tentative: tuple[int, int] | None = None
+        self._heard_over_echo = False
+        self._unconfirmed_s = 0.0  # since the double-talk detector last heard the user, no VAD turn
+        self.turn_end_ms: list[float] = []  # end of speech -> turn judged over, per turn (ms)
+
+    def set_mode(self, mode: str) -> None:
+        """Hand-over from the UI thread: the next block uses the new detector."""
+        self._mode = mode
+
+    # ---- frames ------------------------------------------------------------------------------
+
+    def process(self, frame: Frame) -> None:
+        match frame:
+            case AudioBlock() as block:
+                if self.paced and not self.ctx.progress.wait_idle(self.ctx.stopping):
+                    return
+                self._on_block(block)
+            case EndOfAudio():
+                self._end_of_audio()
+            case _:
+                raise TypeError(f"the turn stage does not take {type(frame).__name__}")
+
+    def _on_block(self, block: AudioBlock) -> None:
+        detector = self._active_detector()
+        if detector is None:
+            return
+        n = len(block.audio)
+        self._pos += n
+        self._clock.append((self._pos, block.captured_at))
+        while self._clock and self._clock[0][0] < self._pos - CLOCK_S * PIPELINE_RATE:
+            self._clock.popleft()
+        if block.user_over_echo and not detector.speaking and not self._heard_over_echo:
+            self._heard_over_echo = True  # a person over the agent's voice, before the VAD can tell
+            self._on_speech_start()
+        for event in detector.feed(block.audio):
+            self._on_event(event)
+        if detector.speaking:
+            self._while_speaking(detector)
+        elif self._heard_over_echo:
+            self._unconfirmed_s = 0.0 if block.user_over_echo else self._unconfirmed_s + n / PIPELINE_RATE
+            if self._unconfirmed_s >= UNCONFIRMED_S:
+                self._heard_over_echo = False
+                if self.barge_in is not None:
+                    self.barge_in.release()  # heard for a moment, but the VAD never found a turn in it
+
+    def _active_detector(self) -> VoiceActivityDetector | PushToTalk | None:
+        wanted = self.ptt if self._mode == "ptt" else self.vad
+        if wanted is not self._detector and wanted is not None:
+            if self._detector is not None:
+                self._detector.reset()  # mode switched: start the new detector clean
+            wanted.reset()
+            self._detector = wanted
+            self._pos = 0
+            self._clock.clear()
+        return self._detector
+
+    def _while_speaking(self, detector: VoiceActivityDetector | PushToTalk) -> None:
+        if isinstance(detector, VoiceActivityDetector):
+            if self.barge_in is not None:
+                self.barge_in.speech_ongoing(detector.speech_s)
+            verdict = detector.last_verdict
+            waiting = verdict is not None and verdict.waiting
+            self.ctx.set_state(AgentState.WAITING if waiting else AgentState.HEARING)
+            pending = detector.audio_if_ended_now()
+            if pending is not None and pending[0] != self._tentative:
+                self._tentative = pending[0]
+                self.push(TentativeSpeech(pending[1], pending[0]))
+        now = self._pos / PIPELINE_RATE
+        if self.partials and now - self._last_partial >= PARTIAL_INTERVAL_S:
+            self._last_partial = now
+            self.push(PartialAudio(detector.current_audio()))
+
+    def _end_of_audio(self) -> None:
+        if self._detector is not None:
+            for event in self._detector.flush():
+                self._on_event(event)
+        self.ctx.progress.end_of_input()
+
+    # ---- turns -----------------------------------------------------------------------------------
+
+    def _on_event(self, event: VadEvent) -> None:
+        if event.kind == "speech_start":
+            if not self._heard_over_echo:
+                self._on_speech_start()
+            self.ctx.set_state(AgentState.HEARING)
+            return
+        self._heard_over_echo = False
+        self._tentative = None
+        audio = event.audio if event.audio is not None else np.zeros(0, np.float32)
+        over_reply = self.barge_in is not None and self.barge_in.holding
+        if len(audio) < MIN_TURN_S * PIPELINE_RATE or self.ctx.progress.turns_reached():
+            if over_reply:
+                self.barge_in.release()
+            self.ctx.set_state(self.ctx.listening_or_current())
+            return
+        # Judged over now, or (blocks handed in faster than real time) when the deciding block was heard.
+        now = max(time.monotonic(), self._clock[-1][1] if self._clock else 0.0)
+        speech_end = self._heard_at(int(event.t * PIPELINE_RATE)) or now
+        turn_end_ms = max(0.0, (now - speech_end) * 1000)
+        self.turn_end_ms.append(turn_end_ms)
+        self.ctx.progress.begin_input()
+        self.ctx.set_state(AgentState.TRANSCRIBING)
+        self.push(SpeechSegment(audio, speech_end, self._speech_started_at, time.time(), turn_end_ms, event.span,
+                                over_reply))
+
+    def _on_speech_start(self) -> None:
+        self._speech_started_at = time.time()
+        if self.barge_in is not None:
+            self.barge_in.speech_started(push_to_talk=self._mode == "ptt")
+
+    def _heard_at(self, sample: int) -> float | None:
+        """When stream sample ``sample`` was heard (monotonic), from the capture times of the blocks."""
+        for end, heard in self._clock:
+            if end >= sample:
+                return heard - (end - sample) / PIPELINE_RATE
+        return None
