@@ -57,6 +57,7 @@ class BargeIn:
         self._pause, self._resume, self._interrupt = pause, resume, interrupt
         self._lock = threading.Lock()
         self._held: Reply | None = None  # the reply paused for the user, awaiting the verdict
+        self.pauses = 0  # times playback paused because the user was heard over a reply
         self.interruptions = 0
         self.resumed = 0
 
@@ -77,6 +78,7 @@ class BargeIn:
             if self._held is not None:
                 return
             self._held = reply
+        self.pauses += 1
         self._pause()
 
     def speech_ongoing(self, speech_s: float) -> None:

@@ -77,19 +77,23 @@ class Collector:
 
 
 class EventLog:
-    """The events a stage emitted, in order."""
+    """The events a stage or pipeline emitted (from its threads), in order; waits for conditions on them."""
 
     def __init__(self) -> None:
         self.items: list[Event] = []
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
 
     def __call__(self, event: Event) -> None:
-        with self._lock:
+        with self._changed:
             self.items.append(event)
+            self._changed.notify_all()
 
     def of(self, kind: type) -> list:
-        with self._lock:
+        with self._changed:
             return [e for e in self.items if isinstance(e, kind)]
+
+    def wait_for(self, condition, what: str, timeout: float = 240.0) -> None:
+        wait_on(self._changed, condition, what, timeout, lambda: self.items[-15:])
 
 
 def run_stage(stage: Stage, frames_to_send: Iterable[Frame], timeout: float = 60.0) -> None:

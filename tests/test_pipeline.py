@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 
 import numpy as np
 import pytest
 
-from _stage_helpers import RecordingGenerator, wait_on
+from _stage_helpers import EventLog as Events
+from _stage_helpers import RecordingGenerator
 from agent.audio import MemorySink, QueueSource, load_audio
 from agent.events import AgentState, AgentText, AgentTurnDone, Notice, StateChanged, TurnLatency, UserTurn
 from agent.pipeline import Pipeline
@@ -19,26 +19,6 @@ from agent.settings import AgentSettings
 
 pytestmark = pytest.mark.e2e
 TIMEOUT_S = 240.0
-
-
-class Events:
-    """Collects pipeline events (from pipeline threads) and waits for conditions on them."""
-
-    def __init__(self) -> None:
-        self.items: list = []
-        self._changed = threading.Condition()
-
-    def __call__(self, event) -> None:
-        with self._changed:
-            self.items.append(event)
-            self._changed.notify_all()
-
-    def of(self, kind) -> list:
-        with self._changed:
-            return [e for e in self.items if isinstance(e, kind)]
-
-    def wait_for(self, condition, what: str, timeout: float = TIMEOUT_S) -> None:
-        wait_on(self._changed, condition, what, timeout, lambda: self.items[-15:])
 
 
 def _settings(tmp_path, persona, **changes) -> AgentSettings:
