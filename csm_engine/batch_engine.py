@@ -149,6 +149,10 @@ class BatchEngine:
     # -- requests ---------------------------------------------------------------------------
 
     @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._closing
+
+    @property
     def active(self) -> int:
         """Utterances holding a stream (prefilling or stepping)."""
         return self.slots.n_busy
@@ -304,7 +308,9 @@ class BatchEngine:
         u.frames += 1
         is_end = not bool(frame.any())
         if not is_end:
-            u.emit(FrameSampled(index, frame))
+            u.sampled.append(frame)
+            if u.options.frame_events:
+                u.emit(FrameSampled(index, frame))
         going = u.assembler.add(pcm, end=is_end)
         if going:
             chunk = u.assembler.take()
@@ -319,7 +325,6 @@ class BatchEngine:
         elif u.cancelled:
             self._finish(u, "cancelled")
         else:
-            u.fed.append(frame)
             row_tokens = torch.zeros(self.model.config.frame_width, dtype=torch.long)
             row_tokens[:-1] = frame
             u.row = (row_tokens, self._frame_mask)
@@ -337,7 +342,7 @@ class BatchEngine:
                 u.emit(AudioChunk(rest))
         self._release(u, keep=True)
         self.stats.finished += 1
-        u.emit(Finished(u.frames, reason))
+        u.emit(Finished(u.frames, reason, u.codes()))
 
     def _release(self, u: Utterance, keep: bool) -> None:
         """Give back u's slot (recording the rows its cache holds when ``keep``) and its decoder row."""

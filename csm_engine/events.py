@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ class StreamOptions:
     chunk_frames: int = 2
     silence: SilenceGuard | None = SilenceGuard()  # None: no silence guard (Generator's runaway_guard=False)
     session: str | None = None
+    frame_events: bool = True  # send a FrameSampled per frame (Finished carries all codes anyway)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class AudioChunk:
 class Finished:
     frames: int  # frames sampled, the end frame included
     reason: str  # "end" | "silence" | "max_frames" | "cancelled"
+    codes: Tensor | None = field(default=None, compare=False)  # (32, n) the frames sampled, the end frame excluded
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class Utterance:
         self.decoder_row = -1
         self.written = 0  # rows of this utterance in its slot's cache
         self.frames = 0  # frames sampled so far
-        self.fed: list[Tensor] = []  # sampled frames fed back (their rows follow the prompt's)
+        self.sampled: list[Tensor] = []  # frames sampled but the end frame; those fed back follow the prompt's rows
         self.row: tuple[Tensor, Tensor] | None = None  # the next row to feed: tokens, mask (33,)
 
     # -- control ----------------------------------------------------------------------------
@@ -110,6 +112,10 @@ class Utterance:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
+    def codes(self) -> Tensor | None:
+        """The frames sampled so far (32, n), the end frame excluded; None before the first."""
+        return torch.stack(self.sampled, dim=1) if self.sampled else None
+
     def emit(self, event: object) -> None:
         self._sink(event)
         if isinstance(event, TERMINAL):
@@ -117,11 +123,12 @@ class Utterance:
 
     def cache_rows(self, frame_mask: Tensor) -> tuple[Tensor, Tensor]:
         """The rows this utterance put in its slot: the prompt's, then the fed frames' (tokens, mask)."""
-        if not self.fed:
+        fed = self.sampled[: max(0, self.written - self.prompt.tokens.shape[0])]
+        if not fed:
             return self.prompt.tokens, self.prompt.mask
-        frames = torch.stack(self.fed)
-        tokens = torch.cat([frames, frames.new_zeros(len(self.fed), 1)], dim=1)
-        mask = frame_mask.expand(len(self.fed), -1)
+        frames = torch.stack(fed)
+        tokens = torch.cat([frames, frames.new_zeros(len(fed), 1)], dim=1)
+        mask = frame_mask.expand(len(fed), -1)
         return torch.cat([self.prompt.tokens, tokens]), torch.cat([self.prompt.mask, mask])
 
     # -- reading the default queue ------------------------------------------------------------
