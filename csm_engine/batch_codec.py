@@ -42,9 +42,14 @@ class BatchDecoder:
     def close(self, row: int) -> None:
         self._free.append(row)
 
+    def warm_up(self) -> None:
+        """Decode twice with every row idle: on CUDA moshi captures its decoder graphs now, not in a request."""
+        for _ in range(2):
+            self.decode({})
+
     @torch.inference_mode()
-    def decode(self, frames: dict[int, Tensor]) -> dict[int, Tensor]:
-        """{row: codes (32,)} -> {row: PCM (1920,) float32 on the CPU}."""
+    def decode(self, frames: dict[int, Tensor]) -> tuple[dict[int, Tensor], dict[int, float]]:
+        """{row: codes (32,)} -> {row: PCM (1920,) float32 on the CPU}, {row: its RMS} (for the silence guard)."""
         active = torch.zeros(self.rows, dtype=torch.bool)
         self._codes.zero_()
         for row, codes in frames.items():
@@ -54,8 +59,10 @@ class BatchDecoder:
             self.mimi.reset_streaming(self._reset.clone())
             self._reset.zero_()
         self.mimi.set_exec_mask(active.to(self.device))
-        pcm = self.mimi.decode(self._codes.to(self.device))[:, 0].float().cpu()
-        return {row: pcm[row] for row in frames}
+        pcm = self.mimi.decode(self._codes.to(self.device))[:, 0].float()
+        rms = pcm.pow(2).mean(dim=-1).sqrt().tolist()  # every row in one op, as SilenceGuard.is_silent computes it
+        pcm = pcm.cpu()
+        return {row: pcm[row] for row in frames}, {row: rms[row] for row in frames}
 
 
 __all__ = ["BatchDecoder"]

@@ -119,6 +119,10 @@ class BatchEngine:
         self._wake = threading.Condition()
         self._closing = False
         self.stats = EngineStats()
+        # A fed-back frame's row: its codes, no text (column 32 masked out).
+        self._text_pad = torch.zeros(1, dtype=torch.long)
+        self._frame_mask = torch.ones(self.model.config.frame_width, dtype=torch.bool)
+        self._frame_mask[-1] = False
         self._thread = threading.Thread(target=self._run, name="csm-batch-engine", daemon=True)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -128,9 +132,14 @@ class BatchEngine:
         return self
 
     def prepare(self) -> None:
-        """Build every batch size's step now (capture its CUDA graph), largest first, not in the first request."""
-        for batch in sorted(self.buckets, reverse=True):
-            self._step_for(batch)
+        """Build every batch size's step now (capture its CUDA graph), largest first, and warm Mimi up.
+
+        Call before serving: captures then cannot meet other threads' CUDA work.
+        """
+        with torch.inference_mode():
+            for batch in sorted(self.buckets, reverse=True):
+                self._step_for(batch)
+            self.decoder.warm_up()
 
     def close(self) -> None:
         """Stop the engine; utterances not finished get a Failed event."""
@@ -295,15 +304,15 @@ class BatchEngine:
                     step.noise[u.lease.slot.index].exponential_(1, generator=u.generator)
         codes = step().cpu()
         frames = {u: codes[u.lease.slot.index].clone() for u in ready}
-        pcm = self.decoder.decode({u.decoder_row: frame for u, frame in frames.items()})
+        pcm, rms = self.decoder.decode({u.decoder_row: frame for u, frame in frames.items()})
         self.stats.frames += len(ready)
         for u in ready:  # the row fed in this step is in the cache now (before any slot moves)
             u.written += 1
             u.lease.slot.rows = u.written
         for u, frame in frames.items():
-            self._deliver(u, frame, pcm[u.decoder_row])
+            self._deliver(u, frame, pcm[u.decoder_row], rms[u.decoder_row])
 
-    def _deliver(self, u: Utterance, frame: torch.Tensor, pcm: torch.Tensor) -> None:
+    def _deliver(self, u: Utterance, frame: torch.Tensor, pcm: torch.Tensor, rms: float) -> None:
         index = u.frames
         u.frames += 1
         is_end = not bool(frame.any())
@@ -311,7 +320,7 @@ class BatchEngine:
             u.sampled.append(frame)
             if u.options.frame_events:
                 u.emit(FrameSampled(index, frame))
-        going = u.assembler.add(pcm, end=is_end)
+        going = u.assembler.add(pcm, end=is_end, rms=rms)
         if going:
             chunk = u.assembler.take()
             if chunk is not None:
@@ -325,15 +334,7 @@ class BatchEngine:
         elif u.cancelled:
             self._finish(u, "cancelled")
         else:
-            row_tokens = torch.zeros(self.model.config.frame_width, dtype=torch.long)
-            row_tokens[:-1] = frame
-            u.row = (row_tokens, self._frame_mask)
-
-    @property
-    def _frame_mask(self) -> torch.Tensor:
-        m = torch.ones(self.model.config.frame_width, dtype=torch.bool)
-        m[-1] = False
-        return m
+            u.row = (torch.cat([frame, self._text_pad]), self._frame_mask)
 
     def _finish(self, u: Utterance, reason: str) -> None:
         if reason != "cancelled":

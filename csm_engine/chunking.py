@@ -42,13 +42,18 @@ class ChunkAssembler:
         self._held: list[Tensor] = []  # silent frames held back until speech resumes
         self._heard_speech = False
 
-    def add(self, pcm: Tensor, *, end: bool = False) -> bool:
-        """Take one frame's PCM (``end``: the all-zero end frame's); False when nothing more should follow."""
+    def add(self, pcm: Tensor, *, end: bool = False, rms: float | None = None) -> bool:
+        """Take one frame's PCM (``end``: the all-zero end frame's); False when nothing more should follow.
+
+        ``rms``: the frame's RMS if the caller computed it already (a batch computes all at once).
+        """
         if end:
             self._pending.extend(self._held)
             self._pending.append(pcm * torch.linspace(1.0, 0.0, pcm.numel()))
             return False
-        if self.silence is not None and self.silence.is_silent(pcm):
+        silent = self.silence is not None and (
+            rms < self.silence.rms_threshold if rms is not None else self.silence.is_silent(pcm))
+        if silent:
             if self._heard_speech:
                 self._held.append(pcm)
                 if len(self._held) > self.silence.max_silent_frames:

@@ -23,6 +23,7 @@ from csm_engine.batch_step import SlotCaches, backbone_rows, model_caches
 from csm_engine.codec import MimiCodec
 from csm_engine.errors import CSMError
 from csm_engine.events import Admitted, AudioChunk, Finished, FrameSampled, StreamOptions
+from csm_engine.quantize import apply_precision, fuse_linears
 from csm_engine.tokens import Segment
 
 from _engine_helpers import random_tiny_model, tiny_generator
@@ -186,7 +187,10 @@ def test_batch_logits_match_the_single_stream_path(device, dtype, alone):
     forced = torch.randint(1, 2048, (4, 6, 32), device=device)
 
     def logits_of(precision: torch.dtype, batched: bool) -> torch.Tensor:
-        model = random_tiny_model(seed=3).to(device=device, dtype=precision)
+        model = random_tiny_model(seed=3).to(device)
+        apply_precision(model, "bfloat16" if precision == torch.bfloat16 else "float32")
+        if device == "cuda":
+            fuse_linears(model)  # as the Generator and the engine run it there
         model.setup_caches(1)
         slots = SlotCaches(model, 4) if batched else None
         return _probe(model, slots, prompts, forced)
