@@ -316,3 +316,29 @@ def test_many_threads_submitting_at_once(engine, alone):
     assert all(r["finished"] == Finished(3, "max_frames") for r in results.values())
     assert all(isinstance(r["admitted"], Admitted) for r in results.values())
     assert engine.active == 0 and engine.queued == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphed_engine_streams_what_the_eager_step_streams():
+    """On CUDA the step replays as a graph per batch size: the same frames as running it eagerly,
+    for greedy and seeded streams joining mid-way (float32, fixed batch size: the GPU's own kernels)."""
+    codec = MimiCodec.load(None, device="cuda")
+    results = {}
+    for graphs in (False, True):
+        gen = tiny_generator(seed=3, codec=codec, device="cuda")
+        eng = BatchEngine(gen, EngineOptions(max_streams=4, batch_sizes=(4,), cuda_graphs=graphs))
+        eng.prepare()
+        with eng:
+            prompts = [_prompt(gen, i, n) for i, n in enumerate([9, 5, 6, 4])]
+            first = eng.submit(prompts[0], SAMPLED[0])
+            events, joined = [], []
+            for event in first.events(timeout=120):
+                events.append(event)
+                if isinstance(event, FrameSampled) and event.index in (1, 3):
+                    joined += [eng.submit(prompts[i], SAMPLED[i]) for i in ((1,) if event.index == 1 else (2, 3))]
+            frames = [torch.stack([e.codes for e in events if isinstance(e, FrameSampled)])]
+            frames += [_collect(u)["frames"] for u in joined]
+        assert eng.cuda_graphs == graphs
+        results[graphs] = frames
+    for i, (eager, graphed) in enumerate(zip(results[False], results[True])):
+        assert torch.equal(eager, graphed), f"stream {i}"

@@ -243,7 +243,7 @@ async def _speech_stream(queue: asyncio.Queue, utterance: Utterance, body: Speec
                 codes_since.append(event.codes)
             elif isinstance(event, AudioChunk):
                 data = pcm16(event.pcm)
-                heard.append(as_heard(event.pcm))
+                heard.append(as_heard(data))
                 yield _sse_delta(data, codes_since) if sse else data
                 codes_since = []
             elif isinstance(event, Finished):

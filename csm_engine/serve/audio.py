@@ -29,9 +29,9 @@ def pcm16(samples: np.ndarray) -> bytes:
     return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
-def as_heard(samples: np.ndarray) -> np.ndarray:
-    """The float32 samples a client reads back from ``pcm16(samples)`` (int16 / 32768, as libsndfile does)."""
-    return np.frombuffer(pcm16(samples), dtype="<i2").astype(np.float32) / 32768.0
+def as_heard(data: bytes) -> np.ndarray:
+    """The float32 samples a client reads back from 16-bit PCM bytes (int16 / 32768, as libsndfile does)."""
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
 
 
 def _b64(text: str, param: str) -> bytes:
