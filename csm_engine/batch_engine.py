@@ -215,6 +215,12 @@ class BatchEngine:
 
     def _tick(self) -> None:
         self.stats.ticks += 1
+        with self._wake:  # a request given up while it waited leaves the queue now, not when a stream frees
+            gone = [u for u in self._pending if u.cancelled]
+            for u in gone:
+                self._pending.remove(u)
+        for u in gone:
+            u.emit(Finished(0, "cancelled"))
         self._admit()
         for u in [u for u in self._active if u.cancelled]:
             self._finish(u, "cancelled")
@@ -229,9 +235,6 @@ class BatchEngine:
                 if not self._pending or self.slots.n_busy >= self.options.max_streams:
                     return
                 u = self._pending.popleft()
-            if u.cancelled:
-                u.emit(Finished(0, "cancelled"))
-                continue
             n = u.prompt.tokens.shape[0]
             u.lease = self.slots.acquire(u, u.digests, max_reuse_rows=n - 1, session=u.options.session)
             u.written = u.lease.reused_rows
