@@ -68,9 +68,8 @@ def serve(args: argparse.Namespace) -> None:
     model = random_csm_model(args.flavor, device=args.device)
     apply_precision(model, args.dtype)
     generator = Generator(model, MimiCodec.load(None, device=args.device), TextTokenizer(build_text_tokenizer()))
-    cuda = args.device.startswith("cuda")
-    options = EngineOptions(max_streams=args.max_streams, cache_slots=args.max_streams + 8, max_queue=4 * args.max_streams,
-                            prefill_rows_per_tick=1024 if cuda else 128, prefill_chunk=256 if cuda else 32)
+    options = EngineOptions.for_device(args.device, max_streams=args.max_streams, cache_slots=args.max_streams + 8,
+                                       max_queue=4 * args.max_streams)
     engine = BatchEngine(generator, options)
     started = time.perf_counter()
     engine.prepare()

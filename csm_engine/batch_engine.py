@@ -74,6 +74,20 @@ class EngineOptions:
     def slots(self) -> int:
         return self.cache_slots or 2 * self.max_streams
 
+    @classmethod
+    def for_device(cls, device: str | torch.device, **overrides) -> "EngineOptions":
+        """Defaults for a device, then ``overrides`` (None values ignored).
+
+        On a GPU many streams cost little more than one and a block of prompt rows costs its
+        launches: 64 streams, 256-row prefill calls, 1024 rows between frames. On a CPU a 32-row
+        block costs about as much as a few frames of CSM-1B: 4 streams, one block between frames.
+        """
+        cuda = torch.device(device).type == "cuda"
+        values = dict(max_streams=64 if cuda else 4, prefill_rows_per_tick=1024 if cuda else 32,
+                      prefill_chunk=256 if cuda else BLOCK_ROWS)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
 
 @dataclass
 class EngineStats:

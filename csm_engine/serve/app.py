@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 import anyio
 import torch
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from csm_engine.batch_engine import EngineBusy

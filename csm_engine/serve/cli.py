@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-queue", type=int, default=256, help="requests waiting for a stream before 429 (default 256)")
     b.add_argument("--max-sessions", type=int, help="sessions that keep a cache (default: every spare slot)")
     b.add_argument("--session-ttl", type=float, default=3600.0, metavar="S", help="idle session lifetime (default 1 h)")
-    b.add_argument("--prefill-rows", type=int, help="prompt rows prefilled between two frames (default 1024 CUDA, 128 CPU)")
+    b.add_argument("--prefill-rows", type=int, help="prompt rows prefilled between two frames (default 1024 CUDA, 32 CPU)")
     b.add_argument("--no-cuda-graphs", action="store_true", help="run the frame step eagerly on CUDA")
     b.add_argument("--max-input-chars", type=int, default=4096)
     b.add_argument("--max-audio-ms", type=int, default=60_000, help="cap on one utterance (default 60000)")
@@ -74,14 +74,12 @@ def build_service(args: argparse.Namespace):
     from csm_engine.voices import list_voices, load_voice_table
 
     device = resolve_device(args.device)
-    cuda = device.startswith("cuda")
     generator = load_generator(args.model, mimi_path=args.mimi_path, tokenizer_path=args.tokenizer_path,
                                device=device, dtype=args.dtype)
-    streams = args.max_streams or (64 if cuda else 4)
-    options = EngineOptions(max_streams=streams, cache_slots=args.cache_slots, max_queue=args.max_queue,
-                            prefill_rows_per_tick=args.prefill_rows or (1024 if cuda else 128),
-                            prefill_chunk=256 if cuda else 32, max_sessions=args.max_sessions,
-                            session_ttl_s=args.session_ttl, cuda_graphs=False if args.no_cuda_graphs else None)
+    options = EngineOptions.for_device(device, max_streams=args.max_streams, cache_slots=args.cache_slots,
+                                       max_queue=args.max_queue, prefill_rows_per_tick=args.prefill_rows,
+                                       max_sessions=args.max_sessions, session_ttl_s=args.session_ttl,
+                                       cuda_graphs=False if args.no_cuda_graphs else None)
     engine = BatchEngine(generator, options)
     engine.prepare()
     voices = VoiceTable(load_voice_table(args.voices) if args.voices else list_voices())
