@@ -10,8 +10,8 @@ has per-row temperature and top-k (``sample_rows``), the exponential draws of ``
 made beforehand, so a row samples exactly what ``sample_topk`` samples from the same draws.
 
 ``BatchStep`` is that frame from static buffers for one batch size: on CUDA it is captured as a
-CUDA graph (one graph per batch-size bucket) and replayed; on CPU it runs directly.
-``prefill_rows`` extends the slots of utterances that are joining, several at once.
+CUDA graph (one graph per batch-size bucket) and replayed; on CPU it runs directly. A joining
+utterance's prompt is prefilled into its slot by the model's own batch-1 path (``slot``).
 """
 
 from __future__ import annotations
@@ -143,21 +143,6 @@ def sample_rows(logits: Tensor, temperature: Tensor, topk: Tensor, greedy: Tenso
     return torch.where(greedy[:, None], top, drawn)
 
 
-@torch.inference_mode()
-def prefill_rows(model: CSMModel, caches: SlotCaches, tokens: Tensor, mask: Tensor, pos: Tensor) -> None:
-    """Run prompt rows of slots 0..B-1 through the backbone: tokens, mask (B, T, 33) at positions pos (B, T).
-
-    Rows that only pad a batch sit at ``caches.pad_position``.
-    """
-    from csm_engine.generator import prompt_attention
-
-    batch = tokens.shape[0]
-    # The decoder is not run; its caches stay the model's own.
-    with model_caches(model, caches.rows(batch), [layer.attn.kv_cache for layer in model.decoder.layers]), \
-            prompt_attention(tokens.device, tokens.shape[1] + 1):
-        backbone_rows(model, tokens, mask, pos)
-
-
 class BatchStep:
     """Feed one row per utterance and sample each one's next frame, from static buffers, for a batch of B.
 
@@ -226,4 +211,4 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
 
 
 __all__ = ["BatchStep", "CacheView", "RowCache", "SlotCaches", "backbone_rows", "batch_buckets", "model_caches",
-           "prefill_rows", "sample_rows"]
+           "sample_rows"]
