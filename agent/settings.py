@@ -32,6 +32,7 @@ class AgentSettings:
     adapter: str | None = None  # csm-finetune output merged into CSM; None = the persona's (if any)
     llm_model: str | None = None  # GGUF path; None = embedded SmolLM2-135M-Instruct
     llm_url: str | None = None  # OpenAI-compatible server instead of the in-process model
+    tts_url: str | None = None  # a csm-serve that speaks for the agent instead of the in-process CSM
     asr: str = "faster-whisper"
     asr_model: str | None = None  # None = embedded tiny.en (faster-whisper) / base.en (openai-whisper)
     device: str = "auto"  # torch device for CSM (and Whisper on CUDA): auto | cpu | cuda[:N] | mps
@@ -72,6 +73,8 @@ class AgentSettings:
             raise AgentError(f"--max-turns must be at least 1, got {self.max_turns}")
         if self.max_audio_ms is not None and self.max_audio_ms < 80:
             raise AgentError(f"max audio length must be at least 80 ms (one frame), got {self.max_audio_ms}")
+        if self.tts_url is not None and not self.tts_url.strip().startswith(("http://", "https://")):
+            raise AgentError(f"--tts-url must start with http:// or https://, got {self.tts_url!r}")
         if self.end_silence_ms < 32:
             raise AgentError(f"end_silence_ms must be at least 32, got {self.end_silence_ms}")
         if self.aec != "auto":

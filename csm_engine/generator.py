@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from csm_engine.adapters import merge_into_model, read_adapter
+from csm_engine.chunking import ChunkAssembler, SilenceGuard
 from csm_engine.codec import MimiCodec
 from csm_engine.config import FRAME_MS, SAMPLES_PER_FRAME
 from csm_engine.cuda_graphs import FrameStep, FrameSteps, cuda_graphs_available
@@ -60,18 +61,6 @@ def trim_context(segment_lengths: Sequence[int], available: int) -> int:
         if total > available:
             return i + 1
     return 0
-
-
-@dataclass(frozen=True)
-class SilenceGuard:
-    """Stops a reply that has fallen silent: the model sometimes never emits its end frame."""
-
-    rms_threshold: float = 0.01
-    max_silent_frames: int = 19  # ~1.5 s of 80 ms frames after speech
-    keep_silent_frames: int = 3  # silence kept at the end of a stopped reply (240 ms)
-
-    def is_silent(self, pcm: Tensor) -> bool:
-        return float(pcm.float().pow(2).mean().sqrt()) < self.rms_threshold
 
 
 @dataclass
@@ -132,6 +121,45 @@ class Prompt:
     mask: Tensor
     context_kept: int  # number of context segments that fit (the newest ones)
     max_frames: int
+
+
+def segment_rows(tokenizer: TextTokenizer, segment: Segment, codes: Tensor | None,
+                 num_codebooks: int = 32) -> tuple[Tensor, Tensor]:
+    """A context segment's token frames from its Mimi codes (32, frames) or None: text rows, then audio rows."""
+    tokens, mask = text_frames(tokenizer, segment.speaker, segment.text, num_codebooks)
+    if codes is not None:
+        at, am = audio_frames(codes)
+        tokens, mask = torch.cat([tokens, at]), torch.cat([mask, am])
+    return tokens, mask
+
+
+def assemble_prompt(tokenizer: TextTokenizer, config, segment_frames: Callable[[Segment], tuple[Tensor, Tensor]],
+                    text: str, speaker: int, context: Sequence[Segment], max_audio_length_ms: int,
+                    runaway_guard: bool = True) -> Prompt:
+    """Context + the new line's text rows, trimmed from the oldest segment to fit ``config.max_seq_len``.
+
+    ``segment_frames(segment)`` gives a context segment's rows (the Generator encodes its audio
+    with Mimi; a remote client looks up codes it holds). Raises CSMError when the line alone
+    does not fit.
+    """
+    text = prepare_text(text)
+    max_frames = max(1, int(max_audio_length_ms // FRAME_MS))
+    if runaway_guard:
+        max_frames = min(max_frames, text_frame_budget(text))
+    gen_tokens, gen_mask = text_frames(tokenizer, speaker, text, config.audio_num_codebooks)
+    window = config.max_seq_len
+    available = window - gen_tokens.shape[0] - max_frames
+    if available < 0:
+        raise CSMError(
+            f"text too long for the {window}-position window: {gen_tokens.shape[0]} text tokens + "
+            f"{max_frames} audio frames; split the text into shorter sentences or lower --max-audio-length-ms"
+        )
+    seg = [segment_frames(s) for s in context]
+    first = trim_context([t.shape[0] for t, _ in seg], available)
+    kept = seg[first:]
+    tokens = torch.cat([t for t, _ in kept] + [gen_tokens])
+    mask = torch.cat([m for _, m in kept] + [gen_mask])
+    return Prompt(tokens=tokens, mask=mask, context_kept=len(kept), max_frames=max_frames)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,36 +249,13 @@ class Generator:
 
     def segment_frames(self, segment: Segment) -> tuple[Tensor, Tensor]:
         """A context segment's token frames: its text rows, then its audio rows (if any)."""
-        n_cb = self.config.audio_num_codebooks
-        tokens, mask = text_frames(self.tokenizer, segment.speaker, segment.text, n_cb)
-        codes = self.segment_codes(segment)
-        if codes is not None:
-            at, am = audio_frames(codes)
-            tokens, mask = torch.cat([tokens, at]), torch.cat([mask, am])
-        return tokens, mask
+        return segment_rows(self.tokenizer, segment, self.segment_codes(segment), self.config.audio_num_codebooks)
 
     def build_prompt(self, text: str, speaker: int, context: Sequence[Segment], max_audio_length_ms: int,
                      runaway_guard: bool = True) -> Prompt:
         """Context + the new line's text rows, trimmed from the oldest segment to fit the window."""
-        text = prepare_text(text)
-        max_frames = max(1, int(max_audio_length_ms // FRAME_MS))
-        if runaway_guard:
-            max_frames = min(max_frames, text_frame_budget(text))
-        n_cb = self.config.audio_num_codebooks
-        gen_tokens, gen_mask = text_frames(self.tokenizer, speaker, text, n_cb)
-        window = self.config.max_seq_len
-        available = window - gen_tokens.shape[0] - max_frames
-        if available < 0:
-            raise CSMError(
-                f"text too long for the {window}-position window: {gen_tokens.shape[0]} text tokens + "
-                f"{max_frames} audio frames; split the text into shorter sentences or lower --max-audio-length-ms"
-            )
-        seg = [self.segment_frames(s) for s in context]
-        first = trim_context([t.shape[0] for t, _ in seg], available)
-        kept = seg[first:]
-        tokens = torch.cat([t for t, _ in kept] + [gen_tokens])
-        mask = torch.cat([m for _, m in kept] + [gen_mask])
-        return Prompt(tokens=tokens, mask=mask, context_kept=len(kept), max_frames=max_frames)
+        return assemble_prompt(self.tokenizer, self.config, self.segment_frames, text, speaker, context,
+                               max_audio_length_ms, runaway_guard)
 
     # -- the frame loop -------------------------------------------------------------------
 
@@ -370,39 +375,22 @@ class Generator:
         if chunk_frames < 1:
             raise CSMError("chunk_frames must be >= 1")
         prompt = self.build_prompt(text, speaker, context, max_audio_length_ms, runaway_guard)
+        chunks = ChunkAssembler(chunk_frames, silence if runaway_guard else None)
         with self._lock, self.codec.streaming() as decoder:
-            pending: list[Tensor] = []  # decoded but not yet yielded
-            held_silence: list[Tensor] = []  # silent frames held back until speech resumes
-            heard_speech = False
             for index, frame in enumerate(self.frames(prompt, temperature=temperature, topk=topk, seed=seed,
                                                       cancel=cancel)):
                 is_end = not frame.any()
                 pcm = decoder.decode_frame(frame).cpu()
-                if is_end:
-                    # The end frame flushes the codec's overlap tail of the last word; fade it out.
-                    pending.extend(held_silence)
-                    pending.append(pcm * torch.linspace(1.0, 0.0, pcm.numel()))
-                    break
-                if on_frame is not None:
+                if on_frame is not None and not is_end:
                     on_frame(index, frame)
-                if silence is not None and runaway_guard and silence.is_silent(pcm):
-                    if heard_speech:
-                        held_silence.append(pcm)
-                        if len(held_silence) > silence.max_silent_frames:
-                            pending.extend(held_silence[: silence.keep_silent_frames])
-                            held_silence.clear()
-                            break
-                        continue
-                else:
-                    heard_speech = True
-                    pending.extend(held_silence)
-                    held_silence.clear()
-                pending.append(pcm)
-                if len(pending) >= chunk_frames:
-                    yield torch.cat(pending).numpy()
-                    pending.clear()
-            if pending and not (cancel is not None and cancel.is_set()):
-                yield torch.cat(pending).numpy()
+                if not chunks.add(pcm, end=is_end):
+                    break
+                chunk = chunks.take()
+                if chunk is not None:
+                    yield chunk
+            rest = chunks.take(final=True)
+            if rest is not None and not (cancel is not None and cancel.is_set()):
+                yield rest
 
     def generate(self, text: str, speaker: int, context: Sequence[Segment] = (), **kwargs) -> Tensor:
         """The whole utterance as PCM (samples,) float32 at 24 kHz; options as ``stream``."""
@@ -472,5 +460,5 @@ def load_generator(model_path: str | None = None, *, mimi_path: str | None = Non
     return Generator(model, codec, tokenizer, cuda_graphs=cuda_graphs)
 
 
-__all__ = ["ConversationCache", "Generator", "Prompt", "SilenceGuard", "load_generator", "prepare_text", "text_frame_budget",
-           "trim_context", "SAMPLES_PER_FRAME"]
+__all__ = ["ConversationCache", "Generator", "Prompt", "SilenceGuard", "assemble_prompt", "load_generator",
+           "prepare_text", "segment_rows", "text_frame_budget", "trim_context", "SAMPLES_PER_FRAME"]

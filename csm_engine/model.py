@@ -13,6 +13,7 @@ own ``audio_head[i - 1]``. The decoder's cache is reused from position 0 every f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -386,22 +387,33 @@ class CSMModel(nn.Module):
         nothing waits on the device (sampling draws without a host sync).
         """
         h = self.backbone_hidden(tokens, tokens_mask, input_pos)[:, -1]  # (B, D)
-        n_cb = self.config.audio_num_codebooks
-        codes = torch.empty(h.shape[0], n_cb, dtype=torch.long, device=h.device)
         if noise is None and temperature > 0 and topk != 1:
             # All 32 codebooks' draws at once: one op per frame instead of one per step, and the
             # same draws a CUDA graph's step makes from the same generator (cuda_graphs.py).
             vocab = n_codes or self.config.audio_vocab_size
-            noise = torch.empty(h.shape[0], n_cb, vocab, device=h.device).exponential_(1, generator=generator)
-        c0 = sample_topk(self.codebook0_head(h)[..., :n_codes], topk, temperature, generator,
-                         None if noise is None else noise[:, 0])  # (B, 1)
+            noise = torch.empty(h.shape[0], self.config.audio_num_codebooks, vocab,
+                                device=h.device).exponential_(1, generator=generator)
+
+        def choose(logits: Tensor, i: int) -> Tensor:
+            return sample_topk(logits[..., :n_codes], topk, temperature, generator, None if noise is None else noise[:, i])
+
+        return self.sample_codebooks(h, choose)
+
+    def sample_codebooks(self, h: Tensor, choose: Callable[[Tensor, int], Tensor]) -> Tensor:
+        """The frame (B, 32) that follows backbone hidden states h (B, D): codebook 0, then the decoder's 31.
+
+        ``choose(logits, i)`` picks codebook i's tokens (B, 1) from its logits (B, vocab): one
+        sampling setting for the whole batch (``generate_frame``) or one per row (the batch engine).
+        """
+        n_cb = self.config.audio_num_codebooks
+        codes = torch.empty(h.shape[0], n_cb, dtype=torch.long, device=h.device)
+        c0 = choose(self.codebook0_head(h), 0)  # (B, 1)
         codes[:, :1] = c0
         # Decoder positions 0, 1 = [h, c0]; then codebook i enters at position i.
         dec_in = self.projection(torch.stack([h, self.embed_audio(0, c0[:, 0])], dim=1))  # (B, 2, Dd)
         for i in range(1, n_cb):
             dh = self.decoder(dec_in, 0 if i == 1 else i)[:, -1]
-            ci = sample_topk(self.audio_logits(dh, i)[..., :n_codes], topk, temperature, generator,
-                             None if noise is None else noise[:, i])
+            ci = choose(self.audio_logits(dh, i), i)
             codes[:, i:i + 1] = ci
             dec_in = self.projection(self.embed_audio(i, ci))  # (B, 1, Dd)
         return codes

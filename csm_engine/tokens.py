@@ -65,6 +65,21 @@ class TextTokenizer:
         except Exception as e:  # tokenizers raises plain Exception subclasses on bad JSON
             raise CSMError(f"cannot read text tokenizer {path}: {str(e).splitlines()[0]}") from None
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (``from_json`` of it tokenizes alike): a remote client builds the same prompts."""
+        return self._tok.to_str()
+
+    @classmethod
+    def from_json(cls, text: str) -> "TextTokenizer":
+        from tokenizers import Tokenizer
+
+        try:
+            return cls(Tokenizer.from_str(text))
+        except CSMError:
+            raise
+        except Exception as e:  # tokenizers raises plain Exception subclasses on bad JSON
+            raise CSMError(f"cannot read a text tokenizer from JSON: {str(e).splitlines()[0]}") from None
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

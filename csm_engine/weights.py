@@ -84,6 +84,11 @@ def _hub_error(repo_id: str, err: BaseException, what: str, filename: str | None
     return CSMError(f"cannot download {repo_id}: {detail} (retry, or pass a local directory)")
 
 
+def hub_error(repo_id: str, err: BaseException, what: str, filename: str | None = None) -> CSMError:
+    """Public form of the one-line hub failure message (other packages fetch from the hub too)."""
+    return _hub_error(repo_id, err, what, filename)
+
+
 def _client_error_types(attr: str) -> tuple[type[BaseException], ...]:
     """Error classes named ``attr`` of the HTTP clients huggingface_hub releases use (httpx2, httpx)."""
     found = []

@@ -63,3 +63,18 @@ def test_turn_model_benchmark_prints_decision_times(capsys):
         assert result[key]["n"] == len(result["input_s"]) and 0 < result[key]["median_ms"] <= result[key]["p95_ms"]
     assert max(result["input_s"]) > 8  # one input longer than the model's 8 s window
     assert '"decision"' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_serve_load_prints_rows_per_client_count(capsys):
+    import serve_load
+
+    result = serve_load.main(["--flavor", "tiny", "--clients", "1,2", "--seconds", "3", "--ramp-s", "1",
+                              "--frames", "3", "--client-procs", "1"])
+    rows = result["rows"]
+    assert [r["clients"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["requests"] >= row["clients"] and row["errors"] == 0
+        assert row["first_chunk_ms"]["p95"] > 0 and row["rtf"]["p50"] > 0 and row["aggregate_frames_per_s"] > 0
+    assert set(result["summary"]["aggregate_vs_batch1"]) == {1, 2} and result["summary"]["engine_failures"] == 0
+    assert '"summary"' in capsys.readouterr().out

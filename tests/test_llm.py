@@ -1,4 +1,9 @@
-"""The LLM stage: real llama.cpp SmolLM2, an OpenAI-compatible server over HTTP, sentence splitting."""
+"""The LLM stage: real llama.cpp SmolLM2, OpenAI-compatible servers over HTTP, sentence splitting.
+
+Servers: llama-cpp-python's own (``python -m llama_cpp.server`` with the embedded SmolLM2, killed
+mid-reply and restarted), and a tiny scripted one for exact replies and error statuses. The
+client is the official ``openai`` package in both.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from agent.errors import AgentError
-from agent.llm import LocalLLM, OpenAICompatibleLLM, Sampling, chat_completions_url, make_llm
+from agent.llm import LocalLLM, OpenAICompatibleLLM, Sampling, api_base_url, make_llm
 from agent.sentences import SentenceSplitter
 
 QUESTION = [
@@ -177,12 +182,109 @@ def test_unreachable_server_is_an_agent_error():
         list(llm.stream_reply(QUESTION))
 
 
-def test_chat_completions_url_forms():
-    assert chat_completions_url("http://h:8080") == "http://h:8080/v1/chat/completions"
-    assert chat_completions_url("http://h:8080/v1/") == "http://h:8080/v1/chat/completions"
-    assert chat_completions_url("https://h/v1/chat/completions") == "https://h/v1/chat/completions"
+def test_api_base_url_forms():
+    assert api_base_url("http://h:8080") == "http://h:8080/v1"
+    assert api_base_url("http://h:8080/v1/") == "http://h:8080/v1"
+    assert api_base_url("https://h/v1/chat/completions") == "https://h/v1"
     with pytest.raises(AgentError, match="http://"):
-        chat_completions_url("localhost:8080")
+        api_base_url("localhost:8080")
+
+
+# ----------------------------------------------------------------------------- llama.cpp's server
+
+
+class LlamaServer:
+    """``python -m llama_cpp.server`` with the embedded SmolLM2 on 127.0.0.1 (restartable on its port)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self) -> "LlamaServer":
+        import subprocess
+        import sys
+
+        import httpx
+
+        from agent.embedded import smollm2_gguf
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--host", "127.0.0.1",
+             "--port", str(self.port), "--n_ctx", "1024", "--n_threads", "2", "--seed", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(300):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with {self.process.returncode}")
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("llama_cpp.server did not start")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    server = LlamaServer().start()
+    yield server
+    server.kill()
+
+
+LONG = [{"role": "user", "content": "Write a long story about a cat who travels around the world."}]
+
+
+def test_llama_cpp_server_streams_a_reply(llama_server):
+    llm = make_llm(url=llama_server.url)
+    deltas = list(llm.stream_reply(QUESTION, sampling=Sampling(temperature=0.0, max_tokens=40)))
+    assert len(deltas) > 3 and len("".join(deltas).split()) >= 3
+    assert llm.model.endswith(".gguf")  # the name the server lists at /v1/models
+    sentences = list(SentenceSplitter().split(llm.stream_reply(QUESTION, sampling=Sampling(max_tokens=40))))
+    assert sentences and all(s.strip() for s in sentences)
+
+
+def test_llama_cpp_server_killed_mid_reply_gives_one_error_and_keeps_the_text(llama_server):
+    llm = OpenAICompatibleLLM(llama_server.url, timeout_s=20)
+    said, errors = [], []
+    try:
+        for delta in llm.stream_reply(LONG, sampling=Sampling(temperature=0.0, max_tokens=400)):
+            said.append(delta)
+            if len(said) == 5:
+                llama_server.kill()  # the server dies in the middle of the reply
+    except AgentError as error:
+        errors.append(error)
+    assert len(said) >= 5 and "".join(said).strip()
+    assert len(errors) == 1 and "stopped in the middle of the reply" in str(errors[0])
+    assert "kept" in str(errors[0]) and "\n" not in str(errors[0])
+    # While it is down: one clear error, before any text.
+    with pytest.raises(AgentError, match="cannot reach the LLM server"):
+        list(llm.stream_reply(QUESTION, sampling=Sampling(max_tokens=5)))
+    # Once it is back, the same client answers the next turn.
+    llama_server.start()
+    assert "".join(llm.stream_reply(QUESTION, sampling=Sampling(temperature=0.0, max_tokens=20))).strip()
+
+
+def test_llama_cpp_server_cancel_stops_the_stream(llama_server):
+    llm = OpenAICompatibleLLM(llama_server.url + "/v1", timeout_s=20)
+    cancel = threading.Event()
+    got = []
+    for delta in llm.stream_reply(LONG, cancel, sampling=Sampling(max_tokens=300)):
+        got.append(delta)
+        if len(got) == 3:
+            cancel.set()
+    assert len(got) == 3
+    # The server is free for the next request right away.
+    assert llm.reply(QUESTION, sampling=Sampling(temperature=0.0, max_tokens=10))
 
 
 # ----------------------------------------------------------------------------- sentences

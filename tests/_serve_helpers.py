@@ -1,0 +1,98 @@
+"""A real csm-serve on 127.0.0.1 for tests: the installed console script in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def console_script(name: str) -> str:
+    script = Path(sys.executable).with_name(name)
+    if not script.is_file():
+        pytest.fail(f"{name} is not installed in {script.parent}; run `make test` (pip install -e .)")
+    return str(script)
+
+
+def write_voices(directory: Path, clip: Path) -> Path:
+    """A voices.toml with one voice, ``tester`` (speaker 1), on a local clip."""
+    table = directory / "voices.toml"
+    table.write_text(f'[voices.tester]\nspeaker = 1\naudio = "{clip}"\ntext = "hello there, this is a short test of '
+                     'my voice"\ndescription = "an espeak-ng clip"\n', encoding="utf-8")
+    return table
+
+
+class ServerProcess:
+    """``csm-serve ARGS`` on a free port; ``url`` once /health answers."""
+
+    def __init__(self, *args: str, api_key: str | None = None, log: Path | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        command = [console_script("csm-serve"), "--port", str(self.port), *args]
+        if api_key:
+            command += ["--api-key", api_key]
+        self._log = open(log, "wb") if log else subprocess.DEVNULL
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def wait_ready(self, timeout_s: float = 180.0) -> "ServerProcess":
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"csm-serve exited with {self.process.returncode} before answering")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"csm-serve did not answer /health within {timeout_s} s")
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def wait_idle(self, timeout_s: float = 60.0) -> dict:
+        """/health once no stream is active or queued."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = self.health()
+            if state["active_streams"] == 0 and state["queued"] == 0:
+                return state
+            if time.monotonic() > deadline:
+                raise AssertionError(f"streams still busy after {timeout_s} s: {state}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
