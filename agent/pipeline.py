@@ -177,6 +177,8 @@ class Pipeline:
             if thread.name not in stage_threads | {"csm-chat-voice-download"} and thread is not threading.current_thread():
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._close_sink()
+        if self.settings.tts_url and self.models.generator is not None:
+            self.models.generator.close()  # the csm-serve connection
         try:
             self.saver.save()
         except AgentError as error:

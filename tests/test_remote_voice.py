@@ -7,22 +7,30 @@ within the engine).
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from agent.audio import load_audio
+from agent.audio import MemorySink, load_audio
 from agent.conversation import Conversation
 from agent.errors import AgentError
+from agent.events import AgentTurnDone
+from agent.pipeline import Pipeline
 from agent.remote_voice import RemoteSynthesizer, server_root
+from agent.settings import AgentSettings
 from agent.synthesis import ReplySynthesizer, SynthesisOptions
 from csm_engine.errors import CSMError
 from csm_engine.tokens import Segment
 
-from _serve_helpers import ServerProcess, write_voices
+from _serve_helpers import ServerProcess, console_script, write_voices
+from _stage_helpers import EventLog
 
 KEY = "voice-key"
 
@@ -113,3 +121,52 @@ def test_connection_problems_are_one_line_errors(server, voice, conversation, ti
     with pytest.raises(CSMError, match="HTTP 400.*max_audio_ms"):
         list(remote.stream("Hello.", 0, []))
     remote.close()
+
+
+# ---- csm-chat with --tts-url: the whole agent, its voice on the server --------------------------------
+
+
+@pytest.mark.e2e
+def test_headless_chat_through_csm_serve_saves_the_same_turns_as_in_process(tmp_path, server, spoken_turns_wav,
+                                                                            tiny_checkpoint, chat_persona):
+    mic = spoken_turns_wav(["what is the capital of france", "tell me about the weather today"], gap_s=1.5)
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "CSM_SERVE_API_KEY": KEY}
+    runs = {}
+    for where, extra in (("remote", ["--tts-url", server.url]), ("local", ["--csm-model", str(tiny_checkpoint)])):
+        saved = tmp_path / where
+        args = [console_script("csm-chat"), "--headless", "--mic-file", str(mic), "--fast", "--turn", "silence",
+                "--persona", str(chat_persona), "--save", str(saved), "--speaker-file", str(tmp_path / f"{where}.wav"),
+                "--no-watermark", "--seed", "5", "--device", "cpu", *extra]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=400, env=env)
+        assert result.returncode == 0, result.stderr
+        runs[where] = json.loads((saved / "conversation.json").read_text())["turns"]
+    remote, local = runs["remote"], runs["local"]
+    assert [(t["role"], t["text"]) for t in remote] == [(t["role"], t["text"]) for t in local]
+    assert [t["role"] for t in remote] == ["user", "agent"] * 2
+    assert all(t["audio"] and (tmp_path / "remote" / t["audio"]).is_file() for t in remote)
+
+
+@pytest.mark.e2e
+def test_barge_in_cancels_the_servers_stream_at_once(tmp_path, server, chat_persona, smollm2_llm):
+    settings = AgentSettings(tts_url=server.url, persona=str(chat_persona), save_dir=str(tmp_path / "saved"),
+                             headless=True, watermark=False, seed=4, device="cpu", max_audio_ms=20_000)
+    events = EventLog()
+    sink = MemorySink(24_000, speed=1.0)
+    pipeline = Pipeline(settings, events, source=False, sink=sink, llm=smollm2_llm, transcriber=object())
+    os.environ["CSM_SERVE_API_KEY"] = KEY
+    try:
+        pipeline.start()
+        pipeline.wait_ready(240)
+        pipeline.submit_text("Tell me a long story about a dragon.")
+        events.wait_for(lambda: sink.played_samples > 24_000 * 0.3, "the remote voice playing")
+        assert server.health()["active_streams"] == 1
+        pipeline.interrupt()
+        cut = time.monotonic()
+        server.wait_idle(timeout_s=5.0)
+        freed_s = time.monotonic() - cut
+        events.wait_for(lambda: events.of(AgentTurnDone), "the interrupted turn")
+    finally:
+        os.environ.pop("CSM_SERVE_API_KEY", None)
+        pipeline.stop()
+    assert events.of(AgentTurnDone)[0].interrupted
+    assert freed_s < 2.0, f"the server's stream ran on {freed_s:.1f} s after the barge-in"

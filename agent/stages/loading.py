@@ -9,6 +9,7 @@ without it where it can (no speaker: text only; no CSM weights: text only).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from agent.vad import SileroModel, VadSettings, VoiceActivityDetector, load_sile
 from csm_engine.errors import CSMError
 
 if TYPE_CHECKING:  # torch-heavy: imported only when CSM loads
+    from agent.remote_voice import RemoteCSM
     from csm_engine.generator import Generator
     from csm_engine.tokens import Segment
     from csm_engine.watermark import Watermarker
@@ -42,7 +44,7 @@ class Models:
     """The loaded parts of one run, each with a ready signal (set also when it failed to load)."""
 
     def __init__(self, *, source: AudioSource | Literal[False] | None = None, sink: AudioSink | None = None,
-                 generator: "Generator | None" = None, llm: ChatLLM | None = None,
+                 generator: "Generator | RemoteCSM | None" = None, llm: ChatLLM | None = None,
                  transcriber: Transcriber | None = None, vad_model: SileroModel | None = None,
                  watermarker: "Watermarker | None" = None) -> None:
         self.source = source  # False: told not to listen (typed messages only)
@@ -197,9 +199,10 @@ class ModelLoader:
                 return
             if m.generator is None:
                 persona = self.persona()
+                make = self._connect_remote if self.settings.tts_url else lambda: self._make_generator(persona)
                 try:
-                    m.generator = self._stage("csm", lambda: self._make_generator(persona))
-                except CSMError as error:
+                    m.generator = self._stage("csm", make)
+                except (CSMError, AgentError) as error:
                     m.text_only = True
                     self.ctx.notice("warning", f"speech is off, replies are text only: {error}")
                     return
@@ -223,6 +226,16 @@ class ModelLoader:
         self.models.adapter = adapter
         return generator
 
+    def _connect_remote(self) -> "RemoteCSM":
+        """--tts-url: a csm-serve speaks for the agent (AgentError when it cannot be reached)."""
+        from agent.remote_voice import API_KEY_ENV, RemoteCSM  # imports torch (prompts are built here)
+
+        remote = RemoteCSM(self.settings.tts_url, api_key=os.environ.get(API_KEY_ENV) or None)
+        if self.persona().topk > remote.max_topk:
+            raise AgentError(f"persona {self.persona().name}: topk {self.persona().topk} is above the limit of "
+                             f"csm-serve at {remote.url} ({remote.max_topk}); lower topk in the persona")
+        return remote
+
     def switch_persona(self, persona: Persona) -> None:
         """Load what ``persona`` speaks with: its voice clip, and CSM again if its adapter differs.
 
@@ -230,7 +243,8 @@ class ModelLoader:
         until it is loaded the current one keeps speaking.
         """
         m = self.models
-        if m.generator is not None and self.adapter_for(persona) != m.adapter and not m.text_only:
+        if (m.generator is not None and self.adapter_for(persona) != m.adapter and not m.text_only
+                and not self.settings.tts_url):
             try:
                 generator = self._stage("csm", lambda: self._make_generator(persona))
             except CSMError as error:
