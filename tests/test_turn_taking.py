@@ -15,6 +15,7 @@ import pytest
 
 from _stage_helpers import EventLog as Events
 from _voice_helpers import EspeakVoice
+from test_end_of_turn import QUESTIONS  # the 20 complete questions the judge's own tests use
 from agent.audio import MemorySink, QueueSource, load_audio, write_wav
 from agent.events import AgentTurnDone, Notice, TurnLatency, UserTurn
 from agent.pipeline import Pipeline
@@ -32,8 +33,6 @@ PAUSED = [
     ("The reason I am late is because", "the bus broke down.", {"reason", "late"}, {"bus", "broke", "down"}),
 ]
 PAUSES_S = (0.8, 1.0, 1.2)
-QUESTIONS = ["What is the capital of France?", "Can you tell me a joke?", "How are you doing today?",
-             "Who wrote the book Dune?", "Why is the sky blue?", "What is your name?"]
 
 
 def _settings(tmp_path, persona, **changes) -> AgentSettings:
@@ -58,11 +57,13 @@ def _has_any(text: str, stems: set[str]) -> bool:
     return any(word.startswith(stem) for word in words for stem in stems)
 
 
-def _run_file(tmp_path, persona, mic: np.ndarray, llm, transcriber, **settings) -> Events:
+def _run_file(tmp_path, persona, mic: np.ndarray, llm, transcriber, keep: list | None = None, **settings) -> Events:
     path = write_wav(tmp_path / f"mic-{settings.get('turn', 'smart')}.wav", mic, 16_000)
     events = Events()
     pipeline = Pipeline(_settings(tmp_path, persona, mic_file=str(path), **settings), events,
                         sink=MemorySink(24_000, speed=None), llm=llm, transcriber=transcriber)
+    if keep is not None:
+        keep.append(pipeline)
     try:
         pipeline.start()
         pipeline.wait_ready(TIMEOUT_S)
@@ -92,17 +93,21 @@ def test_a_pause_after_an_unfinished_clause_does_not_end_the_turn(tmp_path, chat
 @pytest.mark.slow
 def test_a_finished_question_ends_the_turn_soon_after_the_speech(tmp_path, chat_persona, espeak_wav, smollm2_llm,
                                                                  faster_whisper_tiny):
+    # Paced: the judge's decisions in stream time do not depend on how busy this machine is
+    # (benchmarks/agent_latency.py measures the wall clock, where the model's compute adds on).
     parts = [_silence(0.5)]
     for question in QUESTIONS:
-        parts += [_speech(espeak_wav, question), _silence(3.5)]
+        parts += [_speech(espeak_wav, question), _silence(2.5)]
+    pipeline_box: list = []
     events = _run_file(tmp_path, chat_persona, np.concatenate(parts), smollm2_llm, faster_whisper_tiny,
-                       realtime=True, turn="smart")
-    ended = [e.turn_end_ms for e in events.of(TurnLatency)]
-    assert len(ended) == len(QUESTIONS) and all(t is not None for t in ended)
-    print("end of speech -> turn ended (ms, wall clock):", sorted(round(t) for t in ended))
-    assert statistics.median(ended) <= 300
-    latencies = events.of(TurnLatency)
-    assert all(l.turn_end_ms <= l.transcript_ms <= l.first_token_ms for l in latencies)
+                       realtime=False, turn="smart", keep=pipeline_box)
+    decisions = pipeline_box[0].turn.turn_end_ms
+    assert len(decisions) == len(QUESTIONS) == len(events.of(UserTurn))
+    stream_ms = [stream for stream, _ in decisions]
+    print("end of speech -> turn ended, stream ms:", sorted(round(t) for t in stream_ms))
+    assert statistics.median(stream_ms) <= 300  # the fixed rule: 600 ms every time
+    for latency in events.of(TurnLatency):
+        assert latency.turn_end_ms <= latency.transcript_ms <= latency.first_token_ms
 
 
 def _speaking_pipeline(tmp_path, persona, tiny_generator, smollm2_llm, faster_whisper_tiny):

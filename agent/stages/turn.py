@@ -61,7 +61,9 @@ class TurnStage(Stage):
         self._tentative: tuple[int, int] | None = None
         self._heard_over_echo = False
         self._unconfirmed_s = 0.0  # since the double-talk detector last heard the user, no VAD turn
-        self.turn_end_ms: list[float] = []  # end of speech -> turn judged over, per turn (ms)
+        # Per turn: end of speech -> turn judged over, in stream time (what the judge waited for)
+        # and in wall-clock time (that plus the model's compute and any backlog), ms.
+        self.turn_end_ms: list[tuple[float, float]] = []
 
     def set_mode(self, mode: str) -> None:
         """Hand-over from the UI thread: the next block uses the new detector."""
@@ -157,7 +159,8 @@ class TurnStage(Stage):
         now = max(time.monotonic(), self._clock[-1][1] if self._clock else 0.0)
         speech_end = self._heard_at(int(event.t * PIPELINE_RATE)) or now
         turn_end_ms = max(0.0, (now - speech_end) * 1000)
-        self.turn_end_ms.append(turn_end_ms)
+        self.turn_end_ms.append(((event.ended_t - event.t) * 1000 if event.ended_t is not None else turn_end_ms,
+                                 turn_end_ms))
         self.ctx.progress.begin_input()
         self.ctx.set_state(AgentState.TRANSCRIBING)
         self.push(SpeechSegment(audio, speech_end, self._speech_started_at, time.time(), turn_end_ms, event.span,
