@@ -58,6 +58,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,8 @@ class SimulatedRoom(AudioSource):
         self.spec = spec
         self.realtime = realtime
         self.user_waits = (not realtime) if user_waits is None else user_waits
+        # Also hold the user's file while this says so (a user who waits for the agent's answer).
+        self.user_waits_for: Callable[[], bool] | None = None
         self.block_samples = PIPELINE_RATE * block_ms // 1000
         self.rir = room_impulse_response(spec, PIPELINE_RATE)
         self._delay = int(round(spec.device_delay_ms * PIPELINE_RATE / 1000))
@@ -270,6 +273,8 @@ class SimulatedRoom(AudioSource):
         end = self._far.end
         if self.user_waits and end is not None and end + self._delay + len(self.rir) > start:
             return np.zeros(b, np.float32)  # the user waits for the agent's voice to die away
+        if self.user_waits_for is not None and self.user_waits_for():
+            return np.zeros(b, np.float32)
         if self._user_pos >= len(self._user):
             return None
         block = np.zeros(b, np.float32)

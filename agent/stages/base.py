@@ -101,6 +101,12 @@ class Progress:
     def turns_reached(self) -> bool:
         return self.max_turns is not None and self.agent_replies >= self.max_turns
 
+    @property
+    def busy(self) -> bool:
+        """A user input is being answered."""
+        with self._idle:
+            return self._pending > 0
+
     def wait_idle(self, stopping: threading.Event) -> bool:
         """Block until no user input is in flight; False when stopping."""
         with self._idle:
