@@ -37,6 +37,16 @@ def _questions(espeak_wav, n: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
+@pytest.fixture(scope="module")
+def terse_persona(chat_persona, tmp_path_factory):
+    """The test persona with one-sentence answers of a few words: real time is what these tests spend."""
+    path = tmp_path_factory.mktemp("terse") / "terse.toml"
+    text = chat_persona.read_text(encoding="utf-8").replace("max_tokens = 24", "max_tokens = 12")
+    path.write_text(text.replace('clip = "voice.wav"', f'clip = "{chat_persona.parent / "voice.wav"}"'),
+                    encoding="utf-8")
+    return path
+
+
 def talk_in_room(tmp_path, room: str, aec: str, replies: int, persona, espeak_wav, generator, llm, transcriber):
     """``replies`` questions asked in ``room``; returns (pipeline, events) once all are answered."""
     source = SimulatedRoom(load_room(room), _questions(espeak_wav, replies), realtime=True, user_waits=True,
@@ -58,9 +68,9 @@ def talk_in_room(tmp_path, room: str, aec: str, replies: int, persona, espeak_wa
 
 
 @pytest.mark.parametrize("room", ["office-loud", "living-room-loud"])
-def test_the_agent_never_interrupts_itself_with_echo_cancellation(tmp_path, room, chat_persona, espeak_wav,
+def test_the_agent_never_interrupts_itself_with_echo_cancellation(tmp_path, room, terse_persona, espeak_wav,
                                                                    tiny_generator, smollm2_llm, faster_whisper_tiny):
-    pipeline, events = talk_in_room(tmp_path, room, "on", 10, chat_persona, espeak_wav, tiny_generator, smollm2_llm,
+    pipeline, events = talk_in_room(tmp_path, room, "on", 10, terse_persona, espeak_wav, tiny_generator, smollm2_llm,
                                     faster_whisper_tiny)
     assert events.of(AudioSetup)[0].echo_cancellation
     done = events.of(AgentTurnDone)
@@ -69,9 +79,9 @@ def test_the_agent_never_interrupts_itself_with_echo_cancellation(tmp_path, room
     assert len(events.of(UserTurn)) == 10
 
 
-def test_without_echo_cancellation_the_agent_interrupts_itself(tmp_path, chat_persona, espeak_wav, tiny_generator,
+def test_without_echo_cancellation_the_agent_interrupts_itself(tmp_path, terse_persona, espeak_wav, tiny_generator,
                                                                smollm2_llm, faster_whisper_tiny):
-    pipeline, events = talk_in_room(tmp_path, "living-room-loud", "off", 3, chat_persona, espeak_wav, tiny_generator,
+    pipeline, events = talk_in_room(tmp_path, "living-room-loud", "off", 3, terse_persona, espeak_wav, tiny_generator,
                                     smollm2_llm, faster_whisper_tiny)
     assert not events.of(AudioSetup)[0].echo_cancellation
     assert pipeline.barge_in.pauses >= 1 and any(d.interrupted for d in events.of(AgentTurnDone))
