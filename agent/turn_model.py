@@ -14,13 +14,18 @@ prepared the way it was trained (pipecat-ai/smart-turn ``train.py``: transformer
 The spectrogram is faster-whisper's numpy ``FeatureExtractor`` (no torch: it runs on the
 capture thread beside CSM without touching torch's thread pool); tests check the features
 against transformers' extractor. The output ``logits`` is already a sigmoid probability.
+
+How ONNX Runtime runs it (``TurnRuntime``) is chosen for the same answers, bit for bit, as
+the plain int8 QDQ graph: this model turns last-bit float differences into P(done) moves of
+up to ~0.2-0.7 on espeak speech (benchmarks/README.md), so any faster route that rounds
+differently changes what it decides.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +38,45 @@ WINDOW_SAMPLES = WINDOW_S * PIPELINE_RATE
 N_MELS, N_FRAMES = 80, 800
 NORM_EPS = 1e-7  # transformers' zero_mean_unit_var_norm epsilon
 
+
+@dataclass(frozen=True)
+class TurnRuntime:
+    """How ONNX Runtime runs Smart Turn.
+
+    ``threads``: intra-op threads (1: a decision must not compete with CSM for the cores).
+    ``fold_weights``: dequantize the int8 weights once at load instead of on every run
+    (~10% less CPU per decision here, the same output bits); False runs the reference graph.
+    """
+
+    threads: int = 1
+    fold_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise AgentError(f"end-of-turn model threads must be at least 1, got {self.threads}")
+
+
+def session_options(runtime: TurnRuntime):
+    """ONNX Runtime session options for ``runtime`` (see ``TurnRuntime``)."""
+    import onnxruntime  # comes with faster-whisper; imported here so a broken install is a notice
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = runtime.threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    # BASIC runs the int8 (QDQ) graph as dequantize + float ops. ENABLE_ALL fuses it into
+    # u8 x s8 integer kernels that saturate on AVX2 CPUs without VNNI (like this project's):
+    # P(done) moved by up to 0.5 on the same clip here.
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if runtime.fold_weights:
+        # Constant folding skips DequantizeLinear by default (kept for QDQ fusion); with QDQ
+        # fusion off it dequantizes the weights once, with the same kernel, at load.
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+        # A MatMul whose weight became constant would prepack it, and the prepacked sgemm
+        # sums in another order: last-bit differences this model amplifies (see above).
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
 
 
 @lru_cache(maxsize=1)
@@ -57,26 +101,18 @@ def turn_features(audio: np.ndarray) -> np.ndarray:
 
 
 class SmartTurnModel:
-    """The Smart Turn ONNX model on one ONNX Runtime thread: ``probability(audio)`` of a finished turn."""
+    """The Smart Turn ONNX model run as ``runtime`` says: ``probability(audio)`` of a finished turn."""
 
     INPUT = "input_features"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, runtime: TurnRuntime | None = None) -> None:
         import onnxruntime  # comes with faster-whisper; imported here so a broken install is a notice
 
         self.path = Path(path)
+        self.runtime = runtime or TurnRuntime()
         fix = f"reinstall it with `pip install --force-reinstall --no-deps {PIPECAT_PIN}`"
         try:
-            options = onnxruntime.SessionOptions()
-            # One thread: a decision costs tens of ms and must not compete with CSM for cores.
-            options.intra_op_num_threads = 1
-            options.inter_op_num_threads = 1
-            options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-            options.log_severity_level = 3
-            # BASIC runs the int8 (QDQ) graph as dequantize + float ops. ENABLE_ALL fuses it into
-            # u8 x s8 integer kernels that saturate on AVX2 CPUs without VNNI (like this
-            # project's): P(done) moved by up to 0.5 on the same clip here.
-            options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            options = session_options(self.runtime)
             self._session = onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # a truncated or foreign file
             raise AgentError(f"cannot load the end-of-turn model {self.path}: {error}: {fix}") from None
@@ -98,11 +134,11 @@ class SmartTurnModel:
         return self.probability_of_features(turn_features(audio))
 
 
-def load_turn_model(path: str | Path | None = None) -> SmartTurnModel:
+def load_turn_model(path: str | Path | None = None, runtime: TurnRuntime | None = None) -> SmartTurnModel:
     """Smart Turn v3.2 from the installed ``pipecat-ai`` wheel (or ``path``); AgentError naming the fix."""
     from agent.embedded import smart_turn_onnx
 
-    return SmartTurnModel(Path(path) if path is not None else smart_turn_onnx())
+    return SmartTurnModel(Path(path) if path is not None else smart_turn_onnx(), runtime)
 
 
 def try_load_turn_model(path: str | Path | None = None) -> tuple[SmartTurnModel | None, str | None]:

@@ -1,13 +1,16 @@
 """Smart Turn v3.2 on this CPU: time per end-of-turn decision, and what it decides on espeak speech.
 
-    python benchmarks/turn_model.py [--repeats 5] [--no-judgements]
+    python benchmarks/turn_model.py [--repeats 5] [--threads 1,2] [--no-judgements]
 
 Inputs are realistic: espeak-ng questions of 1-4 s and a 9 s ramble (cut to its last 8 s),
-each with 200 ms of lead-in and the 192 ms pause at which the judge first asks. Times (one
-ONNX Runtime thread, as the agent runs it): the features (log-mel of the last 8 s), the model
-on ready features, and a whole decision (both). With ``--judgements`` (default) it also runs
-the judge over the test suite's streams (real Silero VAD) and prints each model answer and
-the end-of-speech -> turn-ended delays in stream time. Prints one JSON object.
+each with 200 ms of lead-in and the 192 ms pause at which the judge first asks. Times: the
+features (log-mel of the last 8 s), the model on ready features for each runtime (the agent's
+default, weights dequantized once at load, on each ``--threads`` count; and the reference
+graph that dequantizes them on every run, on one thread), and a whole decision (both, default
+runtime, one thread, as the agent runs it). Runtimes take turns on each input, so a change in
+the machine's load hits them alike. With ``--judgements`` (default) it also runs the judge
+over the test suite's streams (real Silero VAD) and prints each model answer and the
+end-of-speech -> turn-ended delays in stream time. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from agent.audio import PIPELINE_RATE, load_audio  # noqa: E402
-from agent.turn_model import load_turn_model, turn_features  # noqa: E402
+from agent.turn_model import TurnRuntime, load_turn_model, turn_features  # noqa: E402
 
 TIMING_TEXTS = [
     "What time is it?", "Can you tell me a joke?", "What should I cook for dinner tonight?",
@@ -57,26 +60,34 @@ def stats_ms(seconds: list[float]) -> dict:
             "n": len(ms)}
 
 
-def timings(model, inputs: list[np.ndarray], repeats: int) -> dict:
-    """Wall time of features, model and whole decision; and the decision's CPU time on this thread
-    (on a shared machine wall time includes waiting for a core, CPU time does not)."""
-    features, model_only, decision, decision_cpu = [], [], [], []
+def timed(call) -> tuple[float, float]:
+    """(wall s, CPU s of the whole process) of ``call()``: on a shared machine wall time includes
+    waiting for a core, CPU time does not (and counts every ONNX Runtime thread)."""
+    w, c = time.perf_counter(), time.process_time()
+    call()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def timings(models: dict, inputs: list[np.ndarray], repeats: int) -> dict:
+    """Features, each runtime's model on ready features, and the agent's whole decision (the first model)."""
+    features, decision, decision_cpu = [], [], []
+    wall, cpu = ({name: [] for name in models} for _ in range(2))
+    agent = next(iter(models.values()))
     for _ in range(repeats):
         for audio in inputs:
             t0 = time.perf_counter()
             x = turn_features(audio)
-            t1 = time.perf_counter()
-            model.probability_of_features(x)
-            t2 = time.perf_counter()
-            c2 = time.thread_time()
-            model.probability(audio)
-            decision_cpu.append(time.thread_time() - c2)
-            t3 = time.perf_counter()
-            features.append(t1 - t0)
-            model_only.append(t2 - t1)
-            decision.append(t3 - t2)
-    return {"features": stats_ms(features), "model": stats_ms(model_only), "decision": stats_ms(decision),
-            "decision_cpu": stats_ms(decision_cpu)}
+            features.append(time.perf_counter() - t0)
+            for name, model in models.items():
+                w, c = timed(lambda: model.probability_of_features(x))  # noqa: B023
+                wall[name].append(w)
+                cpu[name].append(c)
+            w, c = timed(lambda: agent.probability(audio))  # noqa: B023
+            decision.append(w)
+            decision_cpu.append(c)
+    return {"features": stats_ms(features),
+            "model": {name: {"wall": stats_ms(wall[name]), "cpu": stats_ms(cpu[name])} for name in models},
+            "decision": stats_ms(decision), "decision_cpu": stats_ms(decision_cpu)}
 
 
 def judgements(directory: Path) -> dict:
@@ -118,21 +129,28 @@ def judgements(directory: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="passes over the timing inputs (default 5)")
+    parser.add_argument("--threads", default="1,2", help="ONNX Runtime thread counts to time (default 1,2)")
     parser.add_argument("--no-judgements", dest="judgements", action="store_false",
                         help="only the timings, not the judge over the test streams")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    try:
+        threads = sorted({int(t) for t in args.threads.split(",")})
+    except ValueError:
+        parser.error(f"--threads takes thread counts like 1,2, not {args.threads!r}")
     if shutil.which("espeak-ng") is None:
         parser.error("espeak-ng is not installed (apt-get install espeak-ng)")
-    model = load_turn_model()
+    models = {f"default_{n}_thread{'s' * (n > 1)}": load_turn_model(runtime=TurnRuntime(threads=n)) for n in threads}
+    models["reference_1_thread"] = load_turn_model(runtime=TurnRuntime(fold_weights=False))
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         lead, pause = np.zeros(3200, np.float32), np.zeros(3072, np.float32)  # 200 ms, 192 ms
         inputs = [np.concatenate([lead, speech_only(espeak(t, directory)), pause]) for t in TIMING_TEXTS]
-        result = {"cpu_count": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
-                  "ort_threads": 1, "input_s": [round(len(a) / PIPELINE_RATE, 2) for a in inputs],
-                  **timings(model, inputs, args.repeats)}
+        load_before = os.getloadavg()[0]
+        result = {"cpu_count": os.cpu_count(), "input_s": [round(len(a) / PIPELINE_RATE, 2) for a in inputs],
+                  **timings(models, inputs, args.repeats),
+                  "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}}
         if args.judgements:
             result["judgements"] = judgements(directory)
     print(json.dumps(result, indent=1))

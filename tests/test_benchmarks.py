@@ -58,9 +58,11 @@ def test_train_speed_prints_a_row_per_mode():
 def test_turn_model_benchmark_prints_decision_times(capsys):
     import turn_model
 
-    result = turn_model.main(["--repeats", "1", "--no-judgements"])
-    for key in ("features", "model", "decision", "decision_cpu"):
-        assert result[key]["n"] == len(result["input_s"]) and 0 < result[key]["median_ms"] <= result[key]["p95_ms"]
+    result = turn_model.main(["--repeats", "1", "--threads", "1,2", "--no-judgements"])
+    times = [result[key] for key in ("features", "decision", "decision_cpu")]
+    assert set(result["model"]) == {"default_1_thread", "default_2_threads", "reference_1_thread"}
+    times += [runtime[kind] for runtime in result["model"].values() for kind in ("wall", "cpu")]
+    assert all(t["n"] == len(result["input_s"]) and 0 < t["median_ms"] <= t["p95_ms"] for t in times)
     assert max(result["input_s"]) > 8  # one input longer than the model's 8 s window
     assert '"decision"' in capsys.readouterr().out
 
@@ -78,3 +80,14 @@ def test_serve_load_prints_rows_per_client_count(capsys):
         assert row["first_chunk_ms"]["p95"] > 0 and row["rtf"]["p50"] > 0 and row["aggregate_frames_per_s"] > 0
     assert set(result["summary"]["aggregate_vs_batch1"]) == {1, 2} and result["summary"]["engine_failures"] == 0
     assert '"summary"' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_turn_model_routes_benchmark_compares_every_route_with_the_reference():
+    import turn_model_routes
+
+    result = turn_model_routes.main(["--streams", "1"])
+    assert result["calls"] >= 1 and result["float32_floor"]["floor_ms"] > 0
+    assert result["default"]["bit_identical"] and result["default"]["verdicts_flipped"] == 0
+    for route in ("enable_all_int8", "enable_all_fp32_fusions", "input_noise_1e-7", "float_graph"):
+        assert "skipped" in result[route] or 0 <= result[route]["median_abs_diff"] <= result[route]["max_abs_diff"]

@@ -53,6 +53,20 @@ def speech_only(clip: np.ndarray) -> np.ndarray:
     return clip[loud[0] : loud[-1] + 1]
 
 
+def question_stream(espeak_wav, text: str) -> tuple[np.ndarray, float]:
+    """``text`` spoken after LEAD_S of silence, then 2.5 s of silence: (audio, speech end s)."""
+    speech = speech_only(load_audio(espeak_wav(text)))
+    return np.concatenate([silence(LEAD_S), speech, silence(2.5)]), LEAD_S + len(speech) / PIPELINE_RATE
+
+
+def paused_stream(espeak_wav, i: int) -> tuple[np.ndarray, float, float]:
+    """PAUSED_SENTENCES[i] as one stream: (audio, its clause's length s, its whole sentence's length s)."""
+    first, second = (speech_only(load_audio(espeak_wav(text))) for text in PAUSED_SENTENCES[i])
+    pause = PAUSES_S[i % len(PAUSES_S)]
+    audio = np.concatenate([silence(LEAD_S), first, silence(pause), second, silence(2.5)])
+    return audio, len(first) / PIPELINE_RATE, (len(first) + len(second)) / PIPELINE_RATE + pause
+
+
 @dataclass
 class StreamRun:
     events: list[VadEvent]
@@ -93,22 +107,15 @@ def question_runs(espeak_wav, silero, smart):
     """Each question spoken after LEAD_S of silence, then 2.5 s of silence: (speech end s, run)."""
     runs = []
     for text in QUESTIONS:
-        speech = speech_only(load_audio(espeak_wav(text)))
-        audio = np.concatenate([silence(LEAD_S), speech, silence(2.5)])
-        runs.append((LEAD_S + len(speech) / PIPELINE_RATE, run_stream(audio, silero, smart)))
+        audio, speech_end_s = question_stream(espeak_wav, text)
+        runs.append((speech_end_s, run_stream(audio, silero, smart)))
     return runs
 
 
 @pytest.fixture(scope="module")
 def paused_audio(espeak_wav):
     """Each paused sentence as one stream, with its clause's and its whole sentence's length (s)."""
-    streams = []
-    for i, (clause, rest) in enumerate(PAUSED_SENTENCES):
-        first, second = (speech_only(load_audio(espeak_wav(text))) for text in (clause, rest))
-        pause = PAUSES_S[i % len(PAUSES_S)]
-        audio = np.concatenate([silence(LEAD_S), first, silence(pause), second, silence(2.5)])
-        streams.append((audio, len(first) / PIPELINE_RATE, (len(first) + len(second)) / PIPELINE_RATE + pause))
-    return streams
+    return [paused_stream(espeak_wav, i) for i in range(len(PAUSED_SENTENCES))]
 
 
 @pytest.fixture(scope="module")
