@@ -30,10 +30,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import fft
-
 from agent.audio import PIPELINE_RATE
-from agent.check_audio import echo_delay_samples
+from agent.echo_path import EchoPath, fit_echo_path
 from agent.errors import AgentError
 from agent.vad import WINDOW, SileroModel, load_silero_model
 
@@ -91,72 +89,6 @@ class _History:
         return out
 
 
-@dataclass(frozen=True)
-class EchoPath:
-    """mic[n] ~ sum_k taps[k] * reference[n - delay - k]; ``leak``: residual echo power over predicted
-    echo power in echo-only blocks (90th percentile) after the fit."""
-
-    delay: int
-    taps: np.ndarray
-    leak: float
-
-    def predict(self, reference: np.ndarray) -> np.ndarray:
-        """The echo for ``reference`` whose first ``delay + len(taps) - 1`` samples are history."""
-        n = fft.next_fast_len(len(reference) + len(self.taps))
-        full = fft.irfft(fft.rfft(reference, n) * fft.rfft(self.taps, n), n)
-        return full[len(self.taps) - 1 : len(reference) - self.delay].astype(np.float32)
-
-
-def fit_echo_path(reference: np.ndarray, mic: np.ndarray, weights: np.ndarray, taps: int, delay: int,
-                  iterations: int, start: np.ndarray | None = None, noise_power: float = 0.0) -> EchoPath:
-    """Weighted least-squares FIR from ``reference`` to ``mic`` (the same span; the first
-    ``delay + taps - 1`` samples of both are history only), by conjugate gradients on the normal
-    equations with FFT products, preconditioned by the reference's average power spectrum, from
-    ``start`` (a previous fit: what the reference hardly excites now is kept from before)."""
-    # float32 FFTs: twice as fast, and far more precise than the 40 dB this fit can reach
-    x = reference[: len(reference) - delay].astype(np.float32)
-    y, w = mic[delay + taps - 1 :].astype(np.float32), weights[delay + taps - 1 :].astype(np.float32)
-    rows, n = len(y), fft.next_fast_len(len(x) + taps)
-    spectrum = fft.rfft(x, n)
-
-    def forward(h: np.ndarray) -> np.ndarray:
-        return fft.irfft(spectrum * fft.rfft(h, n), n)[taps - 1 : taps - 1 + rows] * w
-
-    def adjoint(r: np.ndarray) -> np.ndarray:
-        padded = np.zeros(n, np.float32)
-        padded[taps - 1 : taps - 1 + rows] = r * w
-        return fft.irfft(np.conj(spectrum) * fft.rfft(padded), n)[:taps]
-
-    m = 2 * taps  # preconditioner: 1 / power spectrum at the filter's resolution
-    segments = x[: len(x) // m * m].reshape(-1, m) if len(x) >= m else x[None, :]
-    power = np.mean(np.abs(fft.rfft(segments, m, axis=1)) ** 2, axis=0)
-    power += 1e-3 * power.mean() + 1e-20
-    precondition = lambda v: fft.irfft(fft.rfft(v, m) / power, m)[:taps]  # noqa: E731
-    h = np.zeros(taps, np.float32) if start is None else start.astype(np.float32)
-    r = adjoint(y * w) - (adjoint(forward(h)) if start is not None else 0.0)
-    z = precondition(r)
-    p, rz = z.copy(), r @ z
-    for _ in range(iterations):
-        ap = adjoint(forward(p))
-        step = rz / max(p @ ap, 1e-30)
-        h += step * p
-        r -= step * ap
-        z = precondition(r)
-        rz, previous = r @ z, rz
-        p = z + (rz / max(previous, 1e-30)) * p
-    echo = fft.irfft(spectrum * fft.rfft(h, n), n)[taps - 1 : taps - 1 + rows]
-    return EchoPath(delay, h.astype(np.float32), _leak(y - echo, echo, w, noise_power))
-
-
-def _leak(residual: np.ndarray, echo: np.ndarray, weights: np.ndarray, noise_power: float) -> float:
-    """90th percentile over echo-only blocks of (residual power - noise) / predicted echo power."""
-    count = len(echo) // WINDOW
-    blocks = lambda x: x[: count * WINDOW].reshape(count, WINDOW)  # noqa: E731
-    e, p = np.mean(blocks(residual) ** 2, axis=1), np.mean(blocks(echo) ** 2, axis=1)
-    used = (blocks(weights).min(axis=1) > 0) & (p > noise_power)
-    return float(np.percentile(np.maximum(e[used] - noise_power, 0.0) / p[used], 90)) if used.any() else 1.0
-
-
 class DoubleTalk:
     """The echo canceller plus a linear echo model: who is talking, and the user's audio back
     (see the module doc). Feed 16 kHz blocks through ``process``; read ``user_speaking`` and
@@ -175,7 +107,7 @@ class DoubleTalk:
         self._flags = _History(capacity, np.uint8)
         self._taps = int(s.echo_path_s * PIPELINE_RATE)
         self._lock = threading.Lock()  # the histories: written by process(), read by recover()
-        self._detach = canceller.add_reference_listener(self._reference.write) if canceller.enabled else None
+        self._detach = canceller.add_reference_listener(self._add_reference) if canceller.enabled else None
         self._path: EchoPath | None = None
         self._fit: tuple[int, Future] | None = None  # (block at which to install, the running fit)
         self._workers = ThreadPoolExecutor(1, thread_name_prefix="echo-path-fit")
@@ -185,7 +117,8 @@ class DoubleTalk:
         self._over = self._under = 0
         self._vad_pending = np.zeros(0, np.float32)
         self.user_speaking = self.far_end_active = False
-        self.speech_probability = 0.0
+        self.speech_probability = 0.0  # Silero's, on the last cleaned window
+        self.residual_db: float | None = None  # last block: mic minus predicted echo over the residual expected
 
     @property
     def latency_samples(self) -> int:
@@ -207,13 +140,14 @@ class DoubleTalk:
             self._install_fit()
             residual, echo = self._residual(start, len(block))
             reference_heard = self._reference_heard(start)
-        if not reference_heard:  # nothing of the agent can be in the mic: the noise floor (or the user)
+        if not self.user_speaking and (echo is not None or not reference_heard):  # the noise floor, or near it
             self._noise = (self._noise + [float(np.mean(residual**2))])[-100:]
         if echo is not None:  # the model says how long the echo lasts
             self.far_end_active = float(np.mean(echo**2)) > self._noise_power()
         else:  # without a model, for as long as it could
             self.far_end_active = reference_heard
         voice = self._vad(cleaned)  # fed every block: Silero is recurrent
+        self.residual_db = None
         if self.far_end_active:  # with no model yet, a voice over the agent cannot be told from its echo
             voice = echo is not None and self._louder_than_echo(residual, echo)
         self._decide(voice)
@@ -237,11 +171,11 @@ class DoubleTalk:
                 return raw  # no far end to take out
             job = self._fit_job(start - int(self.settings.fit_window_s * PIPELINE_RATE), start, self._path)
             reference = self._reference.read(start - self._span(), end)
-        path = _run(*job) if job is not None else self._path
+        path = fit_echo_path(*job[0], **job[1]) if job is not None else self._path
         if path is None:
             raise AgentError("recover(): the agent has not spoken long enough to model its echo: "
                              "use the cleaned audio")
-        return raw - path.predict(reference[self._span() - path.delay - len(path.taps) + 1 :])
+        return raw - path.predict(reference[self._span() - path.history :])
 
     def close(self) -> None:
         """Stop listening to the canceller's reference and stop the fitting thread."""
@@ -252,12 +186,15 @@ class DoubleTalk:
 
     # -- detection
 
+    def _add_reference(self, frame: np.ndarray) -> None:
+        with self._lock:  # called by the canceller inside process(), outside the lock
+            self._reference.write(frame)
+
     def _residual(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray | None]:
         raw = self._raw.read(start, start + n)
         if self._path is None:
             return raw, None
-        history = self._path.delay + self._taps - 1
-        echo = self._path.predict(self._reference.read(start - history, start + n))
+        echo = self._path.predict(self._reference.read(start - self._path.history, start + n))
         return raw - echo, echo
 
     def _noise_power(self) -> float:
@@ -265,7 +202,8 @@ class DoubleTalk:
 
     def _louder_than_echo(self, residual: np.ndarray, echo: np.ndarray) -> bool:
         expected = self._noise_power() + self._path.leak * float(np.mean(echo**2))
-        return float(np.mean(residual**2)) > expected * 10 ** (self.settings.margin_db / 10)
+        self.residual_db = 10 * np.log10(max(float(np.mean(residual**2)), 1e-20) / expected)
+        return self.residual_db > self.settings.margin_db
 
     def _vad(self, cleaned: np.ndarray) -> bool:
         self._vad_pending = np.concatenate([self._vad_pending, cleaned])
@@ -297,14 +235,14 @@ class DoubleTalk:
             end = self._raw.end
             job = self._fit_job(end - int(s.fit_window_s * PIPELINE_RATE), end, self._path)
             if job is not None:
-                self._fit = (self._blocks + s.install_blocks, self._workers.submit(*job))
+                self._fit = (self._blocks + s.install_blocks, self._workers.submit(fit_echo_path, *job[0], **job[1]))
                 self._far_heard = 0
 
     def _install_fit(self) -> None:
         if self._fit is not None and self._blocks >= self._fit[0]:
             self._path, self._fit = self._fit[1].result(), None
 
-    def _fit_job(self, start: int, end: int, previous: EchoPath | None) -> tuple | None:
+    def _fit_job(self, start: int, end: int, previous: EchoPath | None) -> tuple[tuple, dict] | None:
         """What fitting the echo path on ``[start, end)`` of the raw mic needs (copies: it may run on
         a thread), or None where it holds less than ``first_fit_s`` of echo-only audio."""
         span = self._span()
@@ -318,24 +256,8 @@ class DoubleTalk:
         if weights.sum() < self.settings.first_fit_s * PIPELINE_RATE:
             return None
         reference, mic = self._reference.read(start - span, end), self._raw.read(start - span, end)
-        return (_fit_with_delay, reference, mic, weights, self._taps, previous, self.settings, self._noise_power())
-
-
-def _run(fn, *args):
-    return fn(*args)
-
-
-def _fit_with_delay(reference: np.ndarray, mic: np.ndarray, weights: np.ndarray, taps: int,
-                    previous: EchoPath | None, settings: DoubleTalkSettings, noise_power: float) -> EchoPath:
-    """Find the bulk delay (GCC-PHAT, 10 ms early; kept from the previous fit) and fit the taps after it."""
-    max_delay = int(settings.max_delay_s * PIPELINE_RATE)
-    if previous is not None:
-        delay = previous.delay
-    else:
-        lag, prominence = echo_delay_samples(reference * weights, mic * weights, max_delay)
-        delay = max(0, lag - PIPELINE_RATE // 100) if prominence > 10 else 0
-    skip = max_delay - delay  # the span holds max_delay + taps of history; use what this delay needs
-    start = previous.taps if previous is not None else None
-    iterations = settings.fit_iterations if previous is None else settings.refit_iterations
-    return fit_echo_path(reference[skip:], mic[skip:], weights[skip:], taps, delay, iterations, start,
-                         noise_power)
+        s = self.settings
+        iterations = s.fit_iterations if previous is None else s.refit_iterations
+        return (reference, mic, weights), dict(taps=self._taps, max_delay=int(s.max_delay_s * PIPELINE_RATE),
+                                                iterations=iterations, previous=previous,
+                                                noise_power=self._noise_power())
