@@ -167,7 +167,7 @@ class DoubleTalk:
         start, end = start_sample - lag, end_sample - lag
         with self._lock:
             raw = self._raw.read(start, end)
-            if self._detach is None or not self._reference.read(start - self._span(), end).any():
+            if not self._reference.read(start - self._span(), end).any():
                 return raw  # no far end to take out
             job = self._fit_job(start - int(self.settings.fit_window_s * PIPELINE_RATE), start, self._path)
             reference = self._reference.read(start - self._span(), end)
@@ -221,7 +221,7 @@ class DoubleTalk:
 
     def _reference_heard(self, start: int) -> bool:
         # Something played within the longest delay plus the modelled reverberation: it may be in the mic.
-        return self._detach is not None and bool(self._reference.read(start - self._span(), self._raw.end).any())
+        return bool(self._reference.read(start - self._span(), self._raw.end).any())
 
     def _span(self) -> int:
         return int(self.settings.max_delay_s * PIPELINE_RATE) + self._taps
@@ -231,7 +231,7 @@ class DoubleTalk:
     def _maybe_fit(self) -> None:
         s = self.settings
         due = s.first_fit_s if self._path is None else s.refit_s
-        if self._fit is None and self._detach is not None and self._far_heard >= due * PIPELINE_RATE:
+        if self._fit is None and self._far_heard >= due * PIPELINE_RATE:
             end = self._raw.end
             job = self._fit_job(end - int(s.fit_window_s * PIPELINE_RATE), end, self._path)
             if job is not None:

@@ -1,0 +1,101 @@
+"""Test and benchmark helper: agent replies played into a simulated room while the user talks, the
+microphone read block by block through the real EchoCanceller (or PassThrough) and DoubleTalk.
+
+Paced: the room's clock advances one block per read and a reply plays all at once at its start
+time (the room places it there), so runs are deterministic and faster than real time. A barge-in
+is a reply cut short (``stop_after_s``): in a paced room the sink has nothing left to play.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.audio import PIPELINE_RATE, MemorySink
+from agent.double_talk import DoubleTalk
+from agent.echo import EchoCanceller, PassThrough
+from agent.room import SimulatedRoom, load_room
+
+AGENT_RATE = 24_000  # CSM's rate: replies are played at it
+
+
+@dataclass(frozen=True)
+class Reply:
+    """``audio`` (24 kHz) starts playing ``start_s`` seconds into the run; ``stop_after_s``: cut there."""
+
+    start_s: float
+    audio: np.ndarray
+    stop_after_s: float | None = None
+
+
+@dataclass
+class RoomRun:
+    raw: np.ndarray  # the microphone (16 kHz)
+    cleaned: np.ndarray  # what DoubleTalk.process returned
+    user: np.ndarray  # per block: DoubleTalk.user_speaking
+    far: np.ndarray  # per block: DoubleTalk.far_end_active
+    residual_db: np.ndarray  # per block: DoubleTalk.residual_db (nan where None)
+    double_talk: DoubleTalk
+    cpu_s: float  # process CPU time of the whole run (room, AEC3, DoubleTalk)
+
+    def block_time(self, index: int) -> float:
+        """Seconds of stream at the end of block ``index``."""
+        return (index + 1) * len(self.raw) / len(self.user) / PIPELINE_RATE
+
+    def onsets_s(self) -> list[float]:
+        """Where ``user_speaking`` turned on (end of the block, seconds)."""
+        on = np.flatnonzero(self.user & ~np.concatenate([[False], self.user[:-1]]))
+        return [self.block_time(i) for i in on]
+
+
+def play_in_room(room: str, replies: list[Reply], user_audio: np.ndarray | None = None, *, seconds: float,
+                 aec: bool = True, **options) -> RoomRun:
+    """Run the room for ``seconds`` with these replies and the user's audio (16 kHz, from time 0)."""
+    spec = load_room(room)
+    source = SimulatedRoom(spec, user_audio, realtime=False, user_waits=False, trailing_silence_s=seconds)
+    sink = MemorySink(AGENT_RATE, speed=None)
+    unhear = sink.add_listener(source.hear)
+    canceller = EchoCanceller.attach(source, sink) if aec else PassThrough()
+    double_talk = DoubleTalk(canceller, PIPELINE_RATE, **options)
+    starts = {int(round(r.start_s * PIPELINE_RATE / source.block_samples)): r for r in replies}
+    raw, cleaned, user, far, residual = [], [], [], [], []
+    cpu = time.process_time()
+    try:
+        source.start()
+        sink.start()
+        for i in range(int(seconds * PIPELINE_RATE / source.block_samples)):
+            if (reply := starts.get(i)) is not None:
+                cut = len(reply.audio) if reply.stop_after_s is None else int(reply.stop_after_s * AGENT_RATE)
+                sink.write(reply.audio[:cut], AGENT_RATE)
+                sink.flush()
+                sink.wait_idle(timeout=10.0)
+            block = source.read(timeout=5.0)
+            raw.append(block)
+            cleaned.append(double_talk.process(block))
+            user.append(double_talk.user_speaking)
+            far.append(double_talk.far_end_active)
+            residual.append(np.nan if double_talk.residual_db is None else double_talk.residual_db)
+    finally:
+        double_talk.close()
+        canceller.close()
+        unhear()
+        sink.close()
+        source.stop()
+    return RoomRun(np.concatenate(raw), np.concatenate(cleaned), np.array(user), np.array(far), np.array(residual),
+                   double_talk, time.process_time() - cpu)
+
+
+def voice_onset(audio: np.ndarray) -> int:
+    """First sample of a clip louder than 2 % of its peak (espeak leads with ~50 ms of silence)."""
+    return int(np.flatnonzero(np.abs(audio) > 0.02 * np.abs(audio).max())[0])
+
+
+def replies_one_after_another(clips: list[np.ndarray], first_s: float = 1.0, gap_s: float = 1.5) -> list[Reply]:
+    """Each clip a reply, ``gap_s`` after the previous one ends."""
+    replies, t = [], first_s
+    for clip in clips:
+        replies.append(Reply(t, clip))
+        t += len(clip) / AGENT_RATE + gap_s
+    return replies
