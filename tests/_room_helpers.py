@@ -39,6 +39,12 @@ class RoomRun:
     residual_db: np.ndarray  # per block: DoubleTalk.residual_db (nan where None)
     double_talk: DoubleTalk
     cpu_s: float  # process CPU time of the whole run (room, AEC3, DoubleTalk)
+    reference: np.ndarray | None = None  # what the canceller was handed as the far end, in step with ``raw``
+    stopped_s: float | None = None  # stop_on_user: when playback was stopped (end of the block, seconds)
+
+    def last_played_s(self) -> float:
+        """Where the far end last played anything (seconds of stream)."""
+        return float(np.flatnonzero(self.reference)[-1] + 1) / PIPELINE_RATE
 
     def block_time(self, index: int) -> float:
         """Seconds of stream at the end of block ``index``."""
@@ -51,16 +57,22 @@ class RoomRun:
 
 
 def play_in_room(room: str, replies: list[Reply], user_audio: np.ndarray | None = None, *, seconds: float,
-                 aec: bool = True, **options) -> RoomRun:
-    """Run the room for ``seconds`` with these replies and the user's audio (16 kHz, from time 0)."""
+                 aec: bool = True, realtime: bool = False, stop_on_user: bool = False, **options) -> RoomRun:
+    """Run the room for ``seconds`` with these replies and the user's audio (16 kHz, from time 0).
+    ``realtime``: the sink plays at 1x on its thread and the room keeps the clock's pace;
+    ``stop_on_user``: stop playback (a barge-in) at the first block where ``user_speaking`` turns on."""
     spec = load_room(room)
-    source = SimulatedRoom(spec, user_audio, realtime=False, user_waits=False, trailing_silence_s=seconds)
-    sink = MemorySink(AGENT_RATE, speed=None)
+    source = SimulatedRoom(spec, user_audio, realtime=realtime, user_waits=False, trailing_silence_s=seconds)
+    sink = MemorySink(AGENT_RATE, speed=1.0 if realtime else None)
     unhear = sink.add_listener(source.hear)
     canceller = EchoCanceller.attach(source, sink) if aec else PassThrough()
     double_talk = DoubleTalk(canceller, PIPELINE_RATE, **options)
+    reference: list[np.ndarray] = []
+    if aec:
+        canceller.add_reference_listener(reference.append)
     starts = {int(round(r.start_s * PIPELINE_RATE / source.block_samples)): r for r in replies}
     raw, cleaned, user, far, residual = [], [], [], [], []
+    stopped = None
     cpu = time.process_time()
     try:
         source.start()
@@ -70,13 +82,17 @@ def play_in_room(room: str, replies: list[Reply], user_audio: np.ndarray | None 
                 cut = len(reply.audio) if reply.stop_after_s is None else int(reply.stop_after_s * AGENT_RATE)
                 sink.write(reply.audio[:cut], AGENT_RATE)
                 sink.flush()
-                sink.wait_idle(timeout=10.0)
+                if not realtime:
+                    sink.wait_idle(timeout=10.0)
             block = source.read(timeout=5.0)
             raw.append(block)
             cleaned.append(double_talk.process(block))
             user.append(double_talk.user_speaking)
             far.append(double_talk.far_end_active)
             residual.append(np.nan if double_talk.residual_db is None else double_talk.residual_db)
+            if stop_on_user and stopped is None and double_talk.user_speaking:
+                sink.stop()
+                stopped = (i + 1) * source.block_samples / PIPELINE_RATE
     finally:
         double_talk.close()
         canceller.close()
@@ -84,7 +100,8 @@ def play_in_room(room: str, replies: list[Reply], user_audio: np.ndarray | None 
         sink.close()
         source.stop()
     return RoomRun(np.concatenate(raw), np.concatenate(cleaned), np.array(user), np.array(far), np.array(residual),
-                   double_talk, time.process_time() - cpu)
+                   double_talk, time.process_time() - cpu,
+                   np.concatenate(reference) if reference else None, stopped)
 
 
 def voice_onset(audio: np.ndarray) -> int:
