@@ -116,6 +116,7 @@ class DoubleTalk:
         self._blocks = 0
         self._far_heard = 0  # echo-only far-end samples since the last fit
         self._noise: list[float] = []  # recent residual block powers (the noise floor is their low end)
+        self._noise_power = 1e-10  # their 20th percentile
         self._over = self._under = 0
         self._vad_pending = np.zeros(0, np.float32)
         self.user_speaking = self.far_end_active = False
@@ -144,8 +145,9 @@ class DoubleTalk:
             reference_heard = self._reference_heard(start)
         if not self.user_speaking and (echo is not None or not reference_heard):  # the noise floor, or near it
             self._noise = (self._noise + [float(np.mean(residual**2))])[-100:]
+            self._noise_power = float(np.percentile(self._noise, 20))
         if echo is not None:  # the model says how long the echo lasts
-            self.far_end_active = float(np.mean(echo**2)) > self._noise_power()
+            self.far_end_active = float(np.mean(echo**2)) > self._noise_power
         else:  # without a model, for as long as it could
             self.far_end_active = reference_heard
         voice = self._vad(cleaned)  # fed every block: Silero is recurrent
@@ -199,13 +201,10 @@ class DoubleTalk:
         echo = self._path.predict(self._reference.read(start - self._path.history, start + n))
         return raw - echo, echo
 
-    def _noise_power(self) -> float:
-        return float(np.percentile(self._noise, 20)) if self._noise else 1e-10
-
     def _louder_than_echo(self, residual: np.ndarray, echo: np.ndarray) -> bool:
         leak = max(self._path.leak, 10 ** (self.settings.leak_floor_db / 10))
         power, echo_power = float(np.mean(residual**2)), float(np.mean(echo**2))
-        self.residual_db = 10 * np.log10(max(power, 1e-20) / (self._noise_power() + leak * echo_power))
+        self.residual_db = 10 * np.log10(max(power, 1e-20) / (self._noise_power + leak * echo_power))
         # A residual that is the predicted echo turned over is echo that did not come (a glitch), not a voice.
         missing = float(residual @ echo) < -0.5 * np.sqrt(power * echo_power) * len(echo)
         return self.residual_db > self.settings.margin_db and not missing
@@ -265,4 +264,4 @@ class DoubleTalk:
         iterations = s.fit_iterations if previous is None else s.refit_iterations
         return (reference, mic, weights), dict(taps=self._taps, max_delay=int(s.max_delay_s * PIPELINE_RATE),
                                                 iterations=iterations, previous=previous,
-                                                noise_power=self._noise_power())
+                                                noise_power=self._noise_power)

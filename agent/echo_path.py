@@ -15,7 +15,7 @@ full 0.4 s (fewer seconds leave bands the reference barely excited unfitted).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import fft
@@ -34,6 +34,7 @@ class EchoPath:
     delay: int
     taps: np.ndarray
     leak: float
+    _spectra: dict = field(default_factory=dict, compare=False, repr=False)  # FFT size -> spectrum of the taps
 
     @property
     def history(self) -> int:
@@ -43,7 +44,9 @@ class EchoPath:
     def predict(self, reference: np.ndarray) -> np.ndarray:
         """The echo over ``reference[history:]`` (float32)."""
         n = fft.next_fast_len(len(reference) + len(self.taps))
-        full = fft.irfft(fft.rfft(reference, n) * fft.rfft(self.taps, n), n)
+        if n not in self._spectra:  # the live path predicts the same length every block
+            self._spectra[n] = fft.rfft(self.taps, n)
+        full = fft.irfft(fft.rfft(reference, n) * self._spectra[n], n)
         return full[len(self.taps) - 1 : len(reference) - self.delay].astype(np.float32)
 
 

@@ -39,6 +39,8 @@ class RoomRun:
     residual_db: np.ndarray  # per block: DoubleTalk.residual_db (nan where None)
     double_talk: DoubleTalk
     cpu_s: float  # process CPU time of the whole run (room, AEC3, DoubleTalk)
+    process_s: float  # wall time inside DoubleTalk.process, AEC3 included
+    aec_s: float  # of which inside the canceller
     reference: np.ndarray | None = None  # what the canceller was handed as the far end, in step with ``raw``
     stopped_s: float | None = None  # stop_on_user: when playback was stopped (end of the block, seconds)
 
@@ -53,7 +55,7 @@ class RoomRun:
     def onsets_s(self) -> list[float]:
         """Where ``user_speaking`` turned on (end of the block, seconds)."""
         on = np.flatnonzero(self.user & ~np.concatenate([[False], self.user[:-1]]))
-        return [self.block_time(i) for i in on]
+        return [float(self.block_time(i)) for i in on]
 
 
 def play_in_room(room: str, replies: list[Reply], user_audio: np.ndarray | None = None, *, seconds: float,
@@ -70,6 +72,16 @@ def play_in_room(room: str, replies: list[Reply], user_audio: np.ndarray | None 
     reference: list[np.ndarray] = []
     if aec:
         canceller.add_reference_listener(reference.append)
+    clock = {"aec": 0.0, "all": 0.0}
+    inner = canceller.process
+
+    def timed_canceller(block: np.ndarray) -> np.ndarray:  # the time AEC3 takes, to tell DoubleTalk's own
+        began = time.perf_counter()
+        out = inner(block)
+        clock["aec"] += time.perf_counter() - began
+        return out
+
+    canceller.process = timed_canceller
     starts = {int(round(r.start_s * PIPELINE_RATE / source.block_samples)): r for r in replies}
     raw, cleaned, user, far, residual = [], [], [], [], []
     stopped = None
@@ -86,7 +98,9 @@ def play_in_room(room: str, replies: list[Reply], user_audio: np.ndarray | None 
                     sink.wait_idle(timeout=10.0)
             block = source.read(timeout=5.0)
             raw.append(block)
+            began = time.perf_counter()
             cleaned.append(double_talk.process(block))
+            clock["all"] += time.perf_counter() - began
             user.append(double_talk.user_speaking)
             far.append(double_talk.far_end_active)
             residual.append(np.nan if double_talk.residual_db is None else double_talk.residual_db)
@@ -100,7 +114,7 @@ def play_in_room(room: str, replies: list[Reply], user_audio: np.ndarray | None 
         sink.close()
         source.stop()
     return RoomRun(np.concatenate(raw), np.concatenate(cleaned), np.array(user), np.array(far), np.array(residual),
-                   double_talk, time.process_time() - cpu,
+                   double_talk, time.process_time() - cpu, clock["all"], clock["aec"],
                    np.concatenate(reference) if reference else None, stopped)
 
 
