@@ -13,9 +13,11 @@ keeps a second, linear model of the echo on the side:
 - detection: while the agent's voice is in the mic (``far_end_active``: the predicted echo is
   above the noise floor), the user is talking when the mic minus the predicted echo stands
   ``margin_db`` above what is left of the echo in echo-only audio (the noise floor plus the
-  model's measured leak times the predicted echo) for ``onset_blocks`` blocks; it ends after
-  ``hangover_blocks`` blocks below. Elsewhere Silero VAD on the cleaned signal decides. Before
-  the first fit (the first ~2 s the agent ever speaks) a voice over the agent is not detected.
+  model's leak, at least ``leak_floor_db``, times the predicted echo) for ``onset_blocks`` blocks
+  in a row, unless the residual is the predicted echo turned over (echo that did not arrive: a
+  glitch); it ends after ``hangover_blocks`` blocks below. Elsewhere Silero VAD on the cleaned
+  signal decides. Before the first fit (the first ~2.3 s the agent ever speaks) a voice over the
+  agent is not detected.
 - ``recover(start, end)``: refits the echo path on the echo-only seconds before ``start`` and
   returns the raw microphone minus its prediction: the user's words as spoken, for Whisper.
 
@@ -30,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
 from agent.audio import PIPELINE_RATE
 from agent.echo_path import EchoPath, fit_echo_path
 from agent.errors import AgentError
@@ -42,7 +45,7 @@ USER, FAR = 1, 2  # per-sample flags in the history: the user was heard / the ag
 class DoubleTalkSettings:
     """Tuning for ``DoubleTalk`` (seconds unless named otherwise)."""
 
-    history_s: float = 30.0  # raw mic, reference and flags kept for recover()
+    history_s: float = 30.0  # raw and cleaned mic, reference and flags kept for recover() (6.2 MB)
     echo_path_s: float = 0.4  # FIR length: the reverberation modelled after the direct sound
     max_delay_s: float = 0.5  # the longest reference -> mic delay searched for
     first_fit_s: float = 2.0  # far-end audio heard before the first fit
@@ -106,7 +109,7 @@ class DoubleTalk:
         self.vad = vad or load_silero_model()
         capacity = int(s.history_s * PIPELINE_RATE)
         self._raw, self._reference = _History(capacity, np.float32), _History(capacity, np.float32)
-        self._flags = _History(capacity, np.uint8)
+        self._cleaned, self._flags = _History(capacity, np.float32), _History(capacity, np.uint8)
         self._taps = int(s.echo_path_s * PIPELINE_RATE)
         self._lock = threading.Lock()  # the histories: written by process(), read by recover()
         self._detach = canceller.add_reference_listener(self._add_reference) if canceller.enabled else None
@@ -158,6 +161,7 @@ class DoubleTalk:
         flags = (USER if self.user_speaking else 0) | (FAR if self.far_end_active else 0)
         with self._lock:
             self._flags.write(np.full(len(block), flags, np.uint8))
+            self._cleaned.write(cleaned)
             if self.far_end_active and not self.user_speaking:
                 self._far_heard += len(block)
             self._maybe_fit()
@@ -166,7 +170,9 @@ class DoubleTalk:
 
     def recover(self, start_sample: int, end_sample: int) -> np.ndarray:
         """The user's speech over ``[start_sample, end_sample)`` of the cleaned stream (16 kHz float32):
-        the raw microphone minus the echo predicted by an echo path fitted just before it."""
+        the raw microphone minus the echo predicted by an echo path fitted just before it; the raw
+        microphone where nothing was played; the cleaned signal itself where the agent has not yet
+        spoken long enough (``first_fit_s``) for an echo path."""
         lag = self.latency_samples
         start, end = start_sample - lag, end_sample - lag
         with self._lock:
@@ -175,10 +181,9 @@ class DoubleTalk:
                 return raw  # no far end to take out
             job = self._fit_job(start - int(self.settings.fit_window_s * PIPELINE_RATE), start, self._path)
             reference = self._reference.read(start - self._span(), end)
+            if job is None and self._path is None:
+                return self._cleaned.read(start_sample, end_sample)
         path = fit_echo_path(*job[0], **job[1]) if job is not None else self._path
-        if path is None:
-            raise AgentError("recover(): the agent has not spoken long enough to model its echo: "
-                             "use the cleaned audio")
         return raw - path.predict(reference[self._span() - path.history :])
 
     def close(self) -> None:

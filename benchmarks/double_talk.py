@@ -165,7 +165,7 @@ def main() -> None:
         phrases = [espeak(t, "en-us+f3", Path(tmp), PIPELINE_RATE) for t, _, _ in BARGE_INS]
     asr = FasterWhisperTranscriber()
     settings = DoubleTalkSettings()
-    result = {"history_mb": round(settings.history_s * PIPELINE_RATE * (4 + 4 + 1) / 1e6, 2), **fit_costs(agent),
+    result = {"history_mb": round(settings.history_s * PIPELINE_RATE * (4 + 4 + 4 + 1) / 1e6, 2), **fit_costs(agent),
               "barge_ins": [], "false_detections": []}
     for room in PRESETS:
         result["barge_ins"] += barge_in_rows(room, agent, phrases, asr, realtime=False)
