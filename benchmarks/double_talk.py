@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,24 +27,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from _room_helpers import AGENT_RATE, Reply, play_in_room, replies_one_after_another, voice_onset  # noqa: E402
-from agent.audio import PIPELINE_RATE, load_audio  # noqa: E402
+from _room_helpers import (AGENT_RATE, AGENT_TEXTS, Reply, play_in_room, replies_one_after_another,  # noqa: E402
+                           voice_onset)
+from echo_cancellation import espeak, recall, words  # noqa: E402  (this folder: the script's own)
+from agent.audio import PIPELINE_RATE  # noqa: E402
 from agent.double_talk import DoubleTalkSettings  # noqa: E402
 from agent.echo_path import fit_echo_path  # noqa: E402
 from agent.room import PRESETS, BackgroundNoise  # noqa: E402
 
-AGENT_TEXTS = [
-    "Hello, I am the agent. I will talk for a while so that the echo canceller has time to learn the room.",
-    "The weather today is mild, with a light breeze from the west and a few clouds in the afternoon.",
-    "I found three recipes for dinner: a vegetable curry, a lemon pasta, and a simple tomato soup.",
-    "Your next meeting starts at half past two, in the small room on the second floor.",
-    "Trains to the city leave every twenty minutes, and the journey takes about forty minutes.",
-    "The library opens at nine in the morning and closes at six in the evening on weekdays.",
-    "A good night's sleep helps memory, mood, and concentration, so try to keep a regular schedule.",
-    "The museum has a new exhibition about ancient ships, and tickets are free on Sundays.",
-    "Remember to water the plants on the balcony, they have not had any rain this week.",
-    "I can set a timer, play some music, or read the news headlines for you if you like.",
-]
 BARGE_INS = [  # (the user's phrase, seconds into the reply, which reply)
     ("Please tell me the weather in Paris tomorrow", 3.0, 0),
     ("What time does the train to London leave", 3.5, 1),
@@ -56,21 +44,6 @@ BARGE_INS = [  # (the user's phrase, seconds into the reply, which reply)
     ("Turn the volume down a little please", 4.5, 7),
 ]
 LEAD_S = 1.0
-
-
-def espeak(text: str, voice: str, directory: Path, rate: int) -> np.ndarray:
-    path = directory / f"{abs(hash((text, voice)))}.wav"
-    subprocess.run(["espeak-ng", "-v", voice, "-s", "160", "-w", str(path), text], check=True)
-    return load_audio(path, rate)
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z']+", text.lower())
-
-
-def recall(said: str, heard: str) -> float:
-    expected, got = words(said), set(words(heard))
-    return sum(w in got for w in expected) / len(expected)
 
 
 def alone_in_room(room: str, user: np.ndarray, start: int, end: int) -> np.ndarray:

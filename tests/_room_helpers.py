@@ -19,6 +19,18 @@ from agent.echo import EchoCanceller, PassThrough
 from agent.room import SimulatedRoom, load_room
 
 AGENT_RATE = 24_000  # CSM's rate: replies are played at it
+AGENT_TEXTS = [  # ten replies of a few seconds each (espeak-ng en-us)
+    "Hello, I am the agent. I will talk for a while so that the echo canceller has time to learn the room.",
+    "The weather today is mild, with a light breeze from the west and a few clouds in the afternoon.",
+    "I found three recipes for dinner: a vegetable curry, a lemon pasta, and a simple tomato soup.",
+    "Your next meeting starts at half past two, in the small room on the second floor.",
+    "Trains to the city leave every twenty minutes, and the journey takes about forty minutes.",
+    "The library opens at nine in the morning and closes at six in the evening on weekdays.",
+    "A good night's sleep helps memory, mood, and concentration, so try to keep a regular schedule.",
+    "The museum has a new exhibition about ancient ships, and tickets are free on Sundays.",
+    "Remember to water the plants on the balcony, they have not had any rain this week.",
+    "I can set a timer, play some music, or read the news headlines for you if you like.",
+]
 
 
 @dataclass(frozen=True)

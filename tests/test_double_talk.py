@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.signal import butter, lfilter
 
-from _room_helpers import AGENT_RATE, Reply, play_in_room, replies_one_after_another, voice_onset
+from _room_helpers import AGENT_RATE, AGENT_TEXTS, Reply, play_in_room, replies_one_after_another, voice_onset
 from agent.audio import PIPELINE_RATE, load_audio, resample
 from agent.double_talk import DoubleTalk, DoubleTalkSettings, _History
 from agent.echo import EchoCanceller, PassThrough
@@ -20,18 +20,6 @@ from agent.errors import AgentError
 from agent.room import BackgroundNoise, SimulatedRoom, load_room, room_impulse_response
 
 ROOMS = ["office", "office-loud", "living-room", "living-room-loud"]  # RT60 0.25 / 0.6 s; echo = user, +10 dB
-AGENT_TEXTS = [
-    "Hello, I am the agent. I will talk for a while so that the echo canceller has time to learn the room.",
-    "The weather today is mild, with a light breeze from the west and a few clouds in the afternoon.",
-    "I found three recipes for dinner: a vegetable curry, a lemon pasta, and a simple tomato soup.",
-    "Your next meeting starts at half past two, in the small room on the second floor.",
-    "Trains to the city leave every twenty minutes, and the journey takes about forty minutes.",
-    "The library opens at nine in the morning and closes at six in the evening on weekdays.",
-    "A good night's sleep helps memory, mood, and concentration, so try to keep a regular schedule.",
-    "The museum has a new exhibition about ancient ships, and tickets are free on Sundays.",
-    "Remember to water the plants on the balcony, they have not had any rain this week.",
-    "I can set a timer, play some music, or read the news headlines for you if you like.",
-]
 USER_VOICE = "en-us+f3"  # the agent speaks with espeak's default en-us voice
 LEAD_S = 1.0  # the first reply starts here; the user's phrase 3-4.5 s into it
 DETECTION_S = 0.25
