@@ -266,7 +266,6 @@ class DoubleTalk:
             return None
         reference, mic = self._reference.read(start - span, end), self._raw.read(start - span, end)
         s = self.settings
-        iterations = s.fit_iterations if previous is None else s.refit_iterations
         return (reference, mic, weights), dict(taps=self._taps, max_delay=int(s.max_delay_s * PIPELINE_RATE),
-                                                iterations=iterations, previous=previous,
-                                                noise_power=self._noise_power)
+                                                iterations=s.fit_iterations, previous=previous,
+                                                warm_iterations=s.refit_iterations, noise_power=self._noise_power)

@@ -51,19 +51,26 @@ class EchoPath:
 
 
 def fit_echo_path(reference: np.ndarray, mic: np.ndarray, weights: np.ndarray, *, taps: int, max_delay: int,
-                  iterations: int, previous: EchoPath | None = None, noise_power: float = 0.0) -> EchoPath:
+                  iterations: int, previous: EchoPath | None = None, warm_iterations: int | None = None,
+                  noise_power: float = 0.0) -> EchoPath:
     """Fit an echo path from ``reference`` to ``mic`` (the same span of the stream; 16 kHz). The
     first ``max_delay + taps`` samples are history only; rows with ``weights`` 0 (a person talking,
     no far end) are left out. The bulk delay is found by GCC-PHAT (10 ms early, for the rise of
-    the direct sound), or kept from ``previous``, whose taps are also where the fit starts."""
-    if previous is not None:
+    the direct sound); a ``previous`` fit whose span still holds that peak is where this one
+    starts (its delay and taps), so that what the reference hardly excites now is kept from before;
+    one that no longer does (the sound card's delay changed) is dropped. ``iterations``: CG steps
+    from nothing; ``warm_iterations`` from ``previous`` (default: the same)."""
+    lag, prominence = echo_delay_samples(reference * weights, mic * weights, max_delay)
+    delay = max(0, lag - 160) if prominence > 10 else 0
+    if previous is not None and (prominence <= 10 or previous.delay <= lag < previous.delay + taps // 4):
         delay = previous.delay
     else:
-        lag, prominence = echo_delay_samples(reference * weights, mic * weights, max_delay)
-        delay = max(0, lag - 160) if prominence > 10 else 0
+        previous = None
     skip = max_delay - delay  # keep exactly the history this delay needs
-    return fit_taps(reference[skip:], mic[skip:], weights[skip:], taps, delay, iterations,
-                    None if previous is None else previous.taps, noise_power)
+    if previous is None:
+        return fit_taps(reference[skip:], mic[skip:], weights[skip:], taps, delay, iterations, None, noise_power)
+    steps = iterations if warm_iterations is None else warm_iterations
+    return fit_taps(reference[skip:], mic[skip:], weights[skip:], taps, delay, steps, previous.taps, noise_power)
 
 
 def fit_taps(reference: np.ndarray, mic: np.ndarray, weights: np.ndarray, taps: int, delay: int,

@@ -115,7 +115,7 @@ def fit_costs(agent) -> dict:
     run = play_in_room("living-room-loud", [Reply(LEAD_S, agent[0])], seconds=LEAD_S + 6.0)
     history = 8000 + 6400
     out = {}
-    for name, seconds, iterations, previous in (("first_fit_ms", 2.0, 40, None), ("refit_ms", 5.0, 15, True)):
+    for name, seconds, iterations, previous in (("first_fit_ms", 2.0, 40, False), ("refit_ms", 5.0, 15, True)):
         end = int((LEAD_S + 0.5 + seconds) * PIPELINE_RATE)
         start = end - int(seconds * PIPELINE_RATE) - history
         reference, mic = run.reference[start:end], run.raw[start:end]
