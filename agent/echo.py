@@ -101,6 +101,7 @@ class EchoCanceller:
         self._pending = np.zeros(0, np.float32)  # microphone samples short of a whole frame
         self._out = np.zeros(0, np.float32)  # cleaned samples not handed out yet
         self._detach: Callable[[], None] | None = None
+        self._reference_listeners: tuple[Callable[[np.ndarray], None], ...] = ()
 
     @classmethod
     def attach(cls, source: AudioSource, sink: AudioSink, **options) -> "EchoCanceller":
@@ -115,6 +116,17 @@ class EchoCanceller:
         if self._detach is not None:
             self._detach()
             self._detach = None
+
+    def add_reference_listener(self, listener: Callable[[np.ndarray], None]) -> Callable[[], None]:
+        """Call ``listener(reference)`` with each 10 ms far-end frame handed to AEC3 (16 kHz float32),
+        in step with the microphone: the n-th reference sample is the one given alongside the n-th
+        microphone sample (``stream_delay_ms`` beyond the margin already taken out). Returns a detach."""
+        self._reference_listeners = (*self._reference_listeners, listener)
+
+        def detach() -> None:
+            self._reference_listeners = tuple(fn for fn in self._reference_listeners if fn is not listener)
+
+        return detach
 
     @property
     def latency_ms(self) -> float:
@@ -148,8 +160,11 @@ class EchoCanceller:
 
     def _process_frame(self, near: np.ndarray) -> np.ndarray:
         at = self._anchor + self._frames * FRAME - self._shift
-        self._far_pcm[:] = _to_pcm16(self._far.read(at, FRAME))
+        reference = self._far.read(at, FRAME)
+        self._far_pcm[:] = _to_pcm16(reference)
         self._far.discard_before(at)
+        for listener in self._reference_listeners:
+            listener(reference)
         self._apm.process_reverse_stream(self._far_frame)
         self._near_pcm[:] = _to_pcm16(near)
         self._apm.set_stream_delay_ms(self._hint_ms)
