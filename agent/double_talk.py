@@ -116,6 +116,7 @@ class DoubleTalk:
         self._path: EchoPath | None = None
         self._fit: tuple[int, Future] | None = None  # (block at which to install, the running fit)
         self._workers = ThreadPoolExecutor(1, thread_name_prefix="echo-path-fit")
+        self._closed = False
         self._blocks = 0
         self._far_heard = 0  # echo-only far-end samples since the last fit
         self._noise: list[float] = []  # recent residual block powers (the noise floor is their low end)
@@ -187,11 +188,15 @@ class DoubleTalk:
         return raw - path.predict(reference[self._span() - path.history :])
 
     def close(self) -> None:
-        """Stop listening to the canceller's reference and stop the fitting thread."""
+        """Stop listening to the canceller's reference, stop the fitting thread, close the canceller.
+        A block processed after this is still cleaned, with the last echo path (no new fits)."""
+        with self._lock:
+            self._closed = True
         if self._detach is not None:
             self._detach()
             self._detach = None
         self._workers.shutdown(wait=True)
+        self.canceller.close()
 
     # -- detection
 
@@ -240,7 +245,7 @@ class DoubleTalk:
     def _maybe_fit(self) -> None:
         s = self.settings
         due = s.first_fit_s if self._path is None else s.refit_s
-        if self._fit is None and self._far_heard >= due * PIPELINE_RATE:
+        if self._fit is None and not self._closed and self._far_heard >= due * PIPELINE_RATE:
             end = self._raw.end
             job = self._fit_job(end - int(s.fit_window_s * PIPELINE_RATE), end, self._path)
             if job is not None:

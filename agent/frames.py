@@ -111,6 +111,10 @@ class SpeechSegment(DataFrame):
     turn_end_ms: float | None = None  # end of speech -> the turn judged over
     span: tuple[int, int] | None = None  # the stream samples ``audio`` covers
     over_reply: bool = False  # spoken while a reply played: backchannel or barge-in, by its words
+    # The turn began over the agent's voice (its audio has the echo under it): the capture-stream
+    # sample from which the user may be heard, before ``span`` where the double-talk detector heard
+    # the voice ahead of the VAD (which hears the echo-cancelled audio). None: not over the agent.
+    over_agent_from: int | None = None
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from agent.audio import AudioSink, AudioSource, WavFileSource, write_wav
 from agent.conversation import Conversation
 from agent.errors import AgentError
 from agent.barge_in import BargeIn
+from agent.double_talk import DoubleTalk
 from agent.echo import open_echo_canceller
 from agent.events import AgentState, AudioSetup, Event
 from agent.frames import ReplayRequest, UserInput
@@ -267,9 +268,14 @@ class Pipeline:
         except AgentError as error:
             self._fail(error)
             return NoEchoRemoval()
-        self._detach_echo = canceller.close
         self.ctx.emit(AudioSetup(canceller.enabled, self.settings.room))
-        return CancelledEcho(canceller)
+        if not canceller.enabled:
+            remover: EchoRemover = CancelledEcho(canceller)
+        else:  # who talks over the agent, and their words back from under its echo
+            remover = DoubleTalk(canceller)
+            self.transcribe.recover = remover.recover
+        self._detach_echo = remover.close
+        return remover
 
     def _pause_speaker(self) -> None:
         if self.models.sink is not None:

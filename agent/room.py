@@ -236,6 +236,11 @@ class SimulatedRoom(AudioSource):
         """Seconds of microphone audio handed out so far."""
         return self._next * self.block_samples / PIPELINE_RATE
 
+    @property
+    def user_position_s(self) -> float:
+        """Seconds of the user's file spoken into the room so far (held blocks do not count)."""
+        return self._user_pos / PIPELINE_RATE
+
     # -- internals
 
     def _started_origin(self) -> int:

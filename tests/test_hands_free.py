@@ -85,3 +85,68 @@ def test_without_echo_cancellation_the_agent_interrupts_itself(tmp_path, terse_p
                                     smollm2_llm, faster_whisper_tiny)
     assert not events.of(AudioSetup)[0].echo_cancellation
     assert pipeline.barge_in.pauses >= 1 and any(d.interrupted for d in events.of(AgentTurnDone))
+
+
+def _words(text: str) -> list[str]:
+    return "".join(c if c.isalnum() else " " for c in text.lower()).split()
+
+
+def test_a_user_who_talks_over_the_reply_stops_it_and_is_heard_word_for_word(tmp_path, chat_persona, espeak_wav,
+                                                                               tiny_generator, smollm2_llm,
+                                                                               faster_whisper_tiny):
+    """Double talk in the loudest room: the user asks, then talks over the answer. The speaker must
+    fall silent within 400 ms of the voice, and Whisper must get every word of it, though AEC3's
+    suppressor takes most of a voice that talks over a loud reply (``benchmarks/double_talk.py``)."""
+    question = "Can you tell me a long story about a dragon?"
+    barge_in = "Stop, what is the weather like in Paris?"
+    clips = []
+    for text in (question, barge_in):
+        clip = load_audio(espeak_wav(text, voice="en-gb"))
+        loud = np.nonzero(np.abs(clip) > 0.02)[0]
+        clips.append(clip[loud[0] : loud[-1] + 1])
+    gap = np.zeros(16_000, np.float32)
+    user = np.concatenate([gap[:8_000], clips[0], gap, clips[1]])
+    phrase_at_s = (len(user) - len(clips[1])) / 16_000
+    source = SimulatedRoom(load_room("living-room-loud"), user, realtime=True, user_waits=False,
+                           trailing_silence_s=3.0)
+    far: list[tuple[float, float]] = []  # (room time a played block starts, its RMS)
+    detach = source.add_listener(lambda samples, rate, start_s: far.append(
+        (start_s, float(np.sqrt(np.mean(np.square(samples)))) if len(samples) else 0.0)))
+    released: list[float] = []
+
+    def user_waits() -> bool:
+        """Before the second phrase, wait until the answer has played for 3 s (the double-talk detector
+        learns the room's echo over the agent's first ~2.3 s of speech); then talk over it."""
+        if released or source.user_position_s < phrase_at_s:
+            return False
+        sounding = [start for start, rms in far if rms > 1e-3]
+        if sounding and source.clock() - sounding[0] >= 3.0:
+            released.append(source.clock())  # the next block read carries the voice's first sample
+            return False
+        return True
+
+    source.user_waits_for = user_waits
+    settings = AgentSettings(persona=str(chat_persona), save_dir=str(tmp_path / "dtalk"), headless=True,
+                             watermark=False, seed=2, device="cpu", turn="silence", aec="on", max_turns=2)
+    events = EventLog()
+    pipeline = Pipeline(settings, events, source=source, sink=MemorySink(24_000, speed=1.0),
+                        generator=EspeakVoice(tiny_generator), llm=smollm2_llm, transcriber=faster_whisper_tiny)
+    try:
+        pipeline.start()
+        pipeline.wait_ready(TIMEOUT_S)
+        assert pipeline.finished.wait(TIMEOUT_S), "the conversation did not finish"
+    finally:
+        pipeline.stop()
+        detach()
+    assert not [n for n in events.of(Notice) if n.level == "error"]
+    assert released, "the answer never played long enough to talk over it"
+    voice_at = released[0]
+    phrase_s = len(clips[1]) / 16_000
+    assert any(voice_at - 1.0 <= start < voice_at and rms > 1e-3 for start, rms in far), "no reply was playing"
+    still = [round(start - voice_at, 3) for start, rms in far if voice_at + 0.4 <= start < voice_at + phrase_s and rms > 1e-3]
+    assert not still, f"the speaker went on playing over the user (seconds after the voice began): {still}"
+    done = events.of(AgentTurnDone)
+    assert done[0].interrupted
+    turns = events.of(UserTurn)
+    assert len(turns) == 2 and set(_words(barge_in)) <= set(_words(turns[1].text)), turns[1].text
+    assert pipeline.transcribe.recovered == 1

@@ -140,6 +140,29 @@ def test_turn_sends_one_segment_per_utterance_with_its_end_of_speech(espeak_wav,
     tentative = out.of(TentativeSpeech)
     assert [t.span for t in tentative] == [s.span for s in segments]  # transcription could start early
     assert ctx.progress.input_over.is_set()
+    start, end = segments[0].span  # the samples of the capture stream the audio is
+    assert end - start == len(segments[0].audio) and start <= len(silence) < end
+
+
+def test_spans_count_the_capture_stream_across_a_mode_switch(espeak_wav, silero):
+    """A span names the same samples the double-talk detector counts, even when the detector in use
+    started later (push-to-talk first, then hands-free)."""
+    ctx, _ = context()
+    out = Collector()
+    stage = TurnStage(ctx, out, mode="ptt", partials=False)
+    stage.vad = VoiceActivityDetector(VadSettings(end_silence_ms=500), model=silero)
+    silence = np.zeros(int(SILENCE_S * 16_000), np.float32)
+    (spoken,) = _spoken(espeak_wav, "thank you very much")
+    before = np.zeros(32_000, np.float32)
+    blocks = lambda samples: [AudioBlock(samples[i:i + 512], time.monotonic()) for i in range(0, len(samples), 512)]
+    for block in blocks(before):
+        stage.process(block)
+    stage.set_mode("vad")
+    for block in blocks(np.concatenate([silence, spoken, silence])):
+        stage.process(block)
+    (segment,) = out.of(SpeechSegment)
+    start, end = segment.span
+    assert end - start == len(segment.audio) and start <= len(before) + len(silence) < end
 
 
 def test_turn_pauses_then_interrupts_a_reply_the_user_talks_over(espeak_wav, silero):
@@ -152,6 +175,7 @@ def test_turn_pauses_then_interrupts_a_reply_the_user_talks_over(espeak_wav, sil
     assert controls.calls == ["pause", "interrupt"]  # silent at once, cut once it was a real turn
     (segment,) = out.of(SpeechSegment)
     assert not segment.over_reply  # already decided: it goes on to be answered
+    assert segment.over_agent_from is not None  # but its audio has the agent's voice under it
 
 
 def test_a_short_utterance_over_a_reply_waits_for_its_words(espeak_wav, silero):
@@ -200,6 +224,39 @@ def test_transcribe_turns_speech_into_input_and_drops_empty_transcripts():
     assert not ctx.progress.finished.is_set()  # the answered input is still in flight ...
     ctx.progress.end_input()
     assert ctx.progress.finished.is_set()  # ... the empty one was ended by the stage
+
+
+class HeardTranscriber(ScriptedTranscriber):
+    """A scripted transcriber that keeps the audio it was given."""
+
+    def __init__(self, texts: list[str]) -> None:
+        super().__init__(texts)
+        self.audio: list[np.ndarray] = []
+
+    def _segments(self, audio: np.ndarray):
+        self.audio.append(audio.copy())
+        return super()._segments(audio)
+
+
+def test_a_turn_over_a_reply_is_heard_from_under_the_echo():
+    ctx, _ = context()
+    out = Collector()
+    transcriber = HeardTranscriber(["Stop, tell me about Paris.", "Hello there."])
+    stage = TranscribeStage(ctx, out, Models(transcriber=transcriber).mark_ready())
+    cleaned = np.full(8_000, 0.01, np.float32)  # what the echo canceller left of the voice
+    voice = np.full(10_000, 0.1, np.float32)  # from where the double-talk detector heard it begin
+    asked: list[tuple[int, int]] = []
+    stage.recover = lambda start, end: asked.append((start, end)) or voice
+    for _ in range(2):
+        ctx.progress.begin_input()
+    run_stage(stage, [SpeechSegment(cleaned, time.monotonic(), 0.0, 1.0, span=(4_000, 12_000), over_reply=True,
+                                   over_agent_from=2_000),
+                      SpeechSegment(cleaned, time.monotonic(), 2.0, 3.0, span=(20_000, 28_000))])
+    over, after = out.of(UserInput)
+    assert asked == [(2_000, 12_000)]  # only the turn spoken over the reply is recovered
+    assert np.array_equal(transcriber.audio[0], voice) and np.array_equal(over.audio, voice)
+    assert np.array_equal(transcriber.audio[1], cleaned) and after.audio is cleaned
+    assert stage.recovered == 1
 
 
 # ---- think ---------------------------------------------------------------------------------------

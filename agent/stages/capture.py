@@ -30,6 +30,12 @@ class EchoRemover(Protocol):
 
     def process(self, block: np.ndarray) -> np.ndarray: ...
 
+    def recover(self, start: int, end: int) -> np.ndarray | None:
+        """The user's own voice over samples ``[start, end)`` of the processed stream, where the
+        agent's voice was in the room (None: the processed audio is the best there is)."""
+
+    def close(self) -> None: ...
+
 
 class NoEchoRemoval:
     """Capture without echo cancellation (headphones, push-to-talk, --aec off)."""
@@ -39,9 +45,15 @@ class NoEchoRemoval:
     def process(self, block: np.ndarray) -> np.ndarray:
         return block
 
+    def recover(self, start: int, end: int) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
 
 class CancelledEcho:
-    """Echo cancellation alone (no double-talk detection)."""
+    """Echo cancellation alone, without double-talk detection (the canceller's library is missing)."""
 
     user_speaking = False
 
@@ -50,6 +62,12 @@ class CancelledEcho:
 
     def process(self, block: np.ndarray) -> np.ndarray:
         return self.canceller.process(block)
+
+    def recover(self, start: int, end: int) -> None:
+        return None
+
+    def close(self) -> None:
+        self.canceller.close()
 
 
 class CaptureStage(Stage):

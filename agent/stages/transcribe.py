@@ -6,12 +6,19 @@ A ``SpeechSegment`` becomes a ``UserInput`` with its milestones: ``turn_end_ms``
 that ends the turn covers the same audio, that transcript is used and the turn costs no
 Whisper time after it ends. An empty transcript (a noise, a cough) ends the input without a
 reply. A segment spoken over a reply goes to ``BargeIn.verdict``: a backchannel lets the reply
-resume and is not answered. ``PartialAudio`` is transcribed only when nothing newer waits.
+resume and is not answered. The audio of a turn begun over a reply is first taken again from under the agent's echo
+(``recover``: the double-talk detector's, where there is one), since the echo canceller's
+suppressor swallows much of a voice that talks over the agent; that audio is what Whisper hears
+and what the conversation keeps. ``PartialAudio`` is transcribed only when nothing newer waits.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+from collections.abc import Callable
+
+import numpy as np
 
 from agent.asr import Transcript
 from agent.barge_in import BargeIn
@@ -35,6 +42,10 @@ class TranscribeStage(Stage):
         self.barge_in = barge_in
         self._ahead: tuple[tuple[int, int], Transcript] | None = None  # a tentative span and its transcript
         self.reused = 0  # turns whose transcript was made during the pause
+        # The user's voice over capture-stream samples [start, end) from under the agent's echo
+        # (``EchoRemover.recover``), or None; set before the stage starts.
+        self.recover: Callable[[int, int], np.ndarray | None] | None = None
+        self.recovered = 0  # turns over a reply whose audio came from ``recover``
 
     def process(self, frame: Frame) -> None:
         self.models.wait("asr")
@@ -58,6 +69,7 @@ class TranscribeStage(Stage):
         if transcriber is None:
             self._drop(speech)
             return
+        speech = self._from_under_the_echo(speech)
         if self._ahead is not None and speech.span is not None and self._ahead[0] == speech.span:
             transcript = self._ahead[1]
             self.reused += 1
@@ -73,6 +85,19 @@ class TranscribeStage(Stage):
             return
         self.push(UserInput(transcript.text, speech.audio, speech.t0, speech.started_at, speech.ended_at,
                             transcript_ms, turn_end_ms=speech.turn_end_ms))
+
+    def _from_under_the_echo(self, speech: SpeechSegment) -> SpeechSegment:
+        """A turn over a reply with its audio recovered from under the echo (its tentative
+        transcript, made from the echo-cancelled audio, is not reused)."""
+        if speech.over_agent_from is None or self.recover is None or speech.span is None:
+            return speech
+        start, end = speech.span
+        start = min(start, speech.over_agent_from)  # the detector may have heard the voice before the VAD
+        audio = self.recover(start, end)
+        if audio is None or len(audio) != end - start:
+            return speech
+        self.recovered += 1
+        return replace(speech, audio=np.asarray(audio, np.float32), span=None)
 
     def _drop(self, speech: SpeechSegment) -> None:
         self.ctx.progress.end_input()

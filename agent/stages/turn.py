@@ -37,6 +37,7 @@ PARTIAL_INTERVAL_S = 1.0  # partial transcripts while the user speaks (TUI only)
 MIN_TURN_S = 0.25  # shorter "turns" (clicks) are not sent to Whisper
 CLOCK_S = 30.0  # how far back stream positions can be mapped to the time they were heard
 UNCONFIRMED_S = 0.5  # heard over the echo but no turn found by the VAD this long after: let go
+OVER_ECHO_LEAD_IN_S = 0.4  # a voice heard over the echo began up to ~0.25 s before it was detected
 
 
 class TurnStage(Stage):
@@ -55,12 +56,15 @@ class TurnStage(Stage):
         self.ptt = PushToTalk()
         self._detector: VoiceActivityDetector | PushToTalk | None = None
         self._clock: deque[tuple[int, float]] = deque()  # (stream sample after a block, monotonic time heard)
-        self._pos = 0
+        self._pos = 0  # samples the active detector has run over
+        self._heard = 0  # samples received: spans sent on are counted on this (the capture stream)
+        self._origin = 0  # ``_heard`` when the active detector started
         self._speech_started_at = time.time()
         self._last_partial = -PARTIAL_INTERVAL_S
         self._tentative: tuple[int, int] | None = None
         self._heard_over_echo = False
         self._unconfirmed_s = 0.0  # since the double-talk detector last heard the user, no VAD turn
+        self._over_agent_from: int | None = None  # this turn began over a reply: see SpeechSegment
         # Per turn: end of speech -> turn judged over, in stream time (what the judge waited for)
         # and in wall-clock time (that plus the model's compute and any backlog), ms.
         self.turn_end_ms: list[tuple[float, float]] = []
@@ -84,16 +88,17 @@ class TurnStage(Stage):
 
     def _on_block(self, block: AudioBlock) -> None:
         detector = self._active_detector()
+        n = len(block.audio)
+        self._heard += n
         if detector is None:
             return
-        n = len(block.audio)
         self._pos += n
         self._clock.append((self._pos, block.captured_at))
         while self._clock and self._clock[0][0] < self._pos - CLOCK_S * PIPELINE_RATE:
             self._clock.popleft()
         if block.user_over_echo and not detector.speaking and not self._heard_over_echo:
             self._heard_over_echo = True  # a person over the agent's voice, before the VAD can tell
-            self._on_speech_start()
+            self._on_speech_start(max(0, self._heard - n - int(OVER_ECHO_LEAD_IN_S * PIPELINE_RATE)))
         for event in detector.feed(block.audio):
             self._on_event(event)
         if detector.speaking:
@@ -101,7 +106,7 @@ class TurnStage(Stage):
         elif self._heard_over_echo:
             self._unconfirmed_s = 0.0 if block.user_over_echo else self._unconfirmed_s + n / PIPELINE_RATE
             if self._unconfirmed_s >= UNCONFIRMED_S:
-                self._heard_over_echo = False
+                self._heard_over_echo, self._over_agent_from = False, None
                 if self.barge_in is not None:
                     self.barge_in.release()  # heard for a moment, but the VAD never found a turn in it
 
@@ -113,6 +118,7 @@ class TurnStage(Stage):
             wanted.reset()
             self._detector = wanted
             self._pos = 0
+            self._origin = self._heard
             self._clock.clear()
         return self._detector
 
@@ -126,7 +132,7 @@ class TurnStage(Stage):
             pending = detector.audio_if_ended_now()
             if pending is not None and pending[0] != self._tentative:
                 self._tentative = pending[0]
-                self.push(TentativeSpeech(pending[1], pending[0]))
+                self.push(TentativeSpeech(pending[1], self._stream_span(pending[0])))
         now = self._pos / PIPELINE_RATE
         if self.partials and now - self._last_partial >= PARTIAL_INTERVAL_S:
             self._last_partial = now
@@ -143,9 +149,10 @@ class TurnStage(Stage):
     def _on_event(self, event: VadEvent) -> None:
         if event.kind == "speech_start":
             if not self._heard_over_echo:
-                self._on_speech_start()
+                self._on_speech_start(self._heard)
             self.ctx.set_state(AgentState.HEARING)
             return
+        over_agent_from, self._over_agent_from = self._over_agent_from, None
         self._heard_over_echo = False
         self._tentative = None
         audio = event.audio if event.audio is not None else np.zeros(0, np.float32)
@@ -163,13 +170,21 @@ class TurnStage(Stage):
                                  turn_end_ms))
         self.ctx.progress.begin_input()
         self.ctx.set_state(AgentState.TRANSCRIBING)
-        self.push(SpeechSegment(audio, speech_end, self._speech_started_at, time.time(), turn_end_ms, event.span,
-                                over_reply))
+        self.push(SpeechSegment(audio, speech_end, self._speech_started_at, time.time(), turn_end_ms, self._stream_span(event.span),
+                                over_reply, over_agent_from))
 
-    def _on_speech_start(self) -> None:
+    def _on_speech_start(self, from_sample: int) -> None:
+        """The user is heard, from about capture sample ``from_sample``."""
         self._speech_started_at = time.time()
+        self._over_agent_from = None
         if self.barge_in is not None:
             self.barge_in.speech_started(push_to_talk=self._mode == "ptt")
+            if self.barge_in.holding:  # a reply was paused for this voice
+                self._over_agent_from = from_sample
+
+    def _stream_span(self, span: tuple[int, int] | None) -> tuple[int, int] | None:
+        """A detector's span as samples of the capture stream (what ``EchoRemover.recover`` counts)."""
+        return None if span is None else (span[0] + self._origin, span[1] + self._origin)
 
     def _heard_at(self, sample: int) -> float | None:
         """When stream sample ``sample`` was heard (monotonic), from the capture times of the blocks."""
