@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.audio import PIPELINE_RATE, load_audio  # noqa: E402
@@ -37,7 +39,7 @@ CONVERGENCE_S = 2.0
 LEAD_S = 0.5
 
 
-def espeak(text: str, voice: str, directory: Path, rate: int) -> "np.ndarray":
+def espeak(text: str, voice: str, directory: Path, rate: int) -> np.ndarray:
     path = directory / f"{abs(hash((text, voice)))}.wav"
     subprocess.run(["espeak-ng", "-v", voice, "-s", "160", "-w", str(path), text], check=True)
     return load_audio(path, rate)

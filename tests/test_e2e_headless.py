@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.audio import load_audio, read_wav, write_wav
+from agent.audio import load_audio, read_wav
 from agent.conversation import Conversation
 
 pytestmark = pytest.mark.e2e
