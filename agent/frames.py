@@ -89,7 +89,8 @@ class AudioBlock(DataFrame):
 
     audio: np.ndarray = field(repr=False, compare=False)
     captured_at: float  # monotonic time the block was read (its last sample had just been heard)
-    user_over_echo: bool = False  # the double-talk detector heard a person over the agent's voice
+    user_over_echo: bool = False  # the double-talk detector heard a person (over the agent's voice or not)
+    agent_audible: bool = False  # the agent's voice was in the mic: only that detector can tell a person
 
 
 @dataclass(frozen=True)

@@ -112,14 +112,21 @@ class SpeakerControls:
         self.ctx.replies.cancel_current()
 
 
-def _turns(ctx, silero, samples: np.ndarray, barge_in: BargeIn | None = None, judge=None) -> Collector:
-    """Run the turn stage over ``samples`` (16 kHz) as 32 ms blocks heard in real time."""
+def _turns(ctx, silero, samples: np.ndarray, barge_in: BargeIn | None = None, judge=None, *, agent_audible=False,
+           person_from: int | None = None, stage_out: list | None = None) -> Collector:
+    """Run the turn stage over ``samples`` (16 kHz) as 32 ms blocks heard in real time; the blocks
+    say the agent's voice is in the mic (``agent_audible``) and the double-talk detector heard a
+    person from sample ``person_from`` on."""
     out = Collector()
     stage = TurnStage(ctx, out, partials=False, barge_in=barge_in)
     stage.vad = VoiceActivityDetector(VadSettings(end_silence_ms=500), model=silero, end_of_turn=judge)
     t0 = time.monotonic()
-    blocks = [AudioBlock(samples[i:i + 512], t0 + (i + 512) / 16_000) for i in range(0, len(samples) - 511, 512)]
+    blocks = [AudioBlock(samples[i:i + 512], t0 + (i + 512) / 16_000,
+                         user_over_echo=person_from is not None and i >= person_from, agent_audible=agent_audible)
+              for i in range(0, len(samples) - 511, 512)]
     run_stage(stage, [*blocks, EndOfAudio()])
+    if stage_out is not None:
+        stage_out.append(stage)
     return out
 
 
@@ -176,6 +183,30 @@ def test_turn_pauses_then_interrupts_a_reply_the_user_talks_over(espeak_wav, sil
     (segment,) = out.of(SpeechSegment)
     assert not segment.over_reply  # already decided: it goes on to be answered
     assert segment.over_agent_from is not None  # but its audio has the agent's voice under it
+
+
+def test_while_the_agent_is_audible_only_the_double_talk_detector_says_a_person_is_there(espeak_wav, silero):
+    """Speech the VAD hears while the agent's voice is in the mic is what the echo canceller left
+    of it unless the double-talk detector hears a person: no pause, no turn; with the detector's
+    word for it, the reply pauses at once and is interrupted, and the turn reaches back to it."""
+    silence = np.zeros(int(SILENCE_S * 16_000), np.float32)
+    (phrase,) = _spoken(espeak_wav, "stop, wait a moment, I have a question")
+    samples = np.concatenate([silence, phrase, silence])
+    ctx, _ = context()
+    controls = SpeakerControls(ctx)
+    ctx.replies.begin(Reply(2, time.monotonic()))
+    stages: list = []
+    out = _turns(ctx, silero, samples, controls.barge_in(), agent_audible=True, stage_out=stages)
+    assert controls.calls == [] and out.of(SpeechSegment) == [] and stages[0].echo_turns == 1
+
+    ctx, _ = context()
+    controls = SpeakerControls(ctx)
+    ctx.replies.begin(Reply(2, time.monotonic()))
+    heard_at = len(silence) + 2_048  # the detector needs a few blocks
+    out = _turns(ctx, silero, samples, controls.barge_in(), agent_audible=True, person_from=heard_at)
+    assert controls.calls == ["pause", "interrupt"]
+    (segment,) = out.of(SpeechSegment)
+    assert segment.over_agent_from is not None and segment.over_agent_from <= len(silence) < segment.span[1]
 
 
 def test_a_short_utterance_over_a_reply_waits_for_its_words(espeak_wav, silero):

@@ -27,6 +27,7 @@ class EchoRemover(Protocol):
     """What capture needs from echo cancellation (``agent.double_talk.DoubleTalk`` or a pass-through)."""
 
     user_speaking: bool
+    far_end_active: bool  # the agent's voice is in the microphone (and the remover can tell a person from it)
 
     def process(self, block: np.ndarray) -> np.ndarray: ...
 
@@ -40,7 +41,7 @@ class EchoRemover(Protocol):
 class NoEchoRemoval:
     """Capture without echo cancellation (headphones, push-to-talk, --aec off)."""
 
-    user_speaking = False
+    user_speaking = far_end_active = False
 
     def process(self, block: np.ndarray) -> np.ndarray:
         return block
@@ -55,7 +56,7 @@ class NoEchoRemoval:
 class CancelledEcho:
     """Echo cancellation alone, without double-talk detection (the canceller's library is missing)."""
 
-    user_speaking = False
+    user_speaking = far_end_active = False
 
     def __init__(self, canceller: "EchoCanceller | PassThrough") -> None:
         self.canceller = canceller
@@ -111,5 +112,5 @@ class CaptureStage(Stage):
             if self._muted:
                 self.push(AudioBlock(np.zeros_like(clean), heard))
             else:
-                self.push(AudioBlock(clean, heard, self.echo.user_speaking))
+                self.push(AudioBlock(clean, heard, self.echo.user_speaking, self.echo.far_end_active))
         self.push(EndOfAudio())

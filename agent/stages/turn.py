@@ -12,8 +12,10 @@ push-to-talk. It sends downstream:
 
 The user's voice during a reply goes to ``BargeIn`` (``agent.barge_in``): heard -> playback
 pauses; long enough, or words that are not a backchannel -> the reply is interrupted. While the
-agent's voice is still in the room the VAD may not hear a person through the echo canceller;
-the capture stage's double-talk detector (``AudioBlock.user_over_echo``) counts as hearing.
+agent's voice is in the microphone (``AudioBlock.agent_audible``) the capture stage's
+double-talk detector decides whether a person is there (``AudioBlock.user_over_echo``): it hears
+a voice the echo canceller half-swallowed before the VAD does, and the VAD alone is not believed
+(what it hears may be echo the canceller left); a VAD turn nobody confirmed is dropped.
 
 State shown: hearing you, waiting (the judge thinks the user is not finished), transcribing.
 Paced mic files (``--fast``) are processed only while no reply is pending.
@@ -62,8 +64,9 @@ class TurnStage(Stage):
         self._speech_started_at = time.time()
         self._last_partial = -PARTIAL_INTERVAL_S
         self._tentative: tuple[int, int] | None = None
-        self._heard_over_echo = False
+        self._person = False  # a person is heard in the current utterance (the barge-in rule was told)
         self._unconfirmed_s = 0.0  # since the double-talk detector last heard the user, no VAD turn
+        self.echo_turns = 0  # VAD turns dropped: only the agent's voice was in the mic, no one confirmed
         self._over_agent_from: int | None = None  # this turn began over a reply: see SpeechSegment
         # Per turn: end of speech -> turn judged over, in stream time (what the judge waited for)
         # and in wall-clock time (that plus the model's compute and any backlog), ms.
@@ -96,19 +99,26 @@ class TurnStage(Stage):
         self._clock.append((self._pos, block.captured_at))
         while self._clock and self._clock[0][0] < self._pos - CLOCK_S * PIPELINE_RATE:
             self._clock.popleft()
-        if block.user_over_echo and not detector.speaking and not self._heard_over_echo:
-            self._heard_over_echo = True  # a person over the agent's voice, before the VAD can tell
-            self._on_speech_start(max(0, self._heard - n - int(OVER_ECHO_LEAD_IN_S * PIPELINE_RATE)))
+        if block.user_over_echo and not self._person:  # the double-talk detector heard a person
+            self._hear_person(max(0, self._heard - n - int(OVER_ECHO_LEAD_IN_S * PIPELINE_RATE)))
         for event in detector.feed(block.audio):
-            self._on_event(event)
+            self._on_event(event, block)
         if detector.speaking:
-            self._while_speaking(detector)
-        elif self._heard_over_echo:
+            if not self._person and self._believe_vad(block):
+                self._hear_person(self._heard)
+            if self._person:
+                self._while_speaking(detector)
+        elif self._person:
             self._unconfirmed_s = 0.0 if block.user_over_echo else self._unconfirmed_s + n / PIPELINE_RATE
             if self._unconfirmed_s >= UNCONFIRMED_S:
-                self._heard_over_echo, self._over_agent_from = False, None
+                self._person, self._over_agent_from = False, None
                 if self.barge_in is not None:
                     self.barge_in.release()  # heard for a moment, but the VAD never found a turn in it
+
+    def _believe_vad(self, block: AudioBlock | None) -> bool:
+        """Whether the detector's speech counts as a person without the double-talk detector:
+        push-to-talk always; the VAD where none of the agent's voice is in the mic to mistake."""
+        return self._mode == "ptt" or block is None or not block.agent_audible
 
     def _active_detector(self) -> VoiceActivityDetector | PushToTalk | None:
         wanted = self.ptt if self._mode == "ptt" else self.vad
@@ -141,20 +151,24 @@ class TurnStage(Stage):
     def _end_of_audio(self) -> None:
         if self._detector is not None:
             for event in self._detector.flush():
-                self._on_event(event)
+                self._on_event(event, None)
         self.ctx.progress.end_of_input()
 
     # ---- turns -----------------------------------------------------------------------------------
 
-    def _on_event(self, event: VadEvent) -> None:
+    def _on_event(self, event: VadEvent, block: AudioBlock | None) -> None:
         if event.kind == "speech_start":
-            if not self._heard_over_echo:
-                self._on_speech_start(self._heard)
-            self.ctx.set_state(AgentState.HEARING)
+            if not self._person and self._believe_vad(block):
+                self._hear_person(self._heard)
+            if self._person:
+                self.ctx.set_state(AgentState.HEARING)
             return
         over_agent_from, self._over_agent_from = self._over_agent_from, None
-        self._heard_over_echo = False
+        person, self._person = self._person, False
         self._tentative = None
+        if not person:  # the agent's voice, left by the echo canceller: no one to answer
+            self.echo_turns += 1
+            return
         audio = event.audio if event.audio is not None else np.zeros(0, np.float32)
         over_reply = self.barge_in is not None and self.barge_in.holding
         if len(audio) < MIN_TURN_S * PIPELINE_RATE or self.ctx.progress.turns_reached():
@@ -173,8 +187,9 @@ class TurnStage(Stage):
         self.push(SpeechSegment(audio, speech_end, self._speech_started_at, time.time(), turn_end_ms, self._stream_span(event.span),
                                 over_reply, over_agent_from))
 
-    def _on_speech_start(self, from_sample: int) -> None:
+    def _hear_person(self, from_sample: int) -> None:
         """The user is heard, from about capture sample ``from_sample``."""
+        self._person = True
         self._speech_started_at = time.time()
         self._over_agent_from = None
         if self.barge_in is not None:
