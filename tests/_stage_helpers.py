@@ -9,12 +9,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
 from agent.asr import Transcriber
-from agent.events import Event
+from agent.events import Event, Notice
 from agent.frames import EndOfReply, Frame
 from agent.llm import ChatLLM, Message, Sampling
 from agent.stages.base import Stage, StageContext
@@ -159,3 +159,17 @@ def drain(q: queue.Queue) -> list:
     while not q.empty():
         items.append(q.get_nowait())
     return items
+
+
+def converse(pipeline, events, timeout: float, finally_: Callable[[], None] | None = None) -> None:
+    """Start ``pipeline``, wait until it has finished its input, stop it (then ``finally_``), and
+    check that no error was shown on the way."""
+    try:
+        pipeline.start()
+        pipeline.wait_ready(timeout)
+        assert pipeline.finished.wait(timeout), "the conversation did not finish"
+    finally:
+        pipeline.stop()
+        if finally_ is not None:
+            finally_()
+    assert not [n for n in events.of(Notice) if n.level == "error"]

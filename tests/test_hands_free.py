@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _stage_helpers import EventLog
+from _stage_helpers import EventLog, converse
 from _voice_helpers import EspeakVoice
 from agent.audio import MemorySink, load_audio
-from agent.events import AgentTurnDone, AudioSetup, Notice, UserTurn
+from agent.events import AgentTurnDone, AudioSetup, UserTurn
 from agent.pipeline import Pipeline
 from agent.room import SimulatedRoom
 from agent.room_spec import load_room
@@ -57,13 +57,7 @@ def talk_in_room(tmp_path, room: str, aec: str, replies: int, persona, espeak_wa
     pipeline = Pipeline(settings, events, source=source, sink=MemorySink(24_000, speed=1.0),
                         generator=EspeakVoice(generator), llm=llm, transcriber=transcriber)
     source.user_waits_for = lambda: pipeline.ctx.progress.busy  # a user who waits for the answer
-    try:
-        pipeline.start()
-        pipeline.wait_ready(TIMEOUT_S)
-        assert pipeline.finished.wait(TIMEOUT_S), "the conversation did not finish"
-    finally:
-        pipeline.stop()
-    assert not [n for n in events.of(Notice) if n.level == "error"]
+    converse(pipeline, events, TIMEOUT_S)
     return pipeline, events
 
 
@@ -131,14 +125,7 @@ def test_a_user_who_talks_over_the_reply_stops_it_and_is_heard_word_for_word(tmp
     events = EventLog()
     pipeline = Pipeline(settings, events, source=source, sink=MemorySink(24_000, speed=1.0),
                         generator=EspeakVoice(tiny_generator), llm=smollm2_llm, transcriber=faster_whisper_tiny)
-    try:
-        pipeline.start()
-        pipeline.wait_ready(TIMEOUT_S)
-        assert pipeline.finished.wait(TIMEOUT_S), "the conversation did not finish"
-    finally:
-        pipeline.stop()
-        detach()
-    assert not [n for n in events.of(Notice) if n.level == "error"]
+    converse(pipeline, events, TIMEOUT_S, finally_=detach)
     assert released, "the answer never played long enough to talk over it"
     voice_at = released[0]
     phrase_s = len(clips[1]) / 16_000

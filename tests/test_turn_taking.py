@@ -13,11 +13,11 @@ import time
 import numpy as np
 import pytest
 
-from _stage_helpers import EventLog as Events
+from _stage_helpers import EventLog as Events, converse
 from _voice_helpers import EspeakVoice
 from test_end_of_turn import QUESTIONS  # the 20 complete questions the judge's own tests use
 from agent.audio import MemorySink, QueueSource, load_audio, write_wav
-from agent.events import AgentTurnDone, Notice, TurnLatency, UserTurn
+from agent.events import AgentTurnDone, TurnLatency, UserTurn
 from agent.pipeline import Pipeline
 from agent.settings import AgentSettings
 
@@ -64,13 +64,7 @@ def _run_file(tmp_path, persona, mic: np.ndarray, llm, transcriber, keep: list |
                         sink=MemorySink(24_000, speed=None), llm=llm, transcriber=transcriber)
     if keep is not None:
         keep.append(pipeline)
-    try:
-        pipeline.start()
-        pipeline.wait_ready(TIMEOUT_S)
-        assert pipeline.finished.wait(TIMEOUT_S), "the pipeline never finished the input"
-    finally:
-        pipeline.stop()
-    assert not [n for n in events.of(Notice) if n.level == "error"]
+    converse(pipeline, events, TIMEOUT_S)
     return events
 
 
