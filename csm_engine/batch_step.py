@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from csm_engine.cuda_graphs import capture_graph
 from csm_engine.model import CSMModel, KVCache
 
 
@@ -181,17 +182,8 @@ class BatchStep:
             return self.model.sample_codebooks(h, choose)
 
     def _capture(self, pool) -> None:
-        # As cuda_graphs.FrameStep: warm up on a side stream (lazy library handles), then record.
         # The warm-up writes padding rows (position pad_position) only: every row starts padded.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.codes = self._run()
+        self.graph, self.codes = capture_graph(self._run, pool)
 
     def __call__(self) -> Tensor:
         """The sampled frames (B, 32) on the model's device (a buffer the next call overwrites, with a graph)."""

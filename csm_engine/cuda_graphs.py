@@ -23,6 +23,7 @@ against the static step run directly.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -64,18 +65,7 @@ class FrameStep:
                                          n_codes=self.n_codes, noise=self.noise if self.sampling else None)
 
     def _capture(self) -> None:
-        # Warm up on a side stream first (library handles and workspaces are created lazily and
-        # must not be created during capture), then record one frame.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA work on other threads meanwhile (the agent's Whisper) is allowed.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.codes = self._run()
+        self.graph, self.codes = capture_graph(self._run)
 
     @torch.inference_mode()
     def __call__(self, tokens: Tensor, mask: Tensor, pos: int, generator: torch.Generator | None) -> Tensor:
@@ -115,6 +105,24 @@ class FrameSteps:
         if len(self._steps) > self.keep:
             self._steps.popitem(last=False)
         return step, True
+
+
+def capture_graph(run: Callable[[], Tensor], pool=None) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """Record ``run()`` as a CUDA graph; returns the graph and ``run``'s output, which every replay
+    rewrites in place. Warms up on a side stream first: library handles and workspaces are
+    created lazily and must not be created during capture. ``pool``: a memory pool to share
+    with other graphs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: CUDA work on other threads meanwhile (the agent's Whisper) is allowed.
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        output = run()
+    return graph, output
 
 
 def cuda_graphs_available(device: torch.device | str) -> bool:
