@@ -54,17 +54,8 @@ class ServerProcess:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def wait_ready(self, timeout_s: float = 180.0) -> "ServerProcess":
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"csm-serve exited with {self.process.returncode} before answering")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"csm-serve did not answer /health within {timeout_s} s")
+        wait_until_answering(self.process, self.url + "/health", "csm-serve", timeout_s)
+        return self
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=10).json()
@@ -96,3 +87,20 @@ class ServerProcess:
                 self.process.wait()
         if self._log is not subprocess.DEVNULL:
             self._log.close()
+
+
+def wait_until_answering(process: subprocess.Popen, url: str, name: str, timeout_s: float,
+                         interval_s: float = 0.3) -> None:
+    """Wait until ``url`` answers 200 while the server ``process`` runs; RuntimeError if it exits
+    first or does not answer within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode} before answering")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval_s)
+    raise RuntimeError(f"{name} did not answer {url} within {timeout_s} s")

@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from _serve_helpers import wait_until_answering
 from agent.errors import AgentError
 from agent.llm import LocalLLM, OpenAICompatibleLLM, Sampling, api_base_url, make_llm
 from agent.sentences import SentenceSplitter
@@ -209,24 +210,14 @@ class LlamaServer:
         import subprocess
         import sys
 
-        import httpx
-
         from agent.embedded import smollm2_gguf
 
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--host", "127.0.0.1",
              "--port", str(self.port), "--n_ctx", "1024", "--n_threads", "2", "--seed", "1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(300):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {self.process.returncode}")
-            try:
-                if httpx.get(self.url + "/v1/models", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("llama_cpp.server did not start")
+        wait_until_answering(self.process, self.url + "/v1/models", "llama_cpp.server", 60.0, interval_s=0.1)
+        return self
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
