@@ -26,14 +26,14 @@ import time
 from typing import Sequence
 
 from agent.audio import describe_devices
-from agent.config_file import load_settings
-from agent.conversation import Conversation
+from agent.config.file import load_settings
+from agent.conversation.conversation import Conversation
 from agent.errors import AgentError
 from agent.events import AgentTurnDone, Event, Notice, TurnLatency, UserTurn
-from agent.personas import list_personas, load_persona
+from agent.config.personas import list_personas, load_persona
 from agent.pipeline import Pipeline
-from agent.replay import replay_conversation
-from agent.settings import AgentSettings
+from agent.speak.replay import replay_conversation
+from agent.config.settings import AgentSettings
 from csm_engine.errors import CSMError
 from csm_engine.config import PRECISIONS
 
@@ -157,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     settings = settings_from_args(args)
     if args.check_audio:
-        from agent.check_audio import format_report, run_check_audio
+        from agent.echo.check_audio import format_report, run_check_audio
 
         check = run_check_audio(settings, notice=lambda line: print(f"warning: {line}", file=sys.stderr))
         print(format_report(check))

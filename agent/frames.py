@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # the synthesis module pulls in torch types only for annotations
-    from agent.synthesis import SpokenSentence
+    from agent.speak.synthesis import SpokenSentence
 
 
 class Frame:

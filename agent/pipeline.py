@@ -26,19 +26,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from agent.asr import Transcriber
+from agent.listen.asr import Transcriber
 from agent.audio import AudioSink, AudioSource, WavFileSource, write_wav
-from agent.conversation import Conversation
+from agent.conversation.conversation import Conversation
 from agent.errors import AgentError
-from agent.barge_in import BargeIn
-from agent.double_talk import DoubleTalk
-from agent.echo import open_echo_canceller
+from agent.listen.barge_in import BargeIn
+from agent.echo.double_talk import DoubleTalk
+from agent.echo.canceller import open_echo_canceller
 from agent.events import AgentState, AudioSetup, Event
 from agent.frames import ReplayRequest, UserInput
-from agent.llm import ChatLLM
-from agent.personas import Persona, load_persona
-from agent.saving import ConversationSaver, default_save_dir
-from agent.settings import MODES, AgentSettings
+from agent.llm.chat import ChatLLM
+from agent.config.personas import Persona, load_persona
+from agent.conversation.saving import ConversationSaver, default_save_dir
+from agent.config.settings import MODES, AgentSettings
 from agent.stages.base import StageContext
 from agent.stages.capture import CancelledEcho, CaptureStage, EchoRemover, NoEchoRemoval
 from agent.stages.turn import TurnStage
@@ -46,8 +46,8 @@ from agent.stages.loading import ModelLoader, Models
 from agent.stages.think import ThinkStage
 from agent.stages.transcribe import TranscribeStage
 from agent.stages.voice import PromptHook, VoiceStage
-from agent.room import SimulatedRoom, open_room
-from agent.vad import SileroModel
+from agent.echo.room import SimulatedRoom, open_room
+from agent.listen.vad import SileroModel
 
 if TYPE_CHECKING:  # torch-heavy: only for annotations
     from csm_engine.generator import Generator

@@ -1,4 +1,4 @@
-"""Double talk in the simulated rooms (agent.double_talk): detection latency, false detections, and
+"""Double talk in the simulated rooms (agent.echo.double_talk): detection latency, false detections, and
 Whisper's word recall on the cleaned, recovered and raw microphone; prints a table and JSON.
 
     python benchmarks/double_talk.py               # paced (deterministic), ~4 min on 2 cores
@@ -31,9 +31,9 @@ from _room_helpers import (AGENT_RATE, AGENT_TEXTS, Reply, play_in_room, replies
                            voice_onset)
 from echo_cancellation import espeak, recall, words  # noqa: E402  (this folder: the script's own)
 from agent.audio import PIPELINE_RATE  # noqa: E402
-from agent.double_talk import DoubleTalkSettings  # noqa: E402
-from agent.echo_path import fit_echo_path  # noqa: E402
-from agent.room import PRESETS, BackgroundNoise  # noqa: E402
+from agent.echo.double_talk import DoubleTalkSettings  # noqa: E402
+from agent.echo.echo_path import fit_echo_path  # noqa: E402
+from agent.echo.room import PRESETS, BackgroundNoise  # noqa: E402
 
 BARGE_INS = [  # (the user's phrase, seconds into the reply, which reply)
     ("Please tell me the weather in Paris tomorrow", 3.0, 0),
@@ -131,7 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--realtime", action="store_true", help="also live barge-ins at 1x in the loud rooms")
     args = parser.parse_args()
-    from agent.asr import FasterWhisperTranscriber
+    from agent.listen.asr import FasterWhisperTranscriber
 
     with tempfile.TemporaryDirectory() as tmp:
         agent = [espeak(t, "en-us", Path(tmp), AGENT_RATE) for t in AGENT_TEXTS]

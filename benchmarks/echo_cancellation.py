@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.audio import PIPELINE_RATE, load_audio  # noqa: E402
-from agent.check_audio import erle_db, record_in_room, rms_db  # noqa: E402
-from agent.room import PRESETS  # noqa: E402
+from agent.echo.check_audio import erle_db, record_in_room, rms_db  # noqa: E402
+from agent.echo.room import PRESETS  # noqa: E402
 
 AGENT_TEXT = ("Hello, I am the agent. I will talk for a while so that the echo canceller has time to learn "
               "the room. The quick brown fox jumps over the lazy dog, and then it runs far away.")
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--realtime", action="store_true", help="also run the ERLE table through the 1x threads")
     parser.add_argument("--skip-erle", action="store_true", help="only the double-talk table")
     args = parser.parse_args()
-    from agent.asr import FasterWhisperTranscriber
+    from agent.listen.asr import FasterWhisperTranscriber
 
     with tempfile.TemporaryDirectory() as tmp:
         agent = espeak(AGENT_TEXT, "en-us", Path(tmp), 24_000)

@@ -418,7 +418,7 @@ def main(argv=None) -> dict:
     samples = [read_bandwidth_gbps(args.device)]
     ref = random_csm_model(args.flavor, seed=args.seed, device=args.device)
     result["params"] = n_params(ref)
-    from csm_engine.testing import build_text_tokenizer
+    from csm_engine.testing.checkpoints import build_text_tokenizer
 
     tokenizer = TextTokenizer(build_text_tokenizer())
     codec = MimiCodec.load(None, device=args.device)

@@ -2,7 +2,7 @@
 
 Prints, per sentence, how long its audio was held before playing, the shortest hold that would
 have had no gap (from when each chunk really arrived), and the underruns the real-time speaker
-counted; once with the planner (``agent.playback``) and once starting every sentence with its
+counted; once with the planner (``agent.speak.playback``) and once starting every sentence with its
 first chunk, as before it. On this 2-core CPU CSM-1B runs slower than real time, which is the
 case the planner is for; on a GPU both start with the first chunk.
 
@@ -24,18 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import random_csm_model  # noqa: E402
 from agent.audio import MemorySink  # noqa: E402
-from agent.conversation import CSM_RATE, Conversation  # noqa: E402
+from agent.conversation.conversation import CSM_RATE, Conversation  # noqa: E402
 from agent.events import Event  # noqa: E402
 from agent.frames import AgentSentence, EndOfReply, Reply  # noqa: E402
-from agent.personas import load_persona  # noqa: E402
-from agent.playback import PlaybackPlanner, PlaybackPolicy  # noqa: E402
+from agent.config.personas import load_persona  # noqa: E402
+from agent.speak.playback import PlaybackPlanner, PlaybackPolicy  # noqa: E402
 from agent.stages.base import StageContext  # noqa: E402
 from agent.stages.loading import Models  # noqa: E402
 from agent.stages.voice import VoiceStage  # noqa: E402
 from csm_engine.codec import MimiCodec  # noqa: E402
 from csm_engine.generator import Generator  # noqa: E402
 from csm_engine.quantize import apply_precision  # noqa: E402
-from csm_engine.testing import build_text_tokenizer  # noqa: E402
+from csm_engine.testing.checkpoints import build_text_tokenizer  # noqa: E402
 from csm_engine.tokens import TextTokenizer  # noqa: E402
 
 REPLY = [

@@ -53,14 +53,14 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from _common import random_csm_model
-    from csm_engine.batch_engine import BatchEngine, EngineOptions
+    from csm_engine.batch.engine import BatchEngine, EngineOptions
     from csm_engine.codec import MimiCodec
     from csm_engine.generator import Generator
     from csm_engine.quantize import apply_precision
     from csm_engine.serve.app import create_app
     from csm_engine.serve.config import Limits, ServerConfig
     from csm_engine.serve.speech import SpeechService, VoiceTable
-    from csm_engine.testing import build_text_tokenizer
+    from csm_engine.testing.checkpoints import build_text_tokenizer
     from csm_engine.tokens import TextTokenizer
 
     if args.threads:

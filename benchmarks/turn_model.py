@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from agent.audio import PIPELINE_RATE, load_audio  # noqa: E402
-from agent.turn_model import TurnRuntime, load_turn_model, turn_features  # noqa: E402
+from agent.listen.turn_model import TurnRuntime, load_turn_model, turn_features  # noqa: E402
 
 TIMING_TEXTS = [
     "What time is it?", "Can you tell me a joke?", "What should I cook for dinner tonight?",
@@ -94,8 +94,8 @@ def judgements(directory: Path) -> dict:
     """The test suite's streams through the real VAD and the judge: answers and delays (stream time)."""
     import test_end_of_turn as suite
 
-    from agent.end_of_turn import EndOfTurnJudge, TurnSettings
-    from agent.vad import load_silero_model
+    from agent.listen.end_of_turn import EndOfTurnJudge, TurnSettings
+    from agent.listen.vad import load_silero_model
 
     silero, judge = load_silero_model(), EndOfTurnJudge(TurnSettings(), load_turn_model())
     clip = lambda text: speech_only(espeak(text, directory))  # noqa: E731

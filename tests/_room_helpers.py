@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.audio import PIPELINE_RATE, MemorySink
-from agent.double_talk import DoubleTalk
-from agent.echo import EchoCanceller, PassThrough
-from agent.room import SimulatedRoom, load_room
+from agent.echo.double_talk import DoubleTalk
+from agent.echo.canceller import EchoCanceller, PassThrough
+from agent.echo.room import SimulatedRoom, load_room
 
 AGENT_RATE = 24_000  # CSM's rate: replies are played at it
 AGENT_TEXTS = [  # ten replies of a few seconds each (espeak-ng en-us)

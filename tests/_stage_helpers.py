@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from agent.asr import Transcriber
+from agent.listen.asr import Transcriber
 from agent.events import Event, Notice
 from agent.frames import EndOfReply, Frame
-from agent.llm import ChatLLM, Message, Sampling
+from agent.llm.chat import ChatLLM, Message, Sampling
 from agent.stages.base import Stage, StageContext
 
 

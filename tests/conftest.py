@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny random-weight checkpoint dir (config, weights, tokenizer.json, Mimi), written once per session."""
-    from csm_engine.testing import write_checkpoint
+    from csm_engine.testing.checkpoints import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"), flavor="tiny", seed=0)
 
@@ -18,7 +18,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def random_watermark_dir(tmp_path_factory) -> Path:
     """A random-init silentcipher 44.1 kHz checkpoint set (enc_c/dec_c/dec_m_0.ckpt + hparams.yaml), written once."""
-    from csm_engine.testing_watermark import write_random_watermark_checkpoint
+    from csm_engine.testing.watermark import write_random_watermark_checkpoint
 
     return write_random_watermark_checkpoint(tmp_path_factory.mktemp("silentcipher_random"), seed=0)
 
@@ -95,7 +95,7 @@ def spoken_turns_wav(espeak_wav, tmp_path_factory):
 @pytest.fixture(scope="session")
 def faster_whisper_tiny():
     """The embedded Whisper tiny.en on faster-whisper (int8 CPU), loaded once."""
-    from agent.asr import FasterWhisperTranscriber
+    from agent.listen.asr import FasterWhisperTranscriber
 
     return FasterWhisperTranscriber()
 
@@ -112,7 +112,7 @@ def openai_whisper_tiny_pt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_llm():
     """The embedded SmolLM2-135M-Instruct on llama.cpp (fixed seed), loaded once."""
-    from agent.llm import LocalLLM
+    from agent.llm.chat import LocalLLM
 
     return LocalLLM(seed=1234)
 
@@ -172,12 +172,12 @@ def train_clip_folder(tmp_path_factory, espeak_wav) -> Path:
 
 @pytest.fixture(scope="session")
 def saved_conversation(tmp_path_factory, espeak_wav) -> Path:
-    """A conversation directory written by the agent's own writer (agent.conversation.Conversation.save):
+    """A conversation directory written by the agent's own writer (agent.conversation.conversation.Conversation.save):
     user turns at 16 kHz, agent turns at 24 kHz split into sentences, one typed turn."""
     import numpy as np
 
     from agent.audio import load_audio
-    from agent.conversation import Conversation, Sentence
+    from agent.conversation.conversation import Conversation, Sentence
 
     conversation = Conversation("tester", agent_speaker=0)
     question = "Hi, what is the weather like?"

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from agent.asr import FasterWhisperTranscriber, OpenAIWhisperTranscriber, make_transcriber
+from agent.listen.asr import FasterWhisperTranscriber, OpenAIWhisperTranscriber, make_transcriber
 from agent.audio import load_audio
 from agent.errors import AgentError
 

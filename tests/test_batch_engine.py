@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from csm_engine.batch_engine import BatchEngine, EngineBusy, EngineOptions
-from csm_engine.batch_step import SlotCaches, backbone_rows, model_caches
+from csm_engine.batch.engine import BatchEngine, EngineBusy, EngineOptions
+from csm_engine.batch.step import SlotCaches, backbone_rows, model_caches
 from csm_engine.codec import MimiCodec
 from csm_engine.errors import CSMError
-from csm_engine.events import Admitted, AudioChunk, Finished, FrameSampled, StreamOptions
+from csm_engine.batch.events import Admitted, AudioChunk, Finished, FrameSampled, StreamOptions
 from csm_engine.quantize import apply_precision, fuse_linears
 from csm_engine.tokens import Segment
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from agent.conversation import JSON_NAME, Conversation, Sentence
+from agent.conversation.conversation import JSON_NAME, Conversation, Sentence
 from agent.errors import AgentError
 from csm_engine.tokens import Segment
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from agent.audio import load_audio, read_wav
-from agent.conversation import Conversation
+from agent.conversation.conversation import Conversation
 
 pytestmark = pytest.mark.e2e
 

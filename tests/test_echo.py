@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from agent.audio import PIPELINE_RATE, MemorySink, load_audio
-from agent.check_audio import erle_db, record_echo, record_in_room, rms_db
-from agent.echo import EchoCanceller, PassThrough, open_echo_canceller
+from agent.echo.check_audio import erle_db, record_echo, record_in_room, rms_db
+from agent.echo.canceller import EchoCanceller, PassThrough, open_echo_canceller
 from agent.errors import AgentError
-from agent.room import SimulatedRoom, load_room
+from agent.echo.room import SimulatedRoom, load_room
 
 AGENT_TEXT = ("Hello, I am the agent. I will talk for a while so that the echo canceller has time to learn "
               "the room. The quick brown fox jumps over the lazy dog.")
@@ -164,8 +164,8 @@ _MISSING_LIBRARY = """
 import sys
 sys.modules["livekit"] = None  # the library cannot be imported on this "platform"
 from agent.audio import MemorySink
-from agent.echo import open_echo_canceller, PassThrough
-from agent.room import SimulatedRoom, load_room
+from agent.echo.canceller import open_echo_canceller, PassThrough
+from agent.echo.room import SimulatedRoom, load_room
 sink, room = MemorySink(24000, speed=None), SimulatedRoom(load_room("office"), realtime=False)
 notices = []
 for _ in range(2):
@@ -187,7 +187,7 @@ def test_missing_library_auto_says_so_once_and_on_is_a_one_line_error():
 
 
 def test_settings_refuse_an_unknown_aec_mode_in_one_line():
-    from agent.settings import AgentSettings
+    from agent.config.settings import AgentSettings
 
     with pytest.raises(AgentError, match="unknown --aec mode 'sometimes': use on, off or auto"):
         AgentSettings(aec="sometimes")

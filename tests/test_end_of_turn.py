@@ -14,10 +14,10 @@ import pytest
 
 from agent.audio import PIPELINE_RATE, load_audio
 from agent.cli import build_parser, settings_from_args
-from agent.end_of_turn import EndOfTurnJudge, TurnSettings, TurnVerdict
+from agent.listen.end_of_turn import EndOfTurnJudge, TurnSettings, TurnVerdict
 from agent.errors import AgentError
-from agent.turn_model import load_turn_model
-from agent.vad import VadEvent, VadSettings, VoiceActivityDetector, load_silero_model
+from agent.listen.turn_model import load_turn_model
+from agent.listen.vad import VadEvent, VadSettings, VoiceActivityDetector, load_silero_model
 
 QUESTIONS = [
     "What is the capital of France?", "Can you tell me a joke?", "How are you doing today?",

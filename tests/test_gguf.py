@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import AgentError
-from agent.gguf import HubGGUF, choose_file, parse_model_spec
+from agent.llm.gguf import HubGGUF, choose_file, parse_model_spec
 
 from _fake_hub import FakeHub
 
@@ -77,7 +77,7 @@ def _run(code: str, hub: FakeHub, cache: Path, offline: bool = False) -> subproc
 
 def _resolve(spec: str, hub: FakeHub, cache: Path, offline: bool = False) -> tuple[str, str]:
     """(path or 'AgentError: message', stderr) of resolve_gguf(spec) in a fresh interpreter."""
-    code = ("import json\nfrom agent.errors import AgentError\nfrom agent.gguf import resolve_gguf\n"
+    code = ("import json\nfrom agent.errors import AgentError\nfrom agent.llm.gguf import resolve_gguf\n"
             f"try:\n    print(json.dumps(str(resolve_gguf({spec!r}))))\n"
             "except AgentError as e:\n    print(json.dumps('AgentError: ' + str(e)))\n")
     result = _run(code, hub, cache, offline)
@@ -105,7 +105,7 @@ def test_a_download_shows_a_progress_bar(hub, tmp_path):
 
 
 def test_the_local_llm_loads_a_hub_reference_and_replies(hub, tmp_path):
-    code = ("from agent.llm import LocalLLM, Sampling\n"
+    code = ("from agent.llm.chat import LocalLLM, Sampling\n"
             f"llm = LocalLLM({REPO + ':SmolLM2-135M-Instruct-Q4_1.gguf'!r}, seed=1)\n"
             "print(llm.name, '|', llm.reply([{'role': 'user', 'content': 'Say hi.'}], "
             "sampling=Sampling(temperature=0.0, max_tokens=8)))\n")

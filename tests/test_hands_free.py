@@ -17,9 +17,9 @@ from _voice_helpers import EspeakVoice
 from agent.audio import MemorySink, load_audio
 from agent.events import AgentTurnDone, AudioSetup, UserTurn
 from agent.pipeline import Pipeline
-from agent.room import SimulatedRoom
-from agent.room_spec import load_room
-from agent.settings import AgentSettings
+from agent.echo.room import SimulatedRoom
+from agent.echo.room_spec import load_room
+from agent.config.settings import AgentSettings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TIMEOUT_S = 600.0

@@ -16,8 +16,8 @@ import pytest
 
 from _serve_helpers import wait_until_answering
 from agent.errors import AgentError
-from agent.llm import LocalLLM, OpenAICompatibleLLM, Sampling, api_base_url, make_llm
-from agent.sentences import SentenceSplitter
+from agent.llm.chat import LocalLLM, OpenAICompatibleLLM, Sampling, api_base_url, make_llm
+from agent.speak.sentences import SentenceSplitter
 
 QUESTION = [
     {"role": "system", "content": "You are a helpful assistant. Answer in two short sentences."},

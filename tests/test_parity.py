@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from csm_engine import weights  # noqa: E402
 from csm_engine.config import CSMConfig, get_flavor  # noqa: E402
 from csm_engine.model import CSMModel  # noqa: E402
-from csm_engine.testing import random_state_dict  # noqa: E402
+from csm_engine.testing.checkpoints import random_state_dict  # noqa: E402
 
 ATOL = 1e-4
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import AgentError
-from agent.personas import BUILTIN_DIR, Persona, list_personas, load_persona
+from agent.config.personas import BUILTIN_DIR, Persona, list_personas, load_persona
 
 VALID = """
 name = "Test Bot"
@@ -119,7 +119,7 @@ def test_missing_persona_path_is_an_agent_error(tmp_path):
 
 
 def test_user_persona_dir_is_searched_first(tmp_path, monkeypatch):
-    import agent.personas as personas
+    import agent.config.personas as personas
 
     user_dir = tmp_path / "user"
     user_dir.mkdir()

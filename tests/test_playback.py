@@ -14,10 +14,10 @@ import pytest
 
 from _stage_helpers import context, run_stage
 from agent.audio import MemorySink
-from agent.conversation import CSM_RATE, Conversation
+from agent.conversation.conversation import CSM_RATE, Conversation
 from agent.frames import AgentSentence, EndOfReply, Reply
-from agent.personas import load_persona
-from agent.playback import GenerationSpeed, PlaybackPlanner, PlaybackPolicy
+from agent.config.personas import load_persona
+from agent.speak.playback import GenerationSpeed, PlaybackPlanner, PlaybackPolicy
 from agent.stages.loading import Models
 from agent.stages.voice import VoiceStage
 

@@ -19,13 +19,13 @@ import pytest
 import torch
 
 from agent.audio import MemorySink, load_audio
-from agent.conversation import Conversation
+from agent.conversation.conversation import Conversation
 from agent.errors import AgentError
 from agent.events import AgentTurnDone
 from agent.pipeline import Pipeline
-from agent.remote_voice import RemoteSynthesizer, server_root
-from agent.settings import AgentSettings
-from agent.synthesis import ReplySynthesizer, SynthesisOptions
+from agent.speak.remote_voice import RemoteSynthesizer, server_root
+from agent.config.settings import AgentSettings
+from agent.speak.synthesis import ReplySynthesizer, SynthesisOptions
 from csm_engine.errors import CSMError
 from csm_engine.tokens import Segment
 

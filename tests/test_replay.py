@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from agent.audio import load_audio, read_wav
-from agent.conversation import Conversation, Sentence
-from agent.replay import replay_conversation
+from agent.conversation.conversation import Conversation, Sentence
+from agent.speak.replay import replay_conversation
 
 
 @pytest.fixture(scope="module")

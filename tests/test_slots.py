@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from csm_engine.slots import BLOCK_ROWS, SlotTable, block_digests, common_blocks
+from csm_engine.batch.slots import BLOCK_ROWS, SlotTable, block_digests, common_blocks
 
 
 def _rows(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from agent.speech_text import normalize_for_speech, number_to_words, ordinal_to_words, year_to_words
+from agent.speak.speech_text import normalize_for_speech, number_to_words, ordinal_to_words, year_to_words
 
 
 @pytest.mark.parametrize(

@@ -13,20 +13,20 @@ import pytest
 
 from _stage_helpers import Collector, RecordingGenerator, ScriptedLLM, ScriptedTranscriber, context, run_stage
 from agent.audio import MemorySink, QueueSource, load_audio
-from agent.conversation import Conversation
+from agent.conversation.conversation import Conversation
 from agent.events import AgentTurnDone, PartialTranscript, UserTurn
-from agent.barge_in import BargeIn
+from agent.listen.barge_in import BargeIn
 from agent.events import MicLevel
 from agent.frames import (AgentSentence, AudioBlock, EndOfAudio, EndOfReply, PartialAudio, ReplayRequest, Reply,
                           SpeechSegment, Stop, TentativeSpeech, UserInput)
-from agent.personas import load_persona
+from agent.config.personas import load_persona
 from agent.stages.capture import CaptureStage
 from agent.stages.loading import Models
 from agent.stages.think import ThinkStage
 from agent.stages.turn import TurnStage
 from agent.stages.transcribe import TranscribeStage
 from agent.stages.voice import VoiceStage
-from agent.vad import VadSettings, VoiceActivityDetector, load_silero_model
+from agent.listen.vad import VadSettings, VoiceActivityDetector, load_silero_model
 
 SILENCE_S = 1.0
 

@@ -13,7 +13,7 @@ from csm_engine.adapters import read_adapter
 from csm_engine.config import get_flavor
 from csm_engine.errors import CSMError
 from csm_engine.generator import load_generator
-from csm_engine.testing import write_model_weights
+from csm_engine.testing.checkpoints import write_model_weights
 from csm_engine.train.cli import main as finetune_main
 from csm_engine.train.lora import LoraSettings, load_lora
 from csm_engine.train.loss import forward_logits, labelled_frames
@@ -91,7 +91,7 @@ def test_generator_with_adapter_speaks_as_the_merged_checkpoint(trained, merged,
 
 
 def test_persona_with_an_adapter_speaks_with_it(trained, merged, tiny_checkpoint, tmp_path):
-    from agent.personas import load_persona
+    from agent.config.personas import load_persona
 
     _, out = trained
     shutil.copytree(out, tmp_path / "voices" / "mine", ignore=shutil.ignore_patterns("checkpoint"))

@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from csm_engine import weights  # noqa: E402
-from csm_engine.testing import build_text_tokenizer  # noqa: E402
+from csm_engine.testing.checkpoints import build_text_tokenizer  # noqa: E402
 from csm_engine.tokens import TextTokenizer  # noqa: E402
 from csm_engine.train.codes import EncodedUtterance  # noqa: E402
 from csm_engine.train.data import Utterance  # noqa: E402

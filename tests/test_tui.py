@@ -14,7 +14,7 @@ from rich.text import Text
 from textual.widgets import Input
 
 from agent.errors import AgentError  # noqa: E402
-from agent.settings import AgentSettings  # noqa: E402
+from agent.config.settings import AgentSettings  # noqa: E402
 from agent.tui.app import CsmChatApp  # noqa: E402
 from agent.tui.text import literal, visible_controls  # noqa: E402
 from agent.events import AgentState, AgentText, AgentTurnDone  # noqa: E402

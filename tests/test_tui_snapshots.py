@@ -24,7 +24,7 @@ from agent.events import (  # noqa: E402
     TurnLatency,
     UserTurn,
 )
-from agent.settings import AgentSettings  # noqa: E402
+from agent.config.settings import AgentSettings  # noqa: E402
 from agent.tui.app import CsmChatApp  # noqa: E402
 
 SIZE = (120, 36)

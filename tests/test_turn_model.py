@@ -10,11 +10,11 @@ import pytest
 
 from agent.audio import PIPELINE_RATE, load_audio
 from agent.embedded import smart_turn_onnx
-from agent.end_of_turn import EndOfTurnJudge, TurnSettings, build_turn_judge
+from agent.listen.end_of_turn import EndOfTurnJudge, TurnSettings, build_turn_judge
 from agent.errors import AgentError
-from agent.turn_model import (WINDOW_SAMPLES, TurnRuntime, last_window, load_turn_model, try_load_turn_model,
+from agent.listen.turn_model import (WINDOW_SAMPLES, TurnRuntime, last_window, load_turn_model, try_load_turn_model,
                                turn_features)
-from agent.vad import load_silero_model
+from agent.listen.vad import load_silero_model
 from test_end_of_turn import (LEAD_S, PAUSED_SENTENCES, QUESTIONS, paused_stream, question_stream, run_stream, silence,
                               speech_only)
 

@@ -19,7 +19,7 @@ from test_end_of_turn import QUESTIONS  # the 20 complete questions the judge's 
 from agent.audio import MemorySink, QueueSource, load_audio, write_wav
 from agent.events import AgentTurnDone, TurnLatency, UserTurn
 from agent.pipeline import Pipeline
-from agent.settings import AgentSettings
+from agent.config.settings import AgentSettings
 
 pytestmark = pytest.mark.e2e
 TIMEOUT_S = 300.0

@@ -7,7 +7,7 @@ import pytest
 
 from agent.audio import PIPELINE_RATE, load_audio
 from agent.errors import AgentError
-from agent.vad import PushToTalk, VadSettings, VoiceActivityDetector, load_silero_model
+from agent.listen.vad import PushToTalk, VadSettings, VoiceActivityDetector, load_silero_model
 
 
 def silence(seconds: float) -> np.ndarray:

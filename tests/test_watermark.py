@@ -1,7 +1,7 @@
 """Watermarking through silentcipher's real loading, embedding and decoding code.
 
 The model is random-init (no hub here), written in silentcipher's own checkpoint layout by
-``csm_engine.testing_watermark``. These tests check the plumbing — files found and loaded,
+``csm_engine.testing.watermark``. These tests check the plumbing — files found and loaded,
 audio resampled to 44.1 kHz and back, lengths, errors, streaming — NOT detection accuracy: a
 random model embeds noise-like marks it cannot reliably read back.
 """

@@ -1,6 +1,6 @@
 """Checkpoint loading: both tensor layouts, hub resolution against a local cache, bad files.
 
-Everything runs on tiny random checkpoints written by ``csm_engine.testing`` in the real
+Everything runs on tiny random checkpoints written by ``csm_engine.testing.checkpoints`` in the real
 formats, read back through the real loading code (safetensors, huggingface_hub, tokenizers,
 moshi). The hub is never contacted: hub tests point huggingface_hub at a pre-populated cache
 or at a local HTTP server that answers like the hub does for gated or unknown repos.
@@ -25,8 +25,8 @@ from csm_engine import weights
 from csm_engine.config import get_flavor
 from csm_engine.errors import CSMError
 from csm_engine.model import CSMModel
-from csm_engine.testing import main as make_checkpoint_main
-from csm_engine.testing import random_state_dict, write_model_weights
+from csm_engine.testing.checkpoints import main as make_checkpoint_main
+from csm_engine.testing.checkpoints import random_state_dict, write_model_weights
 
 TINY = get_flavor("tiny")
 

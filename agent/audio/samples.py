@@ -10,7 +10,7 @@ import numpy as np
 import soundfile as sf
 
 from agent.errors import AgentError
-from agent.files import write_atomic
+from agent.conversation.files import write_atomic
 
 PIPELINE_RATE = 16_000  # Hz: what the VAD and Whisper consume
 BLOCK_MS = 32  # 512 samples at 16 kHz: one Silero VAD window
@@ -127,7 +127,7 @@ def load_audio(path: str | Path, sample_rate: int = PIPELINE_RATE) -> np.ndarray
 
 
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
-    """Write float32 mono audio as 16-bit PCM WAV, atomically and durably (see agent.files)."""
+    """Write float32 mono audio as 16-bit PCM WAV, atomically and durably (see agent.conversation.files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     audio = np.clip(_as_mono_float32(audio), -1.0, 1.0)

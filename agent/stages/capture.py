@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from agent.audio import AudioSource, rms_dbfs
-from agent.echo import EchoCanceller, PassThrough
+from agent.echo.canceller import EchoCanceller, PassThrough
 from agent.events import MicLevel
 from agent.frames import AudioBlock, EndOfAudio, Frame
 from agent.stages.base import FrameSink, Stage, StageContext
@@ -24,7 +24,7 @@ MIC_LEVEL_INTERVAL_S = 0.05  # ~20 level events per second
 
 
 class EchoRemover(Protocol):
-    """What capture needs from echo cancellation (``agent.double_talk.DoubleTalk`` or a pass-through)."""
+    """What capture needs from echo cancellation (``agent.echo.double_talk.DoubleTalk`` or a pass-through)."""
 
     user_speaking: bool
     far_end_active: bool  # the agent's voice is in the microphone (and the remover can tell a person from it)

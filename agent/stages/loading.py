@@ -17,21 +17,21 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
 
-from agent.asr import Transcriber, make_transcriber
+from agent.listen.asr import Transcriber, make_transcriber
 from agent.audio import AudioSink, AudioSource, MemorySink, open_microphone, open_speaker
-from agent.conversation import CSM_RATE
-from agent.end_of_turn import build_turn_judge
+from agent.conversation.conversation import CSM_RATE
+from agent.listen.end_of_turn import build_turn_judge
 from agent.errors import AgentError
 from agent.events import LoadProgress
-from agent.llm import ChatLLM, LocalLLM, make_llm
-from agent.personas import Persona
-from agent.settings import AgentSettings
+from agent.llm.chat import ChatLLM, LocalLLM, make_llm
+from agent.config.personas import Persona
+from agent.config.settings import AgentSettings
 from agent.stages.base import StageContext
-from agent.vad import SileroModel, VadSettings, VoiceActivityDetector, load_silero_model
+from agent.listen.vad import SileroModel, VadSettings, VoiceActivityDetector, load_silero_model
 from csm_engine.errors import CSMError
 
 if TYPE_CHECKING:  # torch-heavy: imported only when CSM loads
-    from agent.remote_voice import RemoteCSM
+    from agent.speak.remote_voice import RemoteCSM
     from csm_engine.generator import Generator
     from csm_engine.tokens import Segment
     from csm_engine.watermark import Watermarker
@@ -228,7 +228,7 @@ class ModelLoader:
 
     def _connect_remote(self) -> "RemoteCSM":
         """--tts-url: a csm-serve speaks for the agent (AgentError when it cannot be reached)."""
-        from agent.remote_voice import API_KEY_ENV, RemoteCSM  # imports torch (prompts are built here)
+        from agent.speak.remote_voice import API_KEY_ENV, RemoteCSM  # imports torch (prompts are built here)
 
         remote = RemoteCSM(self.settings.tts_url, api_key=os.environ.get(API_KEY_ENV) or None)
         if self.persona().topk > remote.max_topk:

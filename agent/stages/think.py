@@ -11,14 +11,14 @@ agent turn's audio again, as a reply that records nothing.
 from __future__ import annotations
 
 from agent.audio import read_wav
-from agent.conversation import Conversation
+from agent.conversation.conversation import Conversation
 from agent.errors import AgentError
 from agent.events import AgentState, UserTurn
 from agent.frames import AgentSentence, EndOfReply, Frame, ReplayAudio, ReplayRequest, Reply, UserInput
-from agent.sentences import SentenceSplitter
-from agent.personas import Persona
-from agent.saving import ConversationSaver
-from agent.speech_text import normalize_for_speech
+from agent.speak.sentences import SentenceSplitter
+from agent.config.personas import Persona
+from agent.conversation.saving import ConversationSaver
+from agent.speak.speech_text import normalize_for_speech
 from agent.stages.base import FrameSink, Stage, StageContext
 from agent.stages.loading import Models
 

@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from agent.asr import Transcript
-from agent.barge_in import BargeIn
+from agent.listen.asr import Transcript
+from agent.listen.barge_in import BargeIn
 from agent.events import PartialTranscript
 from agent.frames import Frame, PartialAudio, SpeechSegment, TentativeSpeech, UserInput
 from agent.stages.base import FrameSink, Stage, StageContext

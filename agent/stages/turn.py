@@ -1,7 +1,7 @@
 """Turn-taking: echo-cancelled microphone blocks -> the user's turns, and what their voice means.
 
 Runs the active detector on each ``AudioBlock``: hands-free, Silero VAD with the end-of-turn
-judge (``agent.end_of_turn``: the Smart Turn model at a short pause, or a fixed pause), or
+judge (``agent.listen.end_of_turn``: the Smart Turn model at a short pause, or a fixed pause), or
 push-to-talk. It sends downstream:
 
 - ``SpeechSegment`` when a turn is over, with when the speech really ended (``t0``, from the
@@ -10,7 +10,7 @@ push-to-talk. It sends downstream:
   judge still listens (the transcript is ready when the turn ends);
 - ``PartialAudio`` about once a second while the user speaks (for the screen).
 
-The user's voice during a reply goes to ``BargeIn`` (``agent.barge_in``): heard -> playback
+The user's voice during a reply goes to ``BargeIn`` (``agent.listen.barge_in``): heard -> playback
 pauses; long enough, or words that are not a backchannel -> the reply is interrupted. While the
 agent's voice is in the microphone (``AudioBlock.agent_audible``) the capture stage's
 double-talk detector decides whether a person is there (``AudioBlock.user_over_echo``): it hears
@@ -29,11 +29,11 @@ from collections import deque
 import numpy as np
 
 from agent.audio import PIPELINE_RATE
-from agent.barge_in import BargeIn
+from agent.listen.barge_in import BargeIn
 from agent.events import AgentState
 from agent.frames import AudioBlock, EndOfAudio, Frame, PartialAudio, SpeechSegment, TentativeSpeech
 from agent.stages.base import FrameSink, Stage, StageContext
-from agent.vad import PushToTalk, VadEvent, VoiceActivityDetector
+from agent.listen.vad import PushToTalk, VadEvent, VoiceActivityDetector
 
 PARTIAL_INTERVAL_S = 1.0  # partial transcripts while the user speaks (TUI only)
 MIN_TURN_S = 0.25  # shorter "turns" (clicks) are not sent to Whisper

@@ -4,7 +4,7 @@ Each ``AgentSentence`` is synthesized by CSM in the context of the whole convers
 persona's voice clip, every earlier turn, the reply's own earlier sentences) and written to
 the sink chunk by chunk as frames are decoded — at once where CSM runs faster than real time,
 and where it runs slower, only once the audio held will last until the rest of the sentence is
-made (``agent.playback``), so a sentence never stutters. ``EndOfReply`` waits for playback to finish and
+made (``agent.speak.playback``), so a sentence never stutters. ``EndOfReply`` waits for playback to finish and
 records the agent's turn: all of it, or — when the reply was cancelled — only the sentences
 whose audio began playing, each cut to what was heard. Sentences of a cancelled reply that had
 not started are dropped by the stage base (``Stage.dropped``); the one being spoken stops
@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from agent.audio import AudioSink
-from agent.conversation import CSM_RATE, Conversation, Sentence
+from agent.conversation.conversation import CSM_RATE, Conversation, Sentence
 from agent.events import AgentState, AgentText, AgentTurnDone, TurnLatency
 from agent.frames import AgentSentence, EndOfReply, Frame, ReplayAudio, Reply
-from agent.personas import Persona
-from agent.playback import PlaybackPlanner
-from agent.saving import ConversationSaver
+from agent.config.personas import Persona
+from agent.speak.playback import PlaybackPlanner
+from agent.conversation.saving import ConversationSaver
 from agent.stages.base import Stage, StageContext
 from agent.stages.loading import Models
-from agent.synthesis import ReplySynthesizer, SpokenSentence, SynthesisOptions, played_prefix
+from agent.speak.synthesis import ReplySynthesizer, SpokenSentence, SynthesisOptions, played_prefix
 from csm_engine.errors import CSMError
 
 if TYPE_CHECKING:  # torch-heavy: only for annotations

@@ -36,9 +36,9 @@ from agent.events import (
     TurnLatency,
     UserTurn,
 )
-from agent.personas import list_personas
+from agent.config.personas import list_personas
 from agent.pipeline import Pipeline
-from agent.settings import AgentSettings
+from agent.config.settings import AgentSettings
 from agent.tui.messages import MicLevelChanged, PipelineEvent, PipelineFactory, PipelineLike
 from agent.tui.screens import HelpScreen, SettingsChoice, SettingsScreen
 from agent.tui.text import visible_controls

@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 from textual.message import Message
 
 from agent.events import Event, MicLevel
-from agent.settings import AgentSettings
+from agent.config.settings import AgentSettings
 
 
 class PipelineLike(Protocol):

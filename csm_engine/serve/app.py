@@ -23,9 +23,9 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from csm_engine.batch_engine import EngineBusy
+from csm_engine.batch.engine import EngineBusy
 from csm_engine.config import FRAME_MS, SAMPLE_RATE
-from csm_engine.events import Admitted, AudioChunk, Failed, Finished, FrameSampled, Utterance
+from csm_engine.batch.events import Admitted, AudioChunk, Failed, Finished, FrameSampled, Utterance
 from csm_engine.serve.audio import as_heard, encode_codes, pcm16, wav_header
 from csm_engine.serve.errors import APIError, error_response, install_handlers, validation_message
 from csm_engine.serve.schemas import EncodeRequest, SpeechRequest

@@ -67,7 +67,7 @@ def check_auth(host: str, api_key: str | None, no_auth: bool) -> None:
 
 def build_service(args: argparse.Namespace):
     """Load the model and start the engine; returns the SpeechService (for tests too)."""
-    from csm_engine.batch_engine import BatchEngine, EngineOptions
+    from csm_engine.batch.engine import BatchEngine, EngineOptions
     from csm_engine.generator import load_generator
     from csm_engine.serve.config import Limits, ServerConfig
     from csm_engine.serve.speech import SpeechService, VoiceTable

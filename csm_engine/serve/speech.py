@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from csm_engine.batch_engine import BatchEngine
+from csm_engine.batch.engine import BatchEngine
 from csm_engine.errors import CSMError
-from csm_engine.events import StreamOptions, Utterance
+from csm_engine.batch.events import StreamOptions, Utterance
 from csm_engine.generator import Prompt, assemble_prompt, segment_rows
 from csm_engine.serve.audio import decode_audio, decode_codes
 from csm_engine.serve.config import ServerConfig

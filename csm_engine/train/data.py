@@ -10,7 +10,7 @@ Four sources, told apart by what a path is:
   turn optional; lines of one conversation are ordered by ``turn``, else by line);
 - a csm-chat conversation directory, or a folder of them (what ``csm-chat --save DIR`` writes).
 
-The conversation format read here is the one ``agent/conversation.py`` writes (read directly:
+The conversation format read here is the one ``agent/conversation/conversation.py`` writes (read directly:
 the engine never imports the agent): ``conversation.json`` =
 ``{"format": "csm-chat-conversation", "version": 1, "turns": [{"id": 1, "role": "user"|"agent",
 "text": "...", "speaker": 1, "audio": "turn-0001-user.wav" | null, "sample_rate": 16000,

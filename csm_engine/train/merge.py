@@ -42,7 +42,7 @@ def write_merged_checkpoint(adapter: Adapter, out_dir: str | os.PathLike, model_
     """Merge ``adapter`` into its base (``model_path``, default the one it was trained on) and write ``out_dir``."""
     import json
 
-    from csm_engine.testing import write_safetensors
+    from csm_engine.testing.checkpoints import write_safetensors
 
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

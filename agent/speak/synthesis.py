@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.conversation import CSM_RATE, Conversation, ContextReport
+from agent.conversation.conversation import CSM_RATE, Conversation, ContextReport
 
 if TYPE_CHECKING:  # torch-heavy: only for annotations
     import torch

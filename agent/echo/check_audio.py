@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.audio import PIPELINE_RATE, AudioSink, AudioSource, MemorySink, list_devices, open_microphone, open_speaker
-from agent.echo import EchoCanceller, PassThrough, aec_unavailable_reason, far_end_tap, open_echo_canceller
+from agent.echo.canceller import EchoCanceller, PassThrough, aec_unavailable_reason, far_end_tap, open_echo_canceller
 from agent.errors import AgentError
-from agent.room_spec import RoomSpec
-from agent.timeline import PlayedTimeline, time_to_index
+from agent.echo.room_spec import RoomSpec
+from agent.audio.timeline import PlayedTimeline, time_to_index
 
 SIGNAL_RATE = 24_000  # Hz, CSM's rate: the test plays what the agent would
 SIGNAL_S = 3.5
@@ -66,7 +66,7 @@ class Recording:
 def check_signal(seconds: float = SIGNAL_S, sample_rate: int = SIGNAL_RATE, seed: int = 0) -> np.ndarray:
     """Pink noise in 4 Hz syllable-like bursts at ``SIGNAL_DBFS`` RMS (float32): broadband for
     a sharp cross-correlation, speech-like in rhythm for the echo canceller."""
-    from agent.room import BackgroundNoise
+    from agent.echo.room import BackgroundNoise
 
     n = int(seconds * sample_rate)
     noise = BackgroundNoise("pink", 0.0, seed).next(n)
@@ -153,7 +153,7 @@ def record_in_room(
     """``record_echo`` in a simulated room, with everything it needs built and closed: a
     MemorySink (1x or instant) feeding the room, the room relaying to an EchoCanceller
     (or a PassThrough: ``aec=False``). ``timing``: ``lead_s``, ``tail_s``, ``stop_after_s``."""
-    from agent.room import SimulatedRoom, load_room
+    from agent.echo.room import SimulatedRoom, load_room
 
     spec = room if isinstance(room, RoomSpec) else load_room(room)
     source = SimulatedRoom(spec, user_audio, realtime=realtime, user_waits=user_waits, trailing_silence_s=30.0)
@@ -239,7 +239,7 @@ def format_report(check: AudioCheck) -> str:
 def run_check_audio(settings, notice=None) -> AudioCheck:
     """``--check-audio`` for these settings: the sound card, or ``settings.room`` when set."""
     if settings.room:
-        from agent.room import open_room
+        from agent.echo.room import open_room
 
         source = open_room(settings.room, realtime=settings.realtime)
         sink = MemorySink(SIGNAL_RATE, speed=1.0 if settings.realtime else None)

@@ -5,7 +5,7 @@ progress with the length of the current pause (0 while the user speaks) and a wa
 turn's audio so far. Two modes behind that one call:
 
 - ``smart``: at a short pause (``first_check_ms``) ask the end-of-turn model (Smart Turn,
-  ``agent.turn_model``). "Done" ends the turn at once; "not done" keeps listening — the verdict
+  ``agent.listen.turn_model``). "Done" ends the turn at once; "not done" keeps listening — the verdict
   says ``waiting`` so the UI can show that the agent is waiting for the rest — and the model
   is asked again every ``recheck_ms`` while the pause grows; a pause of ``max_silence_ms``
   ends the turn whatever the model says. Speech that resumes continues the same turn.
@@ -133,7 +133,7 @@ class EndOfTurnJudge:
 def build_turn_judge(settings: TurnSettings | None = None, model_path: str | None = None) -> tuple[EndOfTurnJudge, str | None]:
     """A judge for ``settings``; in smart mode it loads the model, and when that fails returns a
     silence-rule judge and the one-line notice to show (``None`` when all is well)."""
-    from agent.turn_model import try_load_turn_model
+    from agent.listen.turn_model import try_load_turn_model
 
     settings = settings or TurnSettings()
     if settings.mode != "smart":

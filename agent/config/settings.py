@@ -1,7 +1,7 @@
 """Every csm-chat option in one dataclass, with defaults from the user's config file.
 
 Precedence: built-in defaults < ``config.toml`` in the user's config dir (or ``--config``) <
-command-line flags (``agent.config_file.load_settings``). Settings are frozen: a change at run
+command-line flags (``agent.config.file.load_settings``). Settings are frozen: a change at run
 time is a new instance (``with_changes``) handed to the part that uses it.
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from agent.echo import check_aec_mode
-from agent.end_of_turn import TurnSettings
+from agent.echo.canceller import check_aec_mode
+from agent.listen.end_of_turn import TurnSettings
 from agent.errors import AgentError
-from agent.room_spec import load_room
+from agent.echo.room_spec import load_room
 
 DEFAULT_CSM_MODEL = "sesame/csm-1b"
 ASR_ENGINES = ("faster-whisper", "openai-whisper")

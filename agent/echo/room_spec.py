@@ -5,7 +5,7 @@ sound card's hidden delay. ``room_impulse_response(spec)`` computes the speaker-
 response with pyroomacoustics' image-source method (absorption from Sabine's formula for the
 RT60, corrected until the measured RT60 is within 3 % of the asked one), at 16 kHz, scaled to
 unit energy so that ``echo_gain_db`` alone sets the echo's level, reverberation included.
-The knobs are documented in ``agent/room.py``.
+The knobs are documented in ``agent/echo/room.py``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ _DIM_RANGE = (1.5, 30.0)
 
 @dataclass(frozen=True)
 class RoomSpec:
-    """A simulated room (see ``agent/room.py`` for what each knob does); validated on creation."""
+    """A simulated room (see ``agent/echo/room.py`` for what each knob does); validated on creation."""
 
     name: str = "custom"  # a preset name or the room file's path, used in messages
     dims_m: tuple[float, float, float] = (4.0, 3.5, 2.6)  # shoebox length, width, height

@@ -16,7 +16,7 @@ from typing import Any
 import platformdirs
 
 from agent.errors import AgentError
-from agent.llm import Sampling
+from agent.llm.chat import Sampling
 
 LLMSettings = Sampling  # a persona's [llm] table is exactly the LLM's sampling settings
 

@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from csm_engine.batch_codec import BatchDecoder
-from csm_engine.batch_step import BatchStep, SlotCaches, batch_buckets, model_caches
+from csm_engine.batch.codec import BatchDecoder
+from csm_engine.batch.step import BatchStep, SlotCaches, batch_buckets, model_caches
 from csm_engine.cuda_graphs import cuda_graphs_available
 from csm_engine.errors import CSMError
-from csm_engine.events import Admitted, AudioChunk, Failed, Finished, FrameSampled, StreamOptions, Utterance
+from csm_engine.batch.events import Admitted, AudioChunk, Failed, Finished, FrameSampled, StreamOptions, Utterance
 from csm_engine.generator import MIMI_CODEBOOK_SIZE, Generator, Prompt, prompt_attention
-from csm_engine.slots import BLOCK_ROWS, SlotTable, block_digests
+from csm_engine.batch.slots import BLOCK_ROWS, SlotTable, block_digests
 
 
 class EngineBusy(CSMError):

@@ -34,8 +34,8 @@ import numpy as np
 
 from agent.audio import write_wav
 from agent.errors import AgentError
-from agent.files import write_text_atomic
-from agent.turns import CSM_RATE, Sentence, Turn, json_int, read_turn_wav, turn_from_json
+from agent.conversation.files import write_text_atomic
+from agent.conversation.turns import CSM_RATE, Sentence, Turn, json_int, read_turn_wav, turn_from_json
 
 if TYPE_CHECKING:  # torch-heavy: only for annotations
     from csm_engine.tokens import Segment

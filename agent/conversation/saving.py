@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import platformdirs
 
-from agent.conversation import Conversation
+from agent.conversation.conversation import Conversation
 from agent.errors import AgentError
 
 

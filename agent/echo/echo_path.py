@@ -4,7 +4,7 @@ microphone (sound card delay + room impulse response + gain), fitted by least sq
 A room is nearly linear and time-invariant, so a FIR of ~0.4 s fitted over a few seconds of
 echo-only audio predicts the echo to 30-40 dB (the noise floor limits it), and the microphone
 minus that prediction still holds a user's voice untouched; AEC3's suppressor, which is what
-takes the user out along with the echo, is not involved. ``agent.double_talk`` uses it to tell a
+takes the user out along with the echo, is not involved. ``agent.echo.double_talk`` uses it to tell a
 person from residual echo and to recover a barge-in's words.
 
 The fit: conjugate gradients on the normal equations of ``mic ~ taps * reference`` (FFT products,
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import fft
 
-from agent.check_audio import echo_delay_samples
+from agent.echo.check_audio import echo_delay_samples
 
 BLOCK = 512  # samples per block when measuring the leak (the pipeline's block)
 

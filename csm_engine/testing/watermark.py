@@ -6,7 +6,7 @@ module classes with the published 44.1 kHz hyperparameters and random weights, s
 ``silentcipher.get_model`` — the same loading and encode/decode code a real checkpoint takes.
 A random model embeds and decodes *something*; it proves the plumbing, never detection accuracy.
 
-    python -m csm_engine.testing_watermark OUT_DIR [--seed N]
+    python -m csm_engine.testing.watermark OUT_DIR [--seed N]
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def write_random_watermark_checkpoint(out_dir: str | Path, seed: int = 0) -> Pat
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m csm_engine.testing_watermark",
+        prog="python -m csm_engine.testing.watermark",
         description="Write a random-init silentcipher 44.1 kHz checkpoint set (for tests only).",
     )
     parser.add_argument("out_dir", type=Path)

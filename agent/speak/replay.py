@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from agent.audio import resample, write_wav
-from agent.conversation import CSM_RATE, Conversation, Sentence, Turn
+from agent.conversation.conversation import CSM_RATE, Conversation, Sentence, Turn
 from agent.errors import AgentError
-from agent.sentences import SentenceSplitter
-from agent.personas import Persona
-from agent.speech_text import normalize_for_speech
-from agent.synthesis import ReplySynthesizer, SynthesisOptions
+from agent.speak.sentences import SentenceSplitter
+from agent.config.personas import Persona
+from agent.speak.speech_text import normalize_for_speech
+from agent.speak.synthesis import ReplySynthesizer, SynthesisOptions
 
 if TYPE_CHECKING:  # torch-heavy: only for annotations
     from csm_engine.generator import Generator

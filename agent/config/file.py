@@ -20,7 +20,7 @@ from typing import Any
 import platformdirs
 
 from agent.errors import AgentError
-from agent.settings import AgentSettings
+from agent.config.settings import AgentSettings
 
 CONFIG_NAME = "config.toml"
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from agent.errors import AgentError
-from agent.synthesis import ReplySynthesizer, SynthesisOptions
+from agent.speak.synthesis import ReplySynthesizer, SynthesisOptions
 from csm_engine.errors import CSMError
 from csm_engine.generator import Prompt, assemble_prompt, segment_rows
 from csm_engine.tokens import Segment, TextTokenizer

@@ -37,7 +37,7 @@ import numpy as np
 
 from agent.audio import PIPELINE_RATE, AudioSink, AudioSource
 from agent.errors import AgentError
-from agent.timeline import PlayedTimeline, time_to_index
+from agent.audio.timeline import PlayedTimeline, time_to_index
 
 FRAME = PIPELINE_RATE // 100  # 10 ms: the only frame size the audio processing module takes
 AEC_FIX = "pip install livekit (WebRTC's echo canceller), or use --aec off with headphones or --mode ptt"

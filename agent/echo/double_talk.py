@@ -1,6 +1,6 @@
 """Double talk: is a person talking over the agent, and what did they say?
 
-AEC3 (``agent.echo``) removes the agent's voice from the microphone well, but while the agent is
+AEC3 (``agent.echo.canceller``) removes the agent's voice from the microphone well, but while the agent is
 audible it also suppresses much of the user's: Silero VAD on its output misses a user who talks
 over a loud reply, and Whisper loses the first words. ``DoubleTalk`` wraps the canceller and
 keeps a second, linear model of the echo on the side:
@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.audio import PIPELINE_RATE
-from agent.echo_path import EchoPath, fit_echo_path
+from agent.echo.echo_path import EchoPath, fit_echo_path
 from agent.errors import AgentError
-from agent.vad import WINDOW, SileroModel, load_silero_model
+from agent.listen.vad import WINDOW, SileroModel, load_silero_model
 
 USER, FAR = 1, 2  # per-sample flags in the history: the user was heard / the agent's voice was in the mic
 

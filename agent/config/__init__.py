@@ -1,0 +1,1 @@
+"""Configuration: every option (``settings``), the user's config file (``file``), personas."""
