@@ -35,7 +35,7 @@ from agent.echo.double_talk import DoubleTalk
 from agent.echo.canceller import open_echo_canceller
 from agent.events import AgentState, AudioSetup, Event
 from agent.frames import ReplayRequest, UserInput
-from agent.llm.chat import ChatLLM
+from agent.llm.base import ChatLLM
 from agent.config.personas import Persona, load_persona
 from agent.conversation.saving import ConversationSaver, default_save_dir
 from agent.config.settings import MODES, AgentSettings

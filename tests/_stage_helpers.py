@@ -16,7 +16,7 @@ import numpy as np
 from agent.listen.asr import Transcriber
 from agent.events import Event, Notice
 from agent.frames import EndOfReply, Frame
-from agent.llm.chat import ChatLLM, Message, Sampling
+from agent.llm.base import ChatLLM, Message, Sampling
 from agent.stages.base import Stage, StageContext
 
 

@@ -112,7 +112,7 @@ def openai_whisper_tiny_pt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_llm():
     """The embedded SmolLM2-135M-Instruct on llama.cpp (fixed seed), loaded once."""
-    from agent.llm.chat import LocalLLM
+    from agent.llm.local import LocalLLM
 
     return LocalLLM(seed=1234)
 

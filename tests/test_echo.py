@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from agent.audio import PIPELINE_RATE, MemorySink, load_audio
-from agent.echo.check_audio import erle_db, record_echo, record_in_room, rms_db
+from agent.echo.check_audio import record_echo, record_in_room
+from agent.echo.measure import erle_db, rms_db
 from agent.echo.canceller import EchoCanceller, PassThrough, open_echo_canceller
 from agent.errors import AgentError
 from agent.echo.room import SimulatedRoom, load_room

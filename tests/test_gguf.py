@@ -105,7 +105,7 @@ def test_a_download_shows_a_progress_bar(hub, tmp_path):
 
 
 def test_the_local_llm_loads_a_hub_reference_and_replies(hub, tmp_path):
-    code = ("from agent.llm.chat import LocalLLM, Sampling\n"
+    code = ("from agent.llm.local import LocalLLM\nfrom agent.llm.base import Sampling\n"
             f"llm = LocalLLM({REPO + ':SmolLM2-135M-Instruct-Q4_1.gguf'!r}, seed=1)\n"
             "print(llm.name, '|', llm.reply([{'role': 'user', 'content': 'Say hi.'}], "
             "sampling=Sampling(temperature=0.0, max_tokens=8)))\n")

@@ -16,7 +16,9 @@ import pytest
 
 from _serve_helpers import wait_until_answering
 from agent.errors import AgentError
-from agent.llm.chat import LocalLLM, OpenAICompatibleLLM, Sampling, api_base_url, make_llm
+from agent.llm.base import Sampling, make_llm
+from agent.llm.local import LocalLLM
+from agent.llm.server import OpenAICompatibleLLM, api_base_url
 from agent.speak.sentences import SentenceSplitter
 
 QUESTION = [

@@ -16,11 +16,11 @@ from typing import Any
 import platformdirs
 
 from agent.errors import AgentError
-from agent.llm.chat import Sampling
+from agent.llm.base import Sampling
 
 LLMSettings = Sampling  # a persona's [llm] table is exactly the LLM's sampling settings
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "prompts"
+BUILTIN_DIR = Path(__file__).resolve().parents[2] / "prompts"
 DEFAULT_PERSONA = "default"
 HUB_PREFIX = "hf://"
 NOT_PERSONAS = {"voices.toml"}  # the engine's voice table shares prompts/

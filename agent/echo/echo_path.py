@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import fft
 
-from agent.echo.check_audio import echo_delay_samples
+from agent.echo.measure import echo_delay_samples
 
 BLOCK = 512  # samples per block when measuring the leak (the pipeline's block)
 

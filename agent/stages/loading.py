@@ -23,7 +23,8 @@ from agent.conversation.conversation import CSM_RATE
 from agent.listen.end_of_turn import build_turn_judge
 from agent.errors import AgentError
 from agent.events import LoadProgress
-from agent.llm.chat import ChatLLM, LocalLLM, make_llm
+from agent.llm.base import ChatLLM, make_llm
+from agent.llm.local import LocalLLM
 from agent.config.personas import Persona
 from agent.config.settings import AgentSettings
 from agent.stages.base import StageContext
