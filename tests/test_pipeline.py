@@ -120,7 +120,7 @@ def test_speaking_over_the_agent_cuts_playback_and_marks_the_turn_interrupted(
     assert agent.interrupted and agent.text == done.text
     # Only what was played is kept: less than was generated, and the sentences sum to it.
     assert agent.audio is not None and 0 < len(agent.audio) <= cut["played_after"]
-    assert sum(s.samples for s in agent.speak.sentences) == len(agent.audio)
+    assert sum(s.samples for s in agent.sentences) == len(agent.audio)
     shown = [e.text for e in events.of(AgentText) if e.turn_id == agent.id]
     assert agent.text.startswith(shown[0])
     saved = json.loads((tmp_path / "saved" / "conversation.json").read_text())
