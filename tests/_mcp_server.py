@@ -5,7 +5,7 @@
 
 Tools: ``get_weather`` (read-only: a fixed forecast naming the city), ``add_note`` (changes
 something: not read-only), ``slow`` (sleeps), ``crash`` (the process exits mid-call),
-``flood`` (10 MB of text), ``inject`` (text that tries to give the agent orders).
+``flood`` (10 MB of text unless told otherwise), ``inject`` (text that tries to give the agent orders).
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def crash() -> str:
 
 
 @server.tool(annotations=ToolAnnotations(readOnlyHint=True))
-def flood() -> str:
-    """Return ten megabytes of text."""
-    return "rain " * (2 * 1024 * 1024)
+def flood(megabytes: float = 10.0) -> str:
+    """Return megabytes of text."""
+    return "rain " * int(megabytes * 1024 * 1024 / 5)
 
 
 @server.tool(annotations=ToolAnnotations(readOnlyHint=True))

@@ -82,7 +82,7 @@ class MemoryStore:
 
     def __init__(self, path: str | Path | None = None, notice: Notice | None = None) -> None:
         self.path = Path(path).expanduser() if path is not None else default_memory_path()
-        self._notice = notice or (lambda level, message: None)
+        self._notice = notice if notice is not None else (lambda level, message: None)
         self._lock = threading.Lock()
         self._db = self._open()
 

@@ -46,7 +46,7 @@ def parse_mcp_servers(table: Any, source: str) -> dict[str, MCPServerSpec]:
         if isinstance(command, str):
             raise AgentError(f"{where}: command must be a list of strings, e.g. [\"python\", \"server.py\"] "
                              "(no shell is run)")
-        if not isinstance(command, list) or not all(isinstance(c, str) and c for c in command):
+        if not isinstance(command, (list, tuple)) or not all(isinstance(c, str) and c for c in command):
             raise AgentError(f"{where}: command must be a list of non-empty strings")
         env = entry.get("env", {})
         if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):

@@ -70,7 +70,7 @@ class MCPConnections:
 
     def __init__(self, registry: ToolRegistry, notice: Notice | None = None, log_dir: Path | None = None) -> None:
         self.registry = registry
-        self._notice = notice or (lambda level, message: None)
+        self._notice = notice if notice is not None else (lambda level, message: None)
         self.log_dir = log_dir or mcp_log_dir()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="csm-chat-mcp", daemon=True)

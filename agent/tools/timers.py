@@ -73,7 +73,7 @@ class TimerStore:
 
     def __init__(self, path: Path | None = None, notice: Notice | None = None) -> None:
         self.path = Path(path) if path is not None else default_timer_path()
-        self._notice = notice or (lambda level, message: None)
+        self._notice = notice if notice is not None else (lambda level, message: None)
         self._lock = threading.RLock()
         self._timers: list[Timer] = self._load()
 
