@@ -10,6 +10,7 @@ schema (llama.cpp turns the schema into a grammar), then the answer with the res
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -100,9 +101,13 @@ def _complete_json(llm: "OpenAICompatibleLLM", messages: list[dict[str, str]], s
 
 def _choose_tool(llm: "OpenAICompatibleLLM", messages: list[dict[str, Any]], tools: list[Tool]) -> ToolCall | None:
     names = [t.name for t in tools] + [NO_TOOL]
-    schema = {"type": "object", "properties": {"tool": {"enum": names}}, "required": ["tool"]}
-    choice, _ = parse_arguments(_complete_json(llm, decision_messages(messages, tools), schema, 32))
-    tool = next((t for t in tools if t.name == choice.get("tool")), None)
+    # A bare JSON string from the list: the same choice the in-process name grammar offers.
+    text = _complete_json(llm, decision_messages(messages, tools), {"enum": names}, 16)
+    try:
+        choice = json.loads(text)
+    except json.JSONDecodeError:
+        choice = None
+    tool = next((t for t in tools if t.name == choice), None)
     if tool is None:
         return None
     if not tool.parameters.get("properties"):

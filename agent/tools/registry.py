@@ -102,7 +102,7 @@ class ToolResult:
 
 @dataclass(frozen=True)
 class ToolLimits:
-    """Per user turn: how many calls, how long all of them together, how much text each returns."""
+    """Per user turn: how many calls, how long they may run all together, how much text each returns."""
 
     max_calls: int = 4
     max_turn_s: float = 30.0
@@ -183,12 +183,12 @@ class ToolRunner:
         self.on_slow = on_slow  # called once per call still running after ``slow_after_s`` (say a filler)
         self.slow_after_s = slow_after_s
         self.calls = 0
-        self.started = time.monotonic()
+        self.spent_s = 0.0  # time spent in tools this turn (the LLM's own time does not count)
         self.results: list[ToolResult] = []
 
     @property
     def time_left_s(self) -> float:
-        return self.limits.max_turn_s - (time.monotonic() - self.started)
+        return self.limits.max_turn_s - self.spent_s
 
     @property
     def exhausted(self) -> bool:
@@ -223,6 +223,7 @@ class ToolRunner:
         slow = (lambda: self.on_slow(call)) if self.on_slow is not None else None
         outcome = _call_with_timeout(tool, call.arguments, timeout_s, self.cancel, slow, self.slow_after_s)
         elapsed = time.monotonic() - started
+        self.spent_s += elapsed
         ok, text = outcome
         limit = min(tool.max_output_chars, self.limits.max_output_chars)
         if not isinstance(text, str):
