@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent.llm.tool_calling import assistant_tool_message, tool_message
-from agent.tools.registry import Confirm, ToolCall, ToolLimits, ToolRegistry, ToolResult, ToolRunner
+from agent.tools.registry import Confirm, Tool, ToolCall, ToolLimits, ToolRegistry, ToolResult, ToolRunner
 
 if TYPE_CHECKING:
     from agent.llm.base import ChatLLM, Sampling
@@ -43,6 +43,9 @@ class ToolEvents:
     on_call: Callable[[ToolCall], None] | None = None
     on_result: Callable[[ToolResult], None] | None = None
     on_slow: Callable[[ToolCall], None] | None = None
+    # A tool that needs the user's yes: (tool, call, messages so far) -> the question to say. The
+    # turn ends with that question; the caller resumes it with ``approved=call`` once the user agrees.
+    on_confirm: Callable[[Tool, ToolCall, list[dict[str, Any]]], str] | None = None
 
 
 def system_prompt_with_tools(system_prompt: str) -> str:
@@ -51,25 +54,43 @@ def system_prompt_with_tools(system_prompt: str) -> str:
 
 def stream_with_tools(llm: "ChatLLM", messages: list[dict[str, Any]], session: ToolSession,
                       cancel: threading.Event | None = None, *, sampling: "Sampling | None" = None,
-                      events: ToolEvents | None = None) -> Iterator[str]:
-    """The reply's text deltas; tool calls in between are run and their results given back."""
+                      events: ToolEvents | None = None, approved: ToolCall | None = None) -> Iterator[str]:
+    """The reply's text deltas; tool calls in between are run and their results given back.
+
+    ``approved``: resume a turn that stopped to ask the user (``messages`` end with the assistant
+    message holding that call): the call runs first, as agreed.
+    """
     cancel = cancel or threading.Event()
     events = events or ToolEvents()
-    runner = ToolRunner(session.registry, session.limits, confirm=session.confirm, cancel=cancel,
-                        on_slow=events.on_slow)
+
+    def confirm(tool: Tool, call: ToolCall) -> bool:
+        if approved is not None and (call.name, call.arguments) == (approved.name, approved.arguments):
+            return True
+        return session.confirm(tool, call) if session.confirm is not None else False
+
+    runner = ToolRunner(session.registry, session.limits, confirm=confirm, cancel=cancel, on_slow=events.on_slow)
     messages = list(messages)
-    for _ in range(session.limits.max_calls + 1):
-        tools = [] if runner.exhausted else session.registry.tools()
-        calls: list[ToolCall] = []
-        for item in llm.stream_turn(messages, tools, cancel, sampling=sampling, mode=session.mode):
-            if isinstance(item, ToolCall):
-                calls.append(item)
-            else:
-                yield item
-        if not calls or cancel.is_set():
-            return
-        messages.append(assistant_tool_message(calls))
+    for round_ in range(session.limits.max_calls + 1):
+        if round_ == 0 and approved is not None:
+            calls = [approved]
+        else:
+            tools = [] if runner.exhausted else session.registry.tools()
+            calls = []
+            for item in llm.stream_turn(messages, tools, cancel, sampling=sampling, mode=session.mode):
+                if isinstance(item, ToolCall):
+                    calls.append(item)
+                else:
+                    yield item
+            if not calls or cancel.is_set():
+                return
+            messages.append(assistant_tool_message(calls))
         for call in calls:
+            tool = session.registry.get(call.name)
+            asked_before = approved is not None and (call.name, call.arguments) == (approved.name, approved.arguments)
+            if (tool is not None and tool.needs_confirmation and not asked_before and events.on_confirm is not None
+                    and session.confirm is None):
+                yield events.on_confirm(tool, call, messages)
+                return
             if events.on_call is not None:
                 events.on_call(call)
             result = runner.run(call)
