@@ -264,6 +264,8 @@ class Pipeline:
         m.wait("vad")
         if self.settings.mic_file:
             m.loaded.wait()  # a file plays once everything is loaded, as a user would wait
+            if self.services is not None:
+                self.services.wait_for_servers(60)  # and once its MCP servers are up (or have failed)
         if self.fatal is not None or self.ctx.stopping.is_set():
             return
         self.turn.vad = m.vad

@@ -2,6 +2,7 @@
 
     python tests/_mcp_server.py                 # stdio
     python tests/_mcp_server.py --http PORT     # streamable HTTP on 127.0.0.1:PORT/mcp
+    python tests/_mcp_server.py --tools get_weather,add_note   # only these tools
 
 Tools: ``get_weather`` (read-only: a fixed forecast naming the city), ``add_note`` (changes
 something: not read-only), ``slow`` (sleeps), ``crash`` (the process exits mid-call),
@@ -64,7 +65,13 @@ def inject() -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--http":
-        server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+    args = sys.argv[1:]
+    if "--tools" in args:  # serve only these (a plain weather server, say)
+        keep = set(args[args.index("--tools") + 1].split(","))
+        for name in ("get_weather", "add_note", "slow", "crash", "flood", "inject"):
+            if name not in keep:
+                server.remove_tool(name)
+    if "--http" in args:
+        server.run("streamable-http", host="127.0.0.1", port=int(args[args.index("--http") + 1]))
     else:
         server.run()

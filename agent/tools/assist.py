@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from agent.tools.services import AgentServices
 
 FILLER = "One moment."
+# "Remember that ..." in the user's own words is stored as said, whatever the LLM makes of it (a
+# small model may not call the remember tool, or may garble the fact).
+REMEMBER = re.compile(r"^\W*(?:please\s+|can you\s+|could you\s+)*remember\s+(?:that\s+)?(.{3,}?)[.!?]*$",
+                      re.IGNORECASE)
 YES = re.compile(r"^\W*(yes|yeah|yep|sure|ok|okay|go ahead|do it|please do|confirm(ed)?)\b", re.IGNORECASE)
 
 
@@ -65,6 +69,7 @@ class ThinkAssist:
 
     def deltas(self, llm: "ChatLLM", messages: list[dict[str, Any]], reply: "Reply", persona: "Persona",
                user_text: str) -> Iterator[str]:
+        self._remember_if_asked(reply, user_text)
         session = self.services.session
         if session is None:
             self.last_messages = messages
@@ -81,6 +86,16 @@ class ThinkAssist:
                             on_confirm=lambda tool, call, so_far: self._ask(reply, tool, call, so_far))
         yield from stream_with_tools(llm, messages, session, reply.cancel, sampling=persona.llm, events=events,
                                      approved=approved)
+
+    def _remember_if_asked(self, reply: "Reply", user_text: str) -> None:
+        match = REMEMBER.match(user_text.strip())
+        if match is None or self.services.memory is None:
+            return
+        fact = match.group(1).strip()
+        memory = self.services.memory.remember(fact, "fact")
+        reply.tools.append({"id": f"memory-{memory.id}", "name": "remember", "arguments": {"fact": fact},
+                            "output": f"remembered: {memory.text}", "ok": True, "elapsed_s": 0.0, "truncated": False})
+        self.ctx.emit(ToolUse(reply.turn_id, f'remember(fact="{fact}")', f"remembered: {memory.text}", True))
 
     # ---- what the user sees and what is saved ------------------------------------------------------
 

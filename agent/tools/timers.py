@@ -206,6 +206,42 @@ def _number(arguments: dict[str, Any], key: str) -> float:
     return float(value)
 
 
+NUMBER_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+NUMBER_WORDS.update({"thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "ninety": 90, "a": 1, "an": 1,
+                     "half an": 0.5, "half a": 0.5})
+UNIT_SECONDS = {"second": 1, "sec": 1, "s": 1, "minute": 60, "min": 60, "m": 60, "hour": 3600, "hr": 3600, "h": 3600}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?|half an?|(?:twenty|thirty|forty|fifty|sixty|ninety)[ -](?:one|two|three|four|"
+                       r"five|six|seven|eight|nine)|[a-z]+)\s*(seconds?|secs?|minutes?|mins?|hours?|hrs?|[smh])(?![a-z])")
+
+
+def parse_duration(text: str) -> float:
+    """'10 minutes', 'ten minutes', 'an hour and a half', '1h30m', '90 s' -> seconds; ToolError if none."""
+    raw = " ".join(str(text).lower().replace(",", " ").split())
+    total, found = 0.0, False
+    for amount, unit in _DURATION.findall(raw):
+        if amount.replace(".", "", 1).isdigit():
+            value = float(amount)
+        elif amount in NUMBER_WORDS:
+            value = float(NUMBER_WORDS[amount])
+        elif re.fullmatch(r"[a-z]+[ -][a-z]+", amount):
+            tens, ones = re.split(r"[ -]", amount)
+            value = float(NUMBER_WORDS.get(tens, 0) + NUMBER_WORDS.get(ones, 0))
+        else:
+            continue
+        total += value * UNIT_SECONDS[unit.rstrip("s") if len(unit) > 1 else unit]
+        found = True
+    if re.search(r"\band a half\b", raw) and found:
+        last_unit = _DURATION.findall(raw)[-1][1]
+        total += 0.5 * UNIT_SECONDS[last_unit.rstrip("s") if len(last_unit) > 1 else last_unit]
+    if not found:
+        if re.fullmatch(r"\d+(?:\.\d+)?", raw):
+            return float(raw) * 60  # a bare number: minutes, as people say "set a timer for 5"
+        raise ToolError(f"cannot read the duration {text!r}: say e.g. 10 minutes or 30 seconds")
+    return total
+
+
 def parse_clock_time(text: str, now: datetime) -> datetime:
     """'17:30', '5:30 pm', '7 am', or an ISO date-time -> the next such moment after ``now`` (local)."""
     raw = " ".join(str(text).lower().replace(".", "").split())
@@ -235,8 +271,11 @@ def timer_tools(store: TimerStore, scheduler: TimerScheduler | None = None) -> l
             scheduler.wake()
 
     def set_timer(arguments: dict[str, Any], cancel: threading.Event) -> str:
-        seconds = (_number(arguments, "hours") * 3600 + _number(arguments, "minutes") * 60
-                   + _number(arguments, "seconds"))
+        if arguments.get("duration") not in (None, ""):
+            seconds = parse_duration(str(arguments["duration"]))
+        else:
+            seconds = (_number(arguments, "hours") * 3600 + _number(arguments, "minutes") * 60
+                       + _number(arguments, "seconds"))
         if seconds < 1 or seconds > MAX_TIMER_S:
             raise ToolError("a timer runs from 1 second to 7 days: give hours, minutes or seconds")
         label = str(arguments.get("label") or "").strip()[:60]
@@ -279,9 +318,12 @@ def timer_tools(store: TimerStore, scheduler: TimerScheduler | None = None) -> l
 
     number = {"type": "number", "minimum": 0}
     return [
+        # One duration in words ("10 minutes"): small models copy it from the request reliably,
+        # where they fill separate hours/minutes/seconds numbers wrongly.
         Tool("set_timer", "Start a countdown timer; it rings when the time is up.",
-             {"type": "object", "properties": {"hours": number, "minutes": number, "seconds": number,
-                                               "label": {"type": "string", "description": "what it is for"}}},
+             {"type": "object", "properties": {"duration": {"type": "string", "description": "e.g. 10 minutes"},
+                                               "label": {"type": "string", "description": "what it is for"}},
+              "required": ["duration"]},
              set_timer, timeout_s=2.0),
         Tool("set_reminder", "Remind the user of something at a time of day or in some minutes.",
              {"type": "object", "properties": {"text": {"type": "string"}, "at": {"type": "string", "description":
