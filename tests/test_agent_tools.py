@@ -163,17 +163,27 @@ def test_a_timer_set_before_a_restart_fires_after_it(tmp_path, chat_persona, esp
 
 
 def test_remembered_in_one_conversation_in_front_of_the_llm_in_the_next(tmp_path, chat_persona, espeak_wav, models):
+    # Typed, because Whisper tiny.en hears espeak's "Ada" as "Aida", "Nader" or "A" (measured); the
+    # question in the next conversation is spoken.
     persona = persona_with(tmp_path, chat_persona, 'tools = ["memory"]')
-    first = settings(tmp_path, persona, save_dir=str(tmp_path / "one"), tool_mode="constrained",
-                     mic_file=str(mic(tmp_path, espeak_wav, ["Remember that my sister's name is Ada."], name="a.wav")))
-    run_pipeline(first, models)
-    assert (tmp_path / "one" / "conversation.json").is_file()
+    events = EventLog()
+    first = Pipeline(settings(tmp_path, persona, save_dir=str(tmp_path / "one"), tool_mode="constrained"), events,
+                     source=False, sink=MemorySink(), generator=models["csm"], llm=models["llm"],
+                     transcriber=models["asr"])
+    try:
+        first.start()
+        first.wait_ready(TIMEOUT_S)
+        first.submit_text("Remember that my sister's name is Ada.")
+        events.wait_for(lambda: events.of(AgentTurnDone), "a reply")
+    finally:
+        first.stop()
+    assert json.loads((tmp_path / "one" / "conversation.json").read_text())["turns"][1]["tools"][0]["name"] == "remember"
     second = settings(tmp_path, persona, save_dir=str(tmp_path / "two"), tool_mode="constrained",
                       mic_file=str(mic(tmp_path, espeak_wav, ["What is my sister's name?"], name="b.wav")))
     pipeline, events = run_pipeline(second, models)
     given = pipeline.think.assist.last_messages
     notes = [m["content"] for m in given if m["role"] == "system" and "earlier conversations" in m["content"]]
-    assert notes and "sister's name is ada" in notes[0].lower(), given
+    assert notes and "my sister's name is ada" in notes[0].lower(), given
     answer = events.of(AgentTurnDone)[0].text
     print(f"SmolLM2-135M answered: {answer!r}")  # whether it says Ada: reported, not asserted (a 135M model)
 
@@ -246,10 +256,10 @@ def test_bad_tools_each_give_one_error_result_and_the_conversation_goes_on(tmp_p
     finally:
         pipeline.stop()
     results = [e for e in events.of(ToolUse) if e.output is not None]
-    assert [r.ok for r in results] == [True, True, False, False, False]
+    assert [r.ok for r in results] == [True, True, False, False]
     assert "<|im_start|>" not in results[0].output and len(results[1].output) <= 2010
-    assert "did not answer within 3.0 s" in results[2].output and "stopped" in results[3].output
-    assert "no tool named 'get_weather'" in results[4].output  # the dead server's tools are off
+    assert "did not answer within 3" in results[2].output and "stopped" in results[3].output
+    assert events.of(AgentTurnDone)[4].text == "Nothing to do."  # the dead server's tools are no longer offered
     stopped = [n for n in events.of(Notice) if "MCP server weather" in n.message]
     assert len(stopped) == 1
     saved = Conversation.load(tmp_path / "saved")

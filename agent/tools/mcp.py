@@ -181,6 +181,8 @@ class MCPConnections:
                     raise ToolError("cancelled") from None
                 except Exception as error:
                     message = " ".join(str(getattr(error, "error", None) and error.error.message or error).split())
+                    if "timed out" in message.lower():
+                        raise ToolError(f"{tool_name} did not answer within {spec.call_timeout_s:.1f} s") from None
                     if "closed" in message.lower() or isinstance(error, (BrokenPipeError, EOFError)):
                         self._fail(spec, f"stopped during a call to {tool_name}")
                         raise ToolError(f"the MCP server {spec.name} stopped during the call") from None
