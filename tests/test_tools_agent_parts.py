@@ -155,8 +155,7 @@ def test_a_slow_tool_makes_the_agent_say_a_filler_and_barge_in_cancels_it(tmp_pa
     finally:
         pipeline.stop()
     assert 0.9 <= said < 5 and ended < 10  # not the tool's 30 s
-    done = events.of(AgentTurnDone)[0]
-    assert done.interrupted and done.text.startswith("One moment.")
+    assert events.of(AgentTurnDone)[0].interrupted  # (its text: only what had played before the cut)
     results = [e for e in events.of(ToolUse) if e.output is not None]
     assert len(results) == 1 and not results[0].ok and "cancelled" in results[0].output
 
@@ -175,7 +174,7 @@ def test_a_tool_that_changes_things_waits_for_a_yes(tmp_path, chat_persona, tiny
     said = [e.text for e in events.of(AgentTurnDone)]
     assert said[0] == "Shall I use add note from notes? Say yes to go ahead."
     assert said[1] == "Done: saved note 1."  # ran after the yes
-    assert said[2].startswith("Shall I use add note") and said[3] == "Okay."  # no: not run
+    assert said[2].startswith("Shall I use add note") and said[3] == "Nothing to do."  # "no": not run
     ran = [e for e in events.of(ToolUse) if e.ok and e.output]
     assert [e.output for e in ran] == ["saved note 1"]
     saved = json.loads((tmp_path / "saved" / "conversation.json").read_text())
@@ -185,15 +184,15 @@ def test_a_tool_that_changes_things_waits_for_a_yes(tmp_path, chat_persona, tiny
 def test_old_turns_are_folded_into_a_summary_not_dropped(smollm2_llm):
     conversation = Conversation()
     conversation.add_user_turn("My dog is called Biscuit and he is three years old.", None, typed=True)
-    for i in range(12):
-        conversation.add_agent_turn([], None, text=f"That is lovely, tell me more about it please. {'la ' * 120}")
-        conversation.add_user_turn(f"Here is more about my day number {i}. {'blah ' * 100}", None, typed=True)
-    assert fold_old_turns(conversation, smollm2_llm, fold_at=6000, keep_recent=2500)
+    for i in range(8):
+        conversation.add_agent_turn([], None, text=f"That is lovely, tell me more about day {i}. {'la ' * 30}")
+        conversation.add_user_turn(f"Here is more about my day number {i}. {'blah ' * 25}", None, typed=True)
+    assert fold_old_turns(conversation, smollm2_llm, fold_at=1500, keep_recent=600)
     upto, text = conversation.summary
     messages = conversation.llm_messages("Be brief.")
     assert messages[1]["role"] == "system" and messages[1]["content"].startswith("Earlier in this conversation")
     kept = [m for m in messages if m["role"] != "system"]
-    assert kept and sum(len(m["content"]) for m in kept) <= 3000 and text
+    assert kept and sum(len(m["content"]) for m in kept) <= 800 and text
     assert all(t.id > upto for t in conversation.turns if t.text in {m["content"] for m in kept})
     saved = Conversation.load(conversation.save(Path(os.environ["XDG_DATA_HOME"]) / "folded"))
     assert saved.summary == conversation.summary  # the summary is saved with the conversation
