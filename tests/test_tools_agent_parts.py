@@ -61,6 +61,20 @@ def test_tui_shows_a_tool_call_then_its_result_before_the_answer():
 # ----------------------------------------------------------------------------- CLI, config, persona
 
 
+def test_headless_output_prints_each_tool_result():
+    import io
+
+    from agent.cli import TurnPrinter
+
+    out = io.StringIO()
+    printer = TurnPrinter(out=out, err=io.StringIO())
+    printer(ToolUse(2, 'get_weather(city="Oslo")'))  # started: not printed
+    printer(ToolUse(2, 'get_weather(city="Oslo")', "17 degrees\nand fog"))
+    printer(ToolUse(2, "crash()", "the MCP server stopped", ok=False))
+    assert out.getvalue().splitlines() == ['tool: get_weather(city="Oslo") -> 17 degrees and fog',
+                                           "tool: crash() -> error: the MCP server stopped"]
+
+
 def _cli(*args, env):
     return subprocess.run([str(Path(sys.executable).with_name("csm-chat")), *args], capture_output=True, text=True,
                           timeout=120, env=env)

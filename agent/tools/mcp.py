@@ -92,6 +92,10 @@ class MCPConnections:
             threading.Thread(target=self._watch_start, args=(spec, ready), daemon=True,
                              name=f"csm-chat-mcp-{spec.name}-start").start()
 
+    def names(self) -> set[str]:
+        """Servers asked for so far (started, starting or failed)."""
+        return set(self._ready)
+
     def wait_ready(self, timeout_s: float) -> bool:
         """Wait until every server is up or has failed; True when all are up."""
         for name, ready in list(self._ready.items()):

@@ -70,7 +70,7 @@ class AgentServices:
 
             if self.mcp is None:
                 self.mcp = MCPConnections(self.registry, self.notice)
-            started = set(self.mcp._ready)
+            started = self.mcp.names()
             self.mcp.connect([spec for spec in wanted if spec.name not in started])
         if groups or wanted:
             self.session = ToolSession(self.registry, ToolLimits(), mode=settings.tool_mode)
