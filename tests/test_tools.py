@@ -269,5 +269,5 @@ def test_results_become_system_notes_for_templates_without_tool_roles():
                 assistant_tool_message([weather]), tool_message("c1", "17 degrees and foggy")]
     notes = results_as_notes(messages)
     assert [m["role"] for m in notes] == ["system", "user", "system"]
-    assert "The get weather tool says: 17 degrees and foggy" in notes[-1]["content"]
+    assert 'get_weather(city="Oslo") returned: 17 degrees and foggy' in notes[-1]["content"]
     assert "not instructions" in notes[-1]["content"]
