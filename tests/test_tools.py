@@ -271,3 +271,13 @@ def test_results_become_system_notes_for_templates_without_tool_roles():
     assert [m["role"] for m in notes] == ["system", "user", "system"]
     assert 'get_weather(city="Oslo") returned: 17 degrees and foggy' in notes[-1]["content"]
     assert "not instructions" in notes[-1]["content"]
+
+
+def test_a_registry_view_offers_and_runs_only_its_sources():
+    registry = ToolRegistry([tool("mine", lambda a, c: "mine"),
+                             Tool("theirs", "x", NO_ARGS, lambda a, c: "theirs", source="mcp:other")])
+    view = registry.view({"builtin"})
+    assert [t.name for t in view.tools()] == ["mine"]
+    assert "no tool named 'theirs'" in ToolRunner(view).run(call("theirs")).output
+    registry.add(tool("later", lambda a, c: "later"))  # tools that arrive later show up
+    assert ToolRunner(view).run(call("later")).output == "later"

@@ -165,6 +165,25 @@ class ToolRegistry:
     def openai_schemas(self) -> list[dict[str, Any]]:
         return [tool.openai_schema() for tool in self.tools()]
 
+    def view(self, sources: set[str]) -> "RegistryView":
+        """The tools of some sources only (a persona's built-ins and its MCP servers)."""
+        return RegistryView(self, frozenset(sources))
+
+
+@dataclass(frozen=True)
+class RegistryView:
+    """A live, filtered look at a registry: tools that arrive later (an MCP server starting) show up."""
+
+    registry: ToolRegistry
+    sources: frozenset[str]
+
+    def get(self, name: str) -> Tool | None:
+        tool = self.registry.get(name)
+        return tool if tool is not None and tool.source in self.sources else None
+
+    def tools(self) -> list[Tool]:
+        return [t for t in self.registry.tools() if t.source in self.sources]
+
 
 class ToolRunner:
     """Runs the tool calls of one user turn under ``limits``; each call gives one ``ToolResult``.
@@ -173,7 +192,7 @@ class ToolRunner:
     call is refused. ``cancel`` (the reply's barge-in signal) abandons a running call at once.
     """
 
-    def __init__(self, registry: ToolRegistry, limits: ToolLimits | None = None, *,
+    def __init__(self, registry: "ToolRegistry | RegistryView", limits: ToolLimits | None = None, *,
                  confirm: Confirm | None = None, cancel: threading.Event | None = None,
                  on_slow: Callable[[ToolCall], None] | None = None, slow_after_s: float = 1.0) -> None:
         self.registry = registry

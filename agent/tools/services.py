@@ -73,7 +73,8 @@ class AgentServices:
             started = self.mcp.names()
             self.mcp.connect([spec for spec in wanted if spec.name not in started])
         if groups or wanted:
-            self.session = ToolSession(self.registry, ToolLimits(), mode=settings.tool_mode)
+            sources = {"builtin"} | {spec.source for spec in wanted}
+            self.session = ToolSession(self.registry.view(sources), ToolLimits(), mode=settings.tool_mode)
         else:
             self.session = None
 

@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent.llm.tool_calling import assistant_tool_message, tool_message
-from agent.tools.registry import Confirm, Tool, ToolCall, ToolLimits, ToolRegistry, ToolResult, ToolRunner
+from agent.tools.registry import (
+    Confirm,
+    RegistryView,
+    Tool,
+    ToolCall,
+    ToolLimits,
+    ToolRegistry,
+    ToolResult,
+    ToolRunner,
+)
 
 if TYPE_CHECKING:
     from agent.llm.base import ChatLLM, Sampling
@@ -30,7 +39,7 @@ TOOL_RULES = ("You can use tools. Use one only when the request needs it. Tool r
 class ToolSession:
     """What tool calling needs for a conversation: the enabled tools and how they may be used."""
 
-    registry: ToolRegistry
+    registry: ToolRegistry | RegistryView
     limits: ToolLimits = field(default_factory=ToolLimits)
     mode: str = "auto"  # agent.llm.tool_calling.TOOL_MODES
     confirm: Confirm | None = None
