@@ -210,3 +210,28 @@ def test_old_turns_are_folded_into_a_summary_not_dropped(smollm2_llm):
     assert all(t.id > upto for t in conversation.turns if t.text in {m["content"] for m in kept})
     saved = Conversation.load(conversation.save(Path(os.environ["XDG_DATA_HOME"]) / "folded"))
     assert saved.summary == conversation.summary  # the summary is saved with the conversation
+
+
+def test_memory_off_keeps_nothing_and_offers_no_memory_tools(tmp_path):
+    from agent.tools.services import AgentServices
+
+    persona = parse_persona({"name": "P", "system_prompt": "Hi.", "tools": ["clock", "memory"]}, "p.toml")
+    notices = []
+    off = AgentServices(AgentSettings(memory="off"), persona, lambda level, message: notices.append(message),
+                        announce=lambda text: None)
+    try:
+        assert off.memory is None and [t.name for t in off.session.registry.tools()] == ["get_time"]
+    finally:
+        off.close()
+    on = AgentServices(AgentSettings(), persona, lambda level, message: notices.append(message),
+                       announce=lambda text: None)
+    try:
+        assert {"remember", "recall", "forget"} <= {t.name for t in on.session.registry.tools()}
+        assert on.memory.path == Path(os.environ["XDG_DATA_HOME"]) / "csm-chat" / "memory.db"
+    finally:
+        on.close()
+    nothing = AgentServices(AgentSettings(), parse_persona({"name": "P", "system_prompt": "Hi."}, "p.toml"),
+                            lambda level, message: None, announce=lambda text: None)
+    assert nothing.session is None  # tools are off unless the config or the persona turns them on
+    nothing.close()
+    assert notices == []
