@@ -183,10 +183,11 @@ def test_a_timer_set_before_a_restart_fires_after_it(tmp_path, chat_persona, esp
 
 def test_remembered_in_one_conversation_in_front_of_the_llm_in_the_next(tmp_path, chat_persona, espeak_wav, models):
     # Typed, because Whisper tiny.en hears espeak's "Ada" as "Aida", "Nader" or "A" (measured); the
-    # question in the next conversation is spoken.
-    persona = persona_with(tmp_path, chat_persona, 'tools = ["memory"]')
+    # question in the next conversation is spoken. Memory needs no tools: "remember that ..." is
+    # stored in the user's words, and what is relevant is put in front of the LLM.
+    persona = chat_persona
     events = EventLog()
-    first = Pipeline(settings(tmp_path, persona, save_dir=str(tmp_path / "one"), tool_mode="constrained"), events,
+    first = Pipeline(settings(tmp_path, persona, save_dir=str(tmp_path / "one")), events,
                      source=False, sink=MemorySink(), generator=models["csm"], llm=models["llm"],
                      transcriber=models["asr"])
     try:
@@ -197,14 +198,14 @@ def test_remembered_in_one_conversation_in_front_of_the_llm_in_the_next(tmp_path
     finally:
         first.stop()
     assert json.loads((tmp_path / "one" / "conversation.json").read_text())["turns"][1]["tools"][0]["name"] == "remember"
-    second = settings(tmp_path, persona, save_dir=str(tmp_path / "two"), tool_mode="constrained",
+    second = settings(tmp_path, persona, save_dir=str(tmp_path / "two"),
                       mic_file=str(mic(tmp_path, espeak_wav, ["What is my sister's name?"], name="b.wav")))
     pipeline, events = run_pipeline(second, models)
     given = pipeline.think.assist.last_messages
     notes = [m["content"] for m in given if m["role"] == "system" and "earlier conversations" in m["content"]]
     assert notes and "my sister's name is ada" in notes[0].lower(), given
     answer = events.of(AgentTurnDone)[0].text
-    print(f"SmolLM2-135M answered: {answer!r}")  # whether it says Ada: reported, not asserted (a 135M model)
+    assert "ada" in answer.lower(), answer  # SmolLM2-135M, greedy: "Your sister's name is Ada."
 
 
 def test_a_corrupt_memory_store_is_one_notice_and_the_conversation_goes_on(tmp_path, chat_persona, models):

@@ -1,6 +1,6 @@
-"""Tool calling in both LLM backends: the embedded SmolLM2 on llama.cpp (constrained by a grammar),
-llama-cpp-python's own server (constrained by a JSON schema), and the OpenAI tools API (a
-scripted server streaming tool-call fragments)."""
+"""Tool calling in both LLM backends: the embedded SmolLM2 on llama.cpp (constrained by a grammar)
+and the OpenAI tools API (a scripted server streaming tool-call fragments). llama-cpp-python's own
+server (constrained by a JSON schema) is driven through the whole agent in test_agent_tools.py."""
 
 from __future__ import annotations
 
@@ -85,27 +85,6 @@ def test_a_broken_tool_and_the_call_limit_still_end_in_an_answer(smollm2_llm):
                                        ToolSession(ToolRegistry([tool]), ToolLimits(max_calls=1)), sampling=GREEDY,
                                        events=ToolEvents(on_result=results.append)))
     assert len(results) <= 1 and all(not r.ok and "on fire" in r.output for r in results)
-    assert answer.strip()
-
-
-# ----------------------------------------------------------------------------- llama-cpp-python's server
-
-
-@pytest.fixture(scope="module")
-def llama_server():
-    from test_llm import LlamaServer
-
-    server = LlamaServer().start()
-    yield server
-    server.kill()
-
-
-def test_llama_cpp_server_calls_a_tool_with_constrained_json(llama_server):
-    asked: list[dict] = []
-    llm = OpenAICompatibleLLM(llama_server.url, timeout_s=60)
-    session = ToolSession(ToolRegistry([weather_tool(asked)]), mode="constrained")
-    answer = "".join(stream_with_tools(llm, ask("What's the weather in Paris today?"), session, sampling=GREEDY))
-    assert asked and isinstance(asked[0].get("city"), str)  # the schema made the arguments parse
     assert answer.strip()
 
 

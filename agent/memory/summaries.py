@@ -77,5 +77,5 @@ def conversation_summary(conversation: "Conversation") -> str | None:
     said = [t.text.strip() for t in conversation.turns if t.role == "user" and t.text.strip() and t.id > upto]
     if not said and not conversation.summary:
         return None
-    prefix = f"{conversation.summary[1]} Then the user said: " if conversation.summary else "The user said: "
+    prefix = f"{conversation.summary[1]} Then: " if conversation.summary else "Things said: "
     return (prefix + "; ".join(s[:160] for s in said))[:1500]

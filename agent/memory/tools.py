@@ -17,7 +17,10 @@ def memory_note(store: MemoryStore, question: str, limit: int = 5) -> str | None
 
     The memories are quoted as data: what the user said earlier, never instructions.
     """
-    found = store.search(question, limit=limit)
+    # Facts the user asked to keep are exact; summaries of whole conversations only help when no
+    # fact does (beside a fact, a summary that repeats it confuses a small model: measured).
+    found = store.search(question, limit=limit, kinds=("fact",)) or store.search(question, limit=2,
+                                                                                 kinds=("summary",))
     if not found:
         return None
     lines = [_line(m) for m in found]
