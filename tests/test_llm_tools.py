@@ -8,7 +8,6 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
 
 from agent.llm.base import Sampling
 from agent.llm.server import OpenAICompatibleLLM
