@@ -29,7 +29,7 @@ from agent.audio import describe_devices
 from agent.config.file import load_settings
 from agent.conversation.conversation import Conversation
 from agent.errors import AgentError
-from agent.events import AgentTurnDone, Event, Notice, TurnLatency, UserTurn
+from agent.events import AgentTurnDone, Event, Notice, ToolUse, TurnLatency, UserTurn
 from agent.config.personas import list_personas, load_persona
 from agent.pipeline import Pipeline
 from agent.speak.replay import replay_conversation
@@ -107,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--seed", type=int, help="seed for reproducible replies and speech")
     agent.add_argument("--no-watermark", dest="watermark", action="store_false", default=None,
                        help="do not watermark agent audio written to disk")
+    tools = p.add_argument_group("tools and memory")
+    tools.add_argument("--tools", action="store_true", default=None,
+                       help="turn on the built-in tools (clock, calculator, timers, memory) for personas that do not "
+                            "choose; MCP servers are set in config.toml and enabled per persona")
+    tools.add_argument("--tool-mode", choices=("auto", "native", "constrained"),
+                       help="how the LLM calls tools: its own format (native) or grammar-constrained choices "
+                            "(constrained, for small models); auto decides from the model")
+    tools.add_argument("--memory", choices=("on", "off"),
+                       help="remember facts and conversation summaries across conversations (default on)")
+    tools.add_argument("--forget", nargs="?", const="", metavar="TEXT",
+                       help="forget everything remembered, or only what matches TEXT, and exit")
     return p
 
 
@@ -114,7 +125,7 @@ SETTING_FLAGS = (
     "headless", "mic_file", "speaker_file", "input_device", "output_device", "mode", "turn", "turn_threshold",
     "realtime", "csm_model", "mimi_path", "tokenizer_path", "csm_dtype", "adapter", "llm_model", "llm_url", "tts_url",
     "asr", "asr_model", "device", "persona", "save_dir", "max_turns", "max_audio_ms", "seed", "watermark", "room",
-    "aec",
+    "aec", "tools", "tool_mode", "memory",
 )
 
 
@@ -156,6 +167,8 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{name:16} (broken: {error})")
         return 0
     settings = settings_from_args(args)
+    if args.forget is not None:
+        return run_forget(args.forget)
     if args.check_audio:
         from agent.echo.check_audio import format_report, run_check_audio
 
@@ -203,6 +216,9 @@ class TurnPrinter:
                       f"playback gaps {event.underruns}", file=self.out, flush=True)
             elif isinstance(event, Notice):
                 print(f"{event.level}: {event.message}", file=self.err, flush=True)
+            elif isinstance(event, ToolUse) and event.output is not None:
+                mark = "->" if event.ok else "-> error:"
+                print(f"tool: {event.call} {mark} {' '.join(event.output.split())[:200]}", file=self.out, flush=True)
 
 
 def run_headless(settings: AgentSettings) -> int:
@@ -229,6 +245,20 @@ def run_headless(settings: AgentSettings) -> int:
     if pipeline.conversation.turns:
         print(f"saved: {pipeline.save_dir}", file=sys.stderr)
     return EXIT_INTERRUPTED if interrupted else 0
+
+
+def run_forget(text: str) -> int:
+    """``--forget [TEXT]``: delete memories (all, or those matching TEXT) and say how many."""
+    from agent.memory.store import MemoryStore
+
+    store = MemoryStore(notice=lambda level, message: print(f"{level}: {message}", file=sys.stderr))
+    try:
+        count = store.forget(text or None)
+    finally:
+        store.close()
+    what = f"matching {text!r}" if text else "in all"
+    print(f"forgot {count} memor{'y' if count == 1 else 'ies'} ({what}) from {store.path}")
+    return 0
 
 
 # ---- replay -----------------------------------------------------------------------------------

@@ -118,6 +118,17 @@ class Notice:
     message: str
 
 
+@dataclass(frozen=True)
+class ToolUse:
+    """A tool the agent called in reply ``turn_id``: ``call`` is ``name(arguments)``; ``output`` is
+    None while it runs, then what it returned (or its error, with ``ok`` False)."""
+
+    turn_id: int
+    call: str
+    output: str | None = None
+    ok: bool = True
+
+
 Event = Union[
     StateChanged,
     MicLevel,
@@ -129,4 +140,5 @@ Event = Union[
     LoadProgress,
     AudioSetup,
     Notice,
+    ToolUse,
 ]

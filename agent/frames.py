@@ -62,6 +62,7 @@ class Reply:
     sink_start: int = 0  # sink.played_samples when the reply's first chunk was queued
     wrote_audio: bool = False
     underruns_at_start: tuple[int, float] | None = None  # the sink's (underruns, underrun_s) then
+    tools: list[dict] = field(default_factory=list)  # tool calls made for this reply and their results
 
     @property
     def cancelled(self) -> bool:
@@ -148,6 +149,13 @@ class UserInput(DataFrame):
     transcript_ms: float | None = None
     typed: bool = False
     turn_end_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Announcement(DataFrame):
+    """Something the agent says unasked (a timer that is due): spoken as a reply of its own."""
+
+    text: str
 
 
 @dataclass(frozen=True)

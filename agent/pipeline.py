@@ -34,7 +34,7 @@ from agent.listen.barge_in import BargeIn
 from agent.echo.double_talk import DoubleTalk
 from agent.echo.canceller import open_echo_canceller
 from agent.events import AgentState, AudioSetup, Event
-from agent.frames import ReplayRequest, UserInput
+from agent.frames import Announcement, ReplayRequest, UserInput
 from agent.llm.base import ChatLLM
 from agent.config.personas import Persona, load_persona
 from agent.conversation.saving import ConversationSaver, default_save_dir
@@ -50,6 +50,7 @@ from agent.echo.room import SimulatedRoom, open_room
 from agent.listen.vad import SileroModel
 
 if TYPE_CHECKING:  # torch-heavy: only for annotations
+    from agent.tools.services import AgentServices
     from csm_engine.generator import Generator
     from csm_engine.watermark import Watermarker
 
@@ -100,6 +101,7 @@ class Pipeline:
                               paced=paced, barge_in=self.barge_in)
         self.capture = CaptureStage(self.ctx, self.turn, paced=paced)
         self._stages = (self.capture, self.turn, self.transcribe, self.think, self.voice)
+        self.services: "AgentServices | None" = None  # tools, memory, timers: opened by start()
         self._detach_echo: Callable[[], None] | None = None
         self._detach_room: Callable[[], None] | None = None
         self._started = self._stopped = False
@@ -140,6 +142,7 @@ class Pipeline:
             return
         self._started = True
         self.ctx.set_state(AgentState.LOADING)
+        self._open_services()
         self.ctx.spawn(self._load_then_listen, "startup")
         for stage in (self.turn, self.transcribe, self.think, self.voice):
             stage.start()
@@ -178,6 +181,9 @@ class Pipeline:
             if thread.name not in stage_threads | {"csm-chat-voice-download"} and thread is not threading.current_thread():
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._close_sink()
+        if self.services is not None:
+            self.think.assist.remember_conversation(self.conversation)
+            self.services.close()
         if self.settings.tts_url and self.models.generator is not None:
             self.models.generator.close()  # the csm-serve connection
         try:
@@ -223,6 +229,8 @@ class Pipeline:
         self.settings = self.settings.with_changes(persona=name_or_path)
         self.think.use_persona(persona)
         self.voice.use_persona(persona)
+        if self.services is not None:
+            self.services.use_persona(persona)
         if self.models.generator is not None and not self.models.text_only:
             self.ctx.spawn(lambda: self.loader.switch_persona(persona), "voice-load")
 
@@ -235,7 +243,19 @@ class Pipeline:
         self.ctx.progress.begin_input()
         self.think.put(ReplayRequest())
 
+    def announce(self, text: str) -> None:
+        """Say ``text`` unasked (a due timer), after the reply in flight if there is one."""
+        self.ctx.progress.begin_input()
+        self.think.put(Announcement(text))
+
     # ---- plumbing ----------------------------------------------------------------------------------
+
+    def _open_services(self) -> None:
+        from agent.tools.assist import ThinkAssist
+        from agent.tools.services import AgentServices
+
+        self.services = AgentServices(self.settings, self.persona, self.ctx.notice, self.announce)
+        self.think.assist = ThinkAssist(self.ctx, self.services, self.think._send_sentence)
 
     def _load_then_listen(self) -> None:
         self.loader.start()
@@ -244,6 +264,8 @@ class Pipeline:
         m.wait("vad")
         if self.settings.mic_file:
             m.loaded.wait()  # a file plays once everything is loaded, as a user would wait
+            if self.services is not None:
+                self.services.wait_for_servers(60)  # and once its MCP servers are up (or have failed)
         if self.fatal is not None or self.ctx.stopping.is_set():
             return
         self.turn.vad = m.vad

@@ -191,3 +191,13 @@ def saved_conversation(tmp_path_factory, espeak_wav) -> Path:
     audio = load_audio(espeak_wav(reply, voice="en-gb"), 24000)
     conversation.add_agent_turn([Sentence(reply, len(audio))], audio, sample_rate=24000)
     return conversation.save(tmp_path_factory.mktemp("saved_conversation") / "convo")
+
+
+# ---- tools and memory: each test gets its own user data dir (memory.db, timers.json) ----
+
+
+@pytest.fixture(autouse=True)
+def _own_user_data_dir(tmp_path_factory, monkeypatch):
+    """Keep the memory store and timers of in-process pipelines out of the real user data dir
+    and out of each other's way (platformdirs reads XDG_DATA_HOME at each call)."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))

@@ -36,6 +36,9 @@ def _expected_types() -> dict[str, tuple[type, ...]]:
         if f.name == "config_path":
             continue
         hint = str(f.type)
+        if hint.startswith("dict"):
+            kinds[f.name] = (dict,)
+            continue
         allowed: list[type] = []
         if "str" in hint:
             allowed.append(str)

@@ -17,6 +17,7 @@ import platformdirs
 
 from agent.errors import AgentError
 from agent.llm.base import Sampling
+from agent.tools.config import persona_tool_groups
 
 LLMSettings = Sampling  # a persona's [llm] table is exactly the LLM's sampling settings
 
@@ -95,6 +96,8 @@ class Persona:
     llm: Sampling = field(default_factory=Sampling)  # pass as stream_reply(..., sampling=persona.llm)
     adapter: str | None = None  # a csm-finetune output dir, as written (relative to the persona file)
     path: Path | None = None  # the file it came from
+    tools: tuple[str, ...] | None = None  # built-in tool groups (agent.tools.config); None: the config decides
+    mcp: tuple[str, ...] = ()  # names of config.toml's [mcp.NAME] servers this persona may use
 
     def adapter_path(self) -> str | None:
         """The adapter directory to pass as ``load_generator(..., adapter=)``; None without one."""
@@ -166,7 +169,7 @@ def parse_persona(data: dict[str, Any], source: str, base_dir: Path | None = Non
     top = _Fields(source, data)
     top.reject_unknown(
         {"name", "description", "system_prompt", "speaker_id", "voice", "temperature", "topk",
-         "max_audio_length_ms", "llm", "adapter"}  # fmt: skip
+         "max_audio_length_ms", "llm", "adapter", "tools", "mcp"}  # fmt: skip
     )
     voice = None
     if isinstance(data.get("voice"), str):
@@ -202,7 +205,16 @@ def parse_persona(data: dict[str, Any], source: str, base_dir: Path | None = Non
         llm=llm,
         adapter=top.text("adapter"),
         path=None,
+        tools=persona_tool_groups(data.get("tools"), source),
+        mcp=_names(top, "mcp"),
     )
+
+
+def _names(fields: _Fields, key: str) -> tuple[str, ...]:
+    value = fields.table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and re.fullmatch(r"[\w-]+", v) for v in value):
+        raise fields.fail(key, 'must be a list of names, e.g. ["weather"]')
+    return tuple(value)
 
 
 # ----------------------------------------------------------------------------- files

@@ -58,6 +58,11 @@ class AgentSettings:
     headless: bool = False
     max_turns: int | None = None  # stop after this many agent replies
     watermark: bool = True  # watermark agent audio written to disk (CSM's public key)
+    # tools and memory (agent.tools, agent.memory)
+    tools: bool = False  # the built-in tools for personas that do not choose (off unless turned on)
+    tool_mode: str = "auto"  # auto | native | constrained (agent.llm.tool_calling)
+    memory: str = "on"  # on | off: remember facts and conversation summaries across conversations
+    mcp: dict | None = None  # [mcp.NAME] tables: MCP servers a persona may use (agent.tools.config)
     config_path: str | None = None  # where the defaults came from (for messages)
 
     def __post_init__(self) -> None:
@@ -82,6 +87,14 @@ class AgentSettings:
         if self.room is not None:
             load_room(self.room)  # a bad room file fails here, in one line, before anything loads
         self.turn_settings()  # validates turn, turn_threshold, turn_max_silence_ms
+        from agent.llm.tool_calling import TOOL_MODES
+        from agent.tools.config import parse_mcp_servers
+
+        if self.tool_mode not in TOOL_MODES:
+            raise AgentError(f"unknown tool mode {self.tool_mode!r}: use one of {', '.join(TOOL_MODES)}")
+        if self.memory not in ("on", "off"):
+            raise AgentError(f"--memory must be on or off, got {self.memory!r}")
+        parse_mcp_servers(self.mcp, self.config_path or "settings")  # a bad [mcp.NAME] table fails here
 
     def turn_settings(self) -> TurnSettings:
         """The end-of-turn rule these options ask for (AgentError when they cannot work)."""

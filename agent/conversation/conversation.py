@@ -80,6 +80,8 @@ class Conversation:
         self._audio_from = 0
         self._text_from = 0
         self.last_context: ContextReport | None = None
+        # Turns up to ``summary[0]`` reach the LLM as the text ``summary[1]`` (agent.memory.summaries).
+        self.summary: tuple[int, str] | None = None
 
     # ---- turns ------------------------------------------------------------------------
 
@@ -108,11 +110,13 @@ class Conversation:
 
     def add_agent_turn(self, sentences: Sequence[Sentence], audio: np.ndarray | None, *, text: str | None = None,
                        interrupted: bool = False, started_at: float | None = None, ended_at: float | None = None,
-                       sample_rate: int = CSM_RATE, timings: dict[str, float | int] | None = None) -> Turn:
+                       sample_rate: int = CSM_RATE, timings: dict[str, float | int] | None = None,
+                       tools: list[dict] | None = None) -> Turn:
         """Record what the agent said: the sentences it started, and the audio actually played.
 
         ``text`` is the reply as the LLM wrote it (default: the sentences as spoken); ``timings``
-        its latencies and playback gaps (``TurnLatency.as_record``).
+        its latencies and playback gaps (``TurnLatency.as_record``); ``tools`` the tool calls made for
+        it and their results (saved, shown, never spoken or replayed).
         """
         now = time.time()
         if text is None:
@@ -120,7 +124,8 @@ class Conversation:
         with self._lock:
             turn = Turn(self.next_id(), "agent", text, self.agent_speaker, audio, sample_rate,
                         started_at if started_at is not None else now, ended_at if ended_at is not None else now,
-                        interrupted=interrupted, sentences=list(sentences), timings=dict(timings or {}))
+                        interrupted=interrupted, sentences=list(sentences), timings=dict(timings or {}),
+                        tools=list(tools or []))
             self.turns.append(turn)
             return turn
 
@@ -226,8 +231,9 @@ class Conversation:
         with self._lock:
             history: list[dict[str, str]] = []
             used = 0
+            upto = self.summary[0] if self.summary else 0
             for turn in reversed(self.turns):
-                if not turn.text.strip():
+                if not turn.text.strip() or turn.id <= upto:
                     continue
                 if used + len(turn.text) > max_chars and history:
                     break
@@ -239,7 +245,9 @@ class Conversation:
                     history.insert(0, {"role": role, "content": turn.text})
             while history and history[0]["role"] == "assistant" and len(history) > 1:
                 history.pop(0)  # the window starts mid-exchange: begin at a user turn
-            return [{"role": "system", "content": system_prompt.strip()}] + history
+            earlier = ([{"role": "system", "content": f"Earlier in this conversation (a summary): {self.summary[1]}"}]
+                       if self.summary else [])
+            return [{"role": "system", "content": system_prompt.strip()}] + earlier + history
 
     # ---- save / load ----------------------------------------------------------------------
 
@@ -253,6 +261,7 @@ class Conversation:
                 "user_speaker": self.user_speaker,
                 "created_at": self.created_at,
                 "turns": [t.to_json() for t in self.turns],
+                **({"summary": {"upto": self.summary[0], "text": self.summary[1]}} if self.summary else {}),
             }
 
     def save(self, directory: str | Path | None = None, *, watermark: Callable[[np.ndarray, int], np.ndarray] | None = None
@@ -302,7 +311,7 @@ class Conversation:
             copy.turns.append(Turn(turn.id, turn.role, turn.text, turn.speaker, audio, turn.sample_rate,
                                    turn.started_at, turn.ended_at, turn.interrupted,
                                    [Sentence(s.text, s.samples) for s in turn.sentences], typed=turn.typed,
-                                   timings=dict(turn.timings)))
+                                   timings=dict(turn.timings), tools=list(turn.tools)))
         copy.directory = target
         copy.save(target, watermark=watermark)
         return target
@@ -333,6 +342,9 @@ class Conversation:
         conversation = cls(str(data.get("persona") or "default"), json_int(data, "agent_speaker", where, 0),
                            json_int(data, "user_speaker", where, 1))
         conversation.created_at = float(data.get("created_at") or 0.0)
+        summary = data.get("summary")
+        if isinstance(summary, dict) and isinstance(summary.get("upto"), int) and isinstance(summary.get("text"), str):
+            conversation.summary = (summary["upto"], summary["text"])
         base = json_path.parent
         for index, item in enumerate(turns_data):
             turn = turn_from_json(item, f"{where} turn {index + 1}")

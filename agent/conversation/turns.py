@@ -57,6 +57,7 @@ class Turn:
     audio_file: str | None = None
     typed: bool = False  # a typed message (no audio by nature)
     timings: dict[str, float | int] = field(default_factory=dict)  # agent turns: latencies (ms), underruns
+    tools: list[dict[str, Any]] = field(default_factory=list)  # agent turns: tool calls and results (not spoken)
     _segments: list["Segment"] | None = field(default=None, repr=False)  # cached CSM segments (same tensors every turn)
 
     def __post_init__(self) -> None:
@@ -139,6 +140,8 @@ class Turn:
             data["timings"] = dict(self.timings)
         if self.sentences:
             data["sentences"] = [{"text": s.text, "samples": s.samples} for s in self.sentences]
+        if self.tools:
+            data["tools"] = [dict(t) for t in self.tools]
         return data
 
 
@@ -170,6 +173,9 @@ def turn_from_json(item: Any, where: str) -> Turn:
         if not isinstance(s, dict) or not isinstance(s.get("text"), str) or not isinstance(s.get("samples"), int):
             raise AgentError(f"{where}: each sentence needs 'text' and 'samples'")
         sentences.append(Sentence(s["text"], s["samples"]))
+    tools = item.get("tools") or []
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools):
+        raise AgentError(f"{where}: 'tools' must be a list of calls, each with a 'name'")
     return Turn(
         id=json_int(item, "id", where, 0),
         role=role,
@@ -183,6 +189,7 @@ def turn_from_json(item: Any, where: str) -> Turn:
         audio_file=audio_file,
         typed=bool(item.get("typed", False)),
         timings=timings,
+        tools=tools,
     )
 
 

@@ -15,10 +15,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import AgentError
 
-Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
+if TYPE_CHECKING:
+    from agent.tools.registry import Tool, ToolCall
+
+Message = dict[str, Any]  # {"role": "system" | "user" | "assistant" | "tool", "content": "...", ...}
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,25 @@ class ChatLLM(ABC):
     ) -> Iterator[str]:
         """Yield the reply to ``messages`` as text deltas; stops early once ``cancel`` is set."""
 
+    def stream_turn(
+        self,
+        messages: list[Message],
+        tools: "list[Tool]",
+        cancel: threading.Event | None = None,
+        *,
+        sampling: Sampling | None = None,
+        mode: str = "auto",
+    ) -> "Iterator[str | ToolCall]":
+        """Like ``stream_reply``, but the model may ask for ``tools``: yields text deltas and ``ToolCall``s.
+
+        ``messages`` may hold earlier calls and their results (``agent.llm.tool_calling``); ``mode``
+        is "auto", "native" or "constrained". This default has no tool calling: results are shown
+        to the model as notes and it answers.
+        """
+        from agent.llm.tool_calling import results_as_notes
+
+        yield from self.stream_reply(results_as_notes(messages), cancel, sampling=sampling)
+
     def reply(self, messages: list[Message], *, sampling: Sampling | None = None) -> str:
         """The whole reply as one string."""
         return "".join(self.stream_reply(messages, sampling=sampling)).strip()
@@ -60,8 +83,10 @@ def check_messages(messages: list[Message]) -> None:
     if not messages:
         raise ValueError("messages must hold at least one message")
     for message in messages:
-        if message.get("role") not in ("system", "user", "assistant") or not isinstance(message.get("content"), str):
-            raise ValueError(f"bad chat message {message!r}: needs role system/user/assistant and string content")
+        role, content = message.get("role"), message.get("content")
+        calls = role == "assistant" and message.get("tool_calls")
+        if role not in ("system", "user", "assistant", "tool") or not (isinstance(content, str) or calls and content is None):
+            raise ValueError(f"bad chat message {message!r}: needs role system/user/assistant/tool and string content")
 
 
 

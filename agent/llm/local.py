@@ -72,7 +72,7 @@ class LocalLLM(ChatLLM):
     def fit_messages(self, messages: list[Message], reply_tokens: int) -> list[Message]:
         """Drop the oldest non-system messages until the prompt leaves ``reply_tokens`` free."""
         budget = self.n_ctx - reply_tokens - 16
-        cost = [self.count_tokens(m["content"]) + 6 for m in messages]  # + role markers
+        cost = [self.count_tokens(m.get("content") or "") + 6 for m in messages]  # + role markers
         keep = list(range(len(messages)))
         while sum(cost[i] for i in keep) > budget:
             droppable = [i for i in keep if messages[i]["role"] != "system" and i != len(messages) - 1]
@@ -80,6 +80,12 @@ class LocalLLM(ChatLLM):
                 break
             keep.remove(droppable[0])
         return [messages[i] for i in keep]
+
+    def stream_turn(self, messages, tools, cancel=None, *, sampling=None, mode="auto"):
+        """See ``ChatLLM.stream_turn``; how llama.cpp calls tools is in ``agent.llm.local_tools``."""
+        from agent.llm.local_tools import stream_turn_local
+
+        yield from stream_turn_local(self, messages, tools, cancel, sampling or self.sampling, mode)
 
     def stream_reply(
         self,

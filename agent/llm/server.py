@@ -91,6 +91,12 @@ class OpenAICompatibleLLM(ChatLLM):
         finally:
             stream.close()  # also when the consumer stops early: the server stops generating
 
+    def stream_turn(self, messages, tools, cancel=None, *, sampling=None, mode="auto"):
+        """See ``ChatLLM.stream_turn``; the OpenAI tools API or constrained JSON (``agent.llm.server_tools``)."""
+        from agent.llm.server_tools import stream_turn_server
+
+        yield from stream_turn_server(self, messages, tools, cancel, sampling or self.sampling, mode)
+
     def _error(self, error: Exception, started: bool) -> Exception:
         """The one AgentError for a failed request (a bug that is not the server's stays itself)."""
         import openai

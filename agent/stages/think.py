@@ -10,17 +10,23 @@ agent turn's audio again, as a reply that records nothing.
 
 from __future__ import annotations
 
+import time
+from typing import TYPE_CHECKING
+
 from agent.audio import read_wav
 from agent.conversation.conversation import Conversation
 from agent.errors import AgentError
 from agent.events import AgentState, UserTurn
-from agent.frames import AgentSentence, EndOfReply, Frame, ReplayAudio, ReplayRequest, Reply, UserInput
+from agent.frames import AgentSentence, Announcement, EndOfReply, Frame, ReplayAudio, ReplayRequest, Reply, UserInput
 from agent.speak.sentences import SentenceSplitter
 from agent.config.personas import Persona
 from agent.conversation.saving import ConversationSaver
 from agent.speak.speech_text import normalize_for_speech
 from agent.stages.base import FrameSink, Stage, StageContext
 from agent.stages.loading import Models
+
+if TYPE_CHECKING:
+    from agent.tools.assist import ThinkAssist
 
 
 class ThinkStage(Stage):
@@ -35,6 +41,7 @@ class ThinkStage(Stage):
         self.conversation = conversation
         self.persona = persona
         self.saver = saver
+        self.assist: "ThinkAssist | None" = None  # tools and memory (agent.tools.assist), set by the pipeline
 
     def use_persona(self, persona: Persona) -> None:
         """From the next reply on, answer as ``persona`` (its system prompt and LLM sampling)."""
@@ -47,6 +54,8 @@ class ThinkStage(Stage):
                     self._answer(user)
                 case ReplayRequest():
                     self._replay_last_turn()
+                case Announcement(text=text):
+                    self._announce(text)
                 case _:
                     raise TypeError(f"the think stage does not take {type(frame).__name__}")
         finally:
@@ -70,9 +79,14 @@ class ThinkStage(Stage):
         self.ctx.replies.begin(reply)
         self.ctx.set_state(AgentState.THINKING)
         splitter = SentenceSplitter()
-        messages = self.conversation.llm_messages(persona.system_prompt)
+        if self.assist is not None:
+            messages = self.assist.messages(self.conversation, persona, user.text)
+            deltas = self.assist.deltas(llm, messages, reply, persona, user.text)
+        else:
+            messages = self.conversation.llm_messages(persona.system_prompt)
+            deltas = llm.stream_reply(messages, reply.cancel, sampling=persona.llm)
         try:
-            for delta in llm.stream_reply(messages, reply.cancel, sampling=persona.llm):
+            for delta in deltas:
                 if reply.first_token_ms is None:
                     reply.first_token_ms = reply.since_start_ms()
                 if reply.cancelled:
@@ -84,6 +98,15 @@ class ThinkStage(Stage):
                     self._send_sentence(reply, sentence)
         except AgentError as error:
             self.ctx.notice("error", str(error))
+        self._finish(reply)
+        if self.assist is not None:
+            self.assist.after_reply(self.conversation, llm)
+
+    def _announce(self, text: str) -> None:
+        """Say ``text`` unasked (a timer that is due), as a reply of its own."""
+        reply = Reply(self.conversation.next_id(), time.monotonic())
+        self.ctx.replies.begin(reply)
+        self._send_sentence(reply, text)
         self._finish(reply)
 
     def _send_sentence(self, reply: Reply, sentence: str) -> None:

@@ -209,7 +209,7 @@ class VoiceStage(Stage):
                               reply.first_audio_ms, reply.turn_end_ms, underruns, underrun_s)
         turn = self.conversation.add_agent_turn(sentences, audio, text=" ".join(shown), interrupted=interrupted,
                                                 started_at=reply.started_at, ended_at=time.time(),
-                                                timings=latency.as_record())
+                                                timings=latency.as_record(), tools=reply.tools)
         self.ctx.emit(AgentTurnDone(turn.id, turn.text, interrupted))
         self.ctx.emit(replace(latency, turn_id=turn.id))
         if self.saver is not None:

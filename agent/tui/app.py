@@ -31,6 +31,7 @@ from agent.events import (
     LoadProgress,
     MicLevel,
     Notice,
+    ToolUse,
     PartialTranscript,
     StateChanged,
     TurnLatency,
@@ -156,6 +157,7 @@ class CsmChatApp(App):
             LoadProgress: lambda e: self.query_one(LoadPanel).update_stage(e.stage, e.done),
             Notice: self._show_notice,
             AudioSetup: self._show_audio_setup,
+            ToolUse: lambda e: self.query_one(Transcript).show_tool(e.turn_id, e.call, e.output, e.ok),
         }
 
     def _show_audio_setup(self, setup: AudioSetup) -> None:

@@ -92,7 +92,7 @@ class TurnView(Static):
     """One turn of the conversation: who spoke and what was said (shown literally)."""
 
     COMPONENT_CLASSES = {"turn-view--speaker", "turn-view--interrupted"}
-    SPEAKERS = {"user": "You", "agent": "Agent", "partial": "You (speaking)"}
+    SPEAKERS = {"user": "You", "agent": "Agent", "partial": "You (speaking)", "tool": "Tool"}
 
     def __init__(self, role: str, text: str = "", **kwargs) -> None:
         super().__init__(classes=f"turn {role}", **kwargs)
@@ -134,6 +134,7 @@ class Transcript(VerticalScroll):
         super().__init__(**kwargs)
         self._user_turns: dict[int, TurnView] = {}
         self._agent_turns: dict[int, TurnView] = {}
+        self._tool_calls: dict[tuple[int, str], TurnView] = {}
         self._partial = TurnView("partial", id="partial")
 
     def compose(self) -> ComposeResult:
@@ -170,6 +171,18 @@ class Transcript(VerticalScroll):
         else:
             joined = f"{view.text} {sentence}" if view.text else sentence
             view.set_text(joined)
+        self.scroll_end(animate=False)
+
+    def show_tool(self, turn_id: int, call: str, output: str | None, ok: bool) -> None:
+        """A tool call of reply ``turn_id``: shown when it starts, then with its result."""
+        text = call if output is None else f"{call} -> {'' if ok else 'error: '}{' '.join(output.split())[:300]}"
+        key = (turn_id, call)
+        view = self._tool_calls.get(key)
+        if view is None:
+            view = self._tool_calls[key] = TurnView("tool", text)
+            self.mount(view, before=self._agent_turns.get(turn_id, self._partial))
+        else:
+            view.set_text(text)
         self.scroll_end(animate=False)
 
     def finish_agent_turn(self, turn_id: int, text: str, interrupted: bool) -> None:

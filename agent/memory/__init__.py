@@ -1,0 +1,1 @@
+"""Memory across conversations: a SQLite store of facts and conversation summaries."""
