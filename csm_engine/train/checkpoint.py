@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from csm_engine.adapters import save_safetensors_atomic, write_json_atomic
-from csm_engine.errors import CSMError
+from csm_engine.errors import CSMError, first_line
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_JSON = "state.json"
@@ -90,7 +90,7 @@ def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         weights = load_file(str(directory / state["weights"]))
         moments = load_file(str(directory / state["optimizer"]))
     except Exception as e:  # a missing or foreign file: the checkpoint cannot be used
-        raise CSMError(f"--resume: cannot read the checkpoint in {directory} ({str(e).splitlines()[0]}); "
+        raise CSMError(f"--resume: cannot read the checkpoint in {directory} ({first_line(e)}); "
                        "start a new run with another --out") from None
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != set(params):
