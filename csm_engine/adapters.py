@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from csm_engine.config import CSMConfig
 from csm_engine.errors import CSMError, first_line
-from csm_engine.files import write_bytes_atomic, write_text_atomic
+from csm_engine.files import write_text_atomic
+from csm_engine.weights.checkpoint import save_safetensors
 
 ADAPTER_FORMAT = "csm-adapter"
 ADAPTER_VERSION = 1
@@ -70,13 +71,6 @@ class Adapter:
         return f"full fine-tune ({len(self.replaced())} tensors)"
 
 
-def save_safetensors_atomic(path: Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    """``tensors`` (contiguous CPU copies are made) as one safetensors file, written atomically."""
-    from safetensors.torch import save
-
-    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
-    write_bytes_atomic(path, data)
-
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     write_text_atomic(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
@@ -87,7 +81,7 @@ def save_adapter(directory: str | os.PathLike, info: Mapping[str, Any], tensors:
     directory whose JSON exists always has its weights)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_safetensors_atomic(directory / ADAPTER_WEIGHTS, tensors)
+    save_safetensors(directory / ADAPTER_WEIGHTS, tensors)
     full = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, **info}
     write_json_atomic(directory / ADAPTER_JSON, full)
     return directory

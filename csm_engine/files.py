@@ -77,6 +77,16 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
     fsync_path(parent)
 
 
+def cache_dir(name: str, env: str) -> Path:
+    """``$env`` if set, else csm-chat's user cache folder ``name`` (``~/.cache/csm-chat/NAME`` on Linux)."""
+    value = os.environ.get(env)
+    if value:
+        return Path(value)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("csm-chat")) / name
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     """Create or replace ``path`` with what ``write(binary_handle)`` writes, atomically and durably."""
     path = Path(path)
@@ -93,4 +103,4 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
-__all__ = ["atomic_path", "fsync_path", "write_atomic", "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "cache_dir", "fsync_path", "write_atomic", "write_bytes_atomic", "write_text_atomic"]

@@ -23,7 +23,7 @@ from csm_engine.config import SAMPLES_PER_FRAME
 from csm_engine.cuda_graphs import FrameStep, FrameSteps, cuda_graphs_available
 from csm_engine.errors import CSMError
 from csm_engine.model import CSMModel
-from csm_engine.prompt import ClipCodes, Prompt, assemble_prompt, segment_rows
+from csm_engine.prompt import ClipCodes, Prompt, PromptBuilder
 from csm_engine.tokens import Segment, TextTokenizer
 
 FrameCallback = Callable[[int, Tensor], None]
@@ -87,7 +87,7 @@ class ConversationCache:
 # ---------------------------------------------------------------------------------------------
 
 
-class Generator:
+class Generator(PromptBuilder):
     sample_rate = 24_000
     # Prompt rows are prefilled in blocks of this many positions (see _prefill). 32 rows per
     # call already run fbgemm's int8 matmul at its per-row efficiency (measured: 0.50 ms/row at
@@ -154,16 +154,6 @@ class Generator:
     def remember_codes(self, audio: Tensor, codes: Tensor) -> None:
         """Record that ``audio`` is the decoding of ``codes`` so it is never re-encoded as context."""
         self.clip_codes.put(audio, codes)
-
-    def segment_frames(self, segment: Segment) -> tuple[Tensor, Tensor]:
-        """A context segment's token frames: its text rows, then its audio rows (if any)."""
-        return segment_rows(self.tokenizer, segment, self.segment_codes(segment), self.config.audio_num_codebooks)
-
-    def build_prompt(self, text: str, speaker: int, context: Sequence[Segment], max_audio_length_ms: int,
-                     runaway_guard: bool = True) -> Prompt:
-        """Context + the new line's text rows, trimmed from the oldest segment to fit the window."""
-        return assemble_prompt(self.tokenizer, self.config, self.segment_frames, text, speaker, context,
-                               max_audio_length_ms, runaway_guard)
 
     # -- the frame loop -------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -114,6 +115,31 @@ def prepare_text(text: str) -> str:
     return text
 
 
+class PromptBuilder:
+    """``segment_frames`` and ``build_prompt`` for whatever has a ``tokenizer``, a ``config`` and ``segment_codes``.
+
+    The in-process ``Generator`` encodes clips with its own Mimi; the ``--tts-url`` client asks
+    the server once per clip. Either way the prompt is built here, the same way.
+    """
+
+    tokenizer: TextTokenizer
+    config: Any  # CSMConfig, or a client's view of it (max_seq_len, audio_num_codebooks, frame_width)
+
+    def segment_codes(self, segment: Segment) -> Tensor | None:
+        """Mimi codes (32, frames) of a segment's audio; None when it has none."""
+        raise NotImplementedError
+
+    def segment_frames(self, segment: Segment) -> tuple[Tensor, Tensor]:
+        """A context segment's token frames: its text rows, then its audio rows (if any)."""
+        return segment_rows(self.tokenizer, segment, self.segment_codes(segment), self.config.audio_num_codebooks)
+
+    def build_prompt(self, text: str, speaker: int, context: Sequence[Segment], max_audio_length_ms: int,
+                     runaway_guard: bool = True) -> Prompt:
+        """Context + the new line's text rows, trimmed from the oldest segment to fit the window."""
+        return assemble_prompt(self.tokenizer, self.config, self.segment_frames, text, speaker, context,
+                               max_audio_length_ms, runaway_guard)
+
+
 # ---------------------------------------------------------------------------------------------
 # Mimi codes of context clips, remembered by content
 # ---------------------------------------------------------------------------------------------
@@ -164,5 +190,5 @@ class ClipCodes:
         return len(self._codes)
 
 
-__all__ = ["ClipCodes", "Prompt", "assemble_prompt", "prepare_text", "segment_rows", "text_frame_budget",
+__all__ = ["ClipCodes", "Prompt", "PromptBuilder", "assemble_prompt", "prepare_text", "segment_rows", "text_frame_budget",
            "trim_context"]

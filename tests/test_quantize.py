@@ -219,12 +219,10 @@ def test_a_precision_described_anew_is_applied_as_it_says():
     assert isinstance(m.codebook0_head, L.Int8WeightOnlyLinear)
     assert type(m.decoder.layers[0].mlp.w1) is torch.nn.Linear and type(m.projection) is torch.nn.Linear
     assert Q.model_precision(m) == "int8-backbone"
-    err = logit_error(_reference_logits(), probe_logits(m, *_probe_inputs()))
-    assert err["codebook0_rel_rms"] < TOLERANCE["int8"] and err["decoder_rel_rms"] < 1e-5  # decoder untouched
-
-
-def _reference_logits():
-    return probe_logits(_model(), *_probe_inputs())
+    float_model = _model()  # the same seed: the same float weights
+    assert torch.equal(m.decoder.layers[1].mlp.w2.weight, float_model.decoder.layers[1].mlp.w2.weight)
+    err = logit_error(probe_logits(float_model, *_probe_inputs()), probe_logits(m, *_probe_inputs()))
+    assert err["codebook0_rel_rms"] < TOLERANCE["int8"] and err["decoder_rel_rms"] < TOLERANCE["int8"], err
 
 
 def test_registering_a_taken_name_fails_and_other_backends_keep_their_own_tables(monkeypatch):

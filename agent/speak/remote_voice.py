@@ -31,7 +31,7 @@ import torch
 from agent.errors import AgentError
 from agent.speak.synthesis import ReplySynthesizer, SynthesisOptions
 from csm_engine.errors import CSMError, first_line
-from csm_engine.prompt import ClipCodes, Prompt, assemble_prompt, segment_rows
+from csm_engine.prompt import ClipCodes, Prompt, PromptBuilder
 from csm_engine.serve import wire
 from csm_engine.tokens import Segment, TextTokenizer
 
@@ -56,8 +56,8 @@ def server_root(url: str) -> str:
     return url.removesuffix("/audio/speech").removesuffix("/v1")
 
 
-class RemoteCSM:
-    """A csm-serve with the Generator's prompt-side methods and ``stream`` (see the module docstring)."""
+class RemoteCSM(PromptBuilder):
+    """A csm-serve with the Generator's prompt side (``PromptBuilder``, so prompts match) and ``stream``."""
 
     sample_rate = 24_000
     max_codes = 512  # clips whose codes are kept (by content), as the Generator keeps them
@@ -131,15 +131,6 @@ class RemoteCSM:
     def remember_codes(self, audio: torch.Tensor, codes: torch.Tensor) -> None:
         """Record that ``audio`` is the decoding of ``codes`` (so it goes back to the server as codes)."""
         self.clip_codes.put(audio, codes)
-
-    def segment_frames(self, segment: Segment) -> tuple[torch.Tensor, torch.Tensor]:
-        return segment_rows(self.tokenizer, segment, self.segment_codes(segment), self.config.audio_num_codebooks)
-
-    def build_prompt(self, text: str, speaker: int, context: Sequence[Segment], max_audio_length_ms: int,
-                     runaway_guard: bool = True) -> Prompt:
-        """The prompt the server will build for this request (same tokenizer, same codes)."""
-        return assemble_prompt(self.tokenizer, self.config, self.segment_frames, text, speaker, context,
-                               max_audio_length_ms, runaway_guard)
 
     # -- speaking ------------------------------------------------------------------------------------
 

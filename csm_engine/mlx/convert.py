@@ -20,7 +20,7 @@ import mlx.nn as nn
 
 from csm_engine.config import CSMConfig
 from csm_engine.errors import CSMError, first_line
-from csm_engine.files import atomic_path
+from csm_engine.files import atomic_path, cache_dir
 from csm_engine.mlx.model import MLXCSMModel
 
 CONVERTER_VERSION = 1
@@ -116,12 +116,7 @@ def quantize_model(model: MLXCSMModel, bits: int, group_size: int = 64) -> MLXCS
 
 def default_cache_dir() -> Path:
     """``$CSM_MLX_CACHE_DIR`` or the user cache dir (``~/.cache/csm-chat/mlx`` on Linux)."""
-    env = os.environ.get("CSM_MLX_CACHE_DIR")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("csm-chat")) / "mlx"
+    return cache_dir("mlx", "CSM_MLX_CACHE_DIR")
 
 
 def _checkpoint_files(model_dir: Path) -> list[Path]:

@@ -14,7 +14,8 @@ index). Tensors are read with ``safetensors`` only: nothing here ever unpickles 
 callers use is importable from here.
 """
 
-from csm_engine.weights.checkpoint import Checkpoint, load_state_dict, open_checkpoint, write_safetensors
+from csm_engine.weights.checkpoint import (Checkpoint, load_state_dict, open_checkpoint, save_safetensors,
+                                           write_safetensors)
 from csm_engine.weights.config_json import config_from_transformers, read_config, transformers_config_dict
 from csm_engine.weights.hub import (CONFIG_FILE, DEFAULT_CSM_REPO, MIMI_FILE, MIMI_REPO, MODEL_FILE, TOKENIZER_FILE,
                                     TOKENIZER_REPO, download_file, hub_error, hub_reachable, resolve_model_dir)
@@ -28,6 +29,6 @@ __all__ = [
     "TOKENIZER_REPO", "TRANSFORMERS", "Checkpoint", "as_dtype", "config_from_transformers", "detect_layout",
     "download_file", "expected_shapes", "find_mimi_file", "find_tokenizer_file", "hub_error", "hub_reachable",
     "key_map", "load_csm_model", "load_mimi", "load_state_dict", "load_text_tokenizer", "open_checkpoint",
-    "original_to_transformers", "read_config", "resolve_model_dir", "transformers_config_dict",
+    "original_to_transformers", "read_config", "resolve_model_dir", "save_safetensors", "transformers_config_dict",
     "transformers_to_original", "write_safetensors",
 ]

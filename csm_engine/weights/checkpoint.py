@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from csm_engine.config import CSMConfig
 from csm_engine.errors import CSMError, first_line
-from csm_engine.files import atomic_path
+from csm_engine.files import atomic_path, write_bytes_atomic
 from csm_engine.weights.config_json import read_config, read_json
 from csm_engine.weights.hub import (DEFAULT_CSM_REPO, MAKE_CHECKPOINT_HINT, MODEL_FILE, MODEL_INDEX_FILE,
                                     resolve_model_dir)
@@ -104,6 +104,14 @@ def load_state_dict(path_or_repo: str | os.PathLike | None = None) -> tuple[CSMC
     """(config, original-layout state dict) of a checkpoint dir or hub repo id, either layout."""
     ckpt = open_checkpoint(path_or_repo)
     return ckpt.config, dict(ckpt.tensors())
+
+
+def save_safetensors(path: Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """``tensors`` (contiguous CPU copies are made) as one safetensors file, written atomically."""
+    from safetensors.torch import save
+
+    write_bytes_atomic(path, save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                                  metadata=metadata))
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
