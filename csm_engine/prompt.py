@@ -190,5 +190,5 @@ class ClipCodes:
         return len(self._codes)
 
 
-__all__ = ["ClipCodes", "Prompt", "PromptBuilder", "assemble_prompt", "prepare_text", "segment_rows", "text_frame_budget",
-           "trim_context"]
+__all__ = ["ClipCodes", "Prompt", "PromptBuilder", "assemble_prompt", "prepare_text", "segment_rows",
+           "text_frame_budget", "trim_context"]

@@ -258,6 +258,6 @@ def weight_bytes_per_frame(model: nn.Module) -> int:
     return backbone + n_steps * decoder_step
 
 
-__all__ = ["KERNELS", "Int8QuantHandler", "apply_precision", "block_kernel_available",
-           "check_precision", "compute_dtype", "cpu_has_avx512_bf16", "default_precision", "fbgemm_available", "int8pack_available",
+__all__ = ["KERNELS", "Int8QuantHandler", "apply_precision", "block_kernel_available", "check_precision",
+           "compute_dtype", "cpu_has_avx512_bf16", "default_precision", "fbgemm_available", "int8pack_available",
            "linear_plan", "model_precision", "resolve_precision", "weight_bytes_per_frame"]

@@ -80,7 +80,8 @@ def test_imports_point_from_commands_to_the_library_and_from_the_agent_to_the_en
 @pytest.mark.parametrize("source,expected", [
     ("from csm_engine.cli import run_generate\n", "imports the command module csm_engine.cli"),
     ("def f():\n    from csm_engine import cli\n", "imports the command module csm_engine.cli"),
-    ("from ..testing.checkpoints import write_checkpoint\n", "imports the test fixtures csm_engine.testing.checkpoints"),
+    ("from ..testing.checkpoints import write_checkpoint\n",
+     "imports the test fixtures csm_engine.testing.checkpoints"),
     ("import agent.errors\n", "the engine imports the agent (agent.errors)"),
 ])
 def test_the_check_finds_each_kind_of_wrong_import(tmp_path, source, expected):

@@ -229,7 +229,8 @@ def test_registering_a_taken_name_fails_and_other_backends_keep_their_own_tables
     from csm_engine import precision
     from csm_engine.precision import LinearQuant, Precision, lookup, precisions, register
 
-    monkeypatch.setattr(precision, "_REGISTRY", {k: dict(v) for k, v in precision._REGISTRY.items()})  # leave it as found
+    # Leave the tables as they were found.
+    monkeypatch.setattr(precision, "_REGISTRY", {k: dict(v) for k, v in precision._REGISTRY.items()})
 
     with pytest.raises(ValueError, match="taken"):
         register(Precision("bf16", "bfloat16", "a second bf16"))
