@@ -35,7 +35,7 @@ from agent.pipeline import Pipeline
 from agent.speak.replay import replay_conversation
 from agent.config.settings import AgentSettings
 from csm_engine.errors import CSMError
-from csm_engine.config import PRECISIONS
+from csm_engine.precision import PRECISIONS
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -269,7 +269,7 @@ def run_replay(args: argparse.Namespace, settings: AgentSettings) -> int:
         raise AgentError("--replay needs --out OUT_DIR for the WAVs it writes")
     saved = Conversation.load(args.replay, with_audio=False)  # validate before loading CSM
     persona = load_persona(args.persona or saved.persona or None) if (args.persona or saved.persona) else None
-    from csm_engine.cli import resolve_device  # torch-heavy: loaded only to replay
+    from csm_engine.device import resolve_device  # torch-heavy: loaded only to replay
     from csm_engine.generator import load_generator
 
     device = resolve_device(settings.device)

@@ -47,9 +47,11 @@ from _common import current_rss_mb, n_params, random_csm_model, share_weights  #
 
 from csm_engine.codec import MimiCodec  # noqa: E402
 from csm_engine.config import FRAME_MS, get_flavor  # noqa: E402
-from csm_engine.generator import Generator, prepare_text  # noqa: E402
+from csm_engine.generator import Generator  # noqa: E402
+from csm_engine.precision import PRECISIONS  # noqa: E402
+from csm_engine.prompt import prepare_text  # noqa: E402
 from csm_engine.quantize import (  # noqa: E402
-    PRECISIONS, apply_precision, cpu_has_avx512_bf16, resolve_precision, weight_bytes_per_frame,
+    apply_precision, cpu_has_avx512_bf16, resolve_precision, weight_bytes_per_frame,
 )
 from csm_engine.tokens import Segment, TextTokenizer  # noqa: E402
 

@@ -5,7 +5,7 @@
 
 For each flavor: one random-weight float32 model (std 0.02, unit norms), a prompt of text rows
 then audio rows, and one frame of codes fed to the decoder. Reported per precision
-(``csm_engine.quantize.logit_error``): relative RMS and max error of the codebook-0 logits of
+(``logit_error`` below): relative RMS and max error of the codebook-0 logits of
 every prompt row and of the 31 teacher-forced decoder logits (divided by the float32 logits'
 std), and how often the top-1 token agrees. Random weights have no trained outliers, so this
 bounds the arithmetic error of each precision, not the audible effect on a trained model.
@@ -20,13 +20,50 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import random_csm_model, share_weights  # noqa: E402
 
-from csm_engine.quantize import PRECISIONS, apply_precision, fbgemm_available, logit_error, probe_logits  # noqa: E402
+from csm_engine.precision import PRECISIONS  # noqa: E402
+from csm_engine.quantize import apply_precision, fbgemm_available  # noqa: E402
+
+
+@torch.inference_mode()
+def probe_logits(model, tokens: Tensor, mask: Tensor, codes: Tensor, block: int = 32) -> tuple[Tensor, Tensor]:
+    """Logits to compare precisions on, computed the way generation batches rows.
+
+    tokens, mask (1, T, 33) a prompt, prefilled in position-aligned blocks of ``block`` rows
+    (as ``Generator`` does); codes (1, 32) the frame teacher-forced through the decoder one
+    step at a time (positions 0-1, then one per codebook, as ``generate_frame``). Returns
+    float32 (T, 2051) codebook-0 logits of every prompt row and (31, 2051) decoder logits.
+    """
+    model.reset_caches()
+    n = tokens.shape[1]
+    h = torch.cat([model.backbone_hidden(tokens[:, a:a + block], mask[:, a:a + block], a)
+                   for a in range(0, n, block)], dim=1)
+    logits0 = model.codebook0_head(h)[0].float()
+    n_cb = model.config.audio_num_codebooks
+    dec_in = model.projection(torch.cat([h[:, -1:], model.embed_audio(0, codes[:, :1]).to(h.dtype)], dim=1))
+    logits = []
+    for i in range(1, n_cb):
+        dh = model.decoder_hidden(dec_in, 0 if i == 1 else i)[0, -1]
+        logits.append(model.audio_logits(dh, i).float())
+        dec_in = model.projection(model.embed_audio(i, codes[:, i:i + 1]).to(h.dtype))
+    return logits0, torch.stack(logits)
+
+
+def logit_error(reference: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor]) -> dict[str, float]:
+    """How far ``other``'s probe logits are from the reference: relative RMS and max error, top-1 agreement."""
+    out: dict[str, float] = {}
+    for name, a, b in (("codebook0", reference[0], other[0]), ("decoder", reference[1], other[1])):
+        scale = float(a.std())
+        out[f"{name}_rel_rms"] = float((a - b).pow(2).mean().sqrt()) / scale
+        out[f"{name}_rel_max"] = float((a - b).abs().max()) / scale
+        out[f"{name}_top1_agree"] = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    return out
 
 
 def probe_inputs(cfg, n_text: int = 24, n_audio: int = 40, seed: int = 0):

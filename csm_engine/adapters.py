@@ -29,7 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from csm_engine.config import CSMConfig
-from csm_engine.errors import CSMError
+from csm_engine.errors import CSMError, first_line
+from csm_engine.files import write_text_atomic
+from csm_engine.weights.checkpoint import save_safetensors
 
 ADAPTER_FORMAT = "csm-adapter"
 ADAPTER_VERSION = 1
@@ -69,25 +71,9 @@ class Adapter:
         return f"full fine-tune ({len(self.replaced())} tensors)"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_safetensors_atomic(path: Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    """``tensors`` (contiguous CPU copies are made) as one safetensors file, written temp-then-rename."""
-    from safetensors.torch import save
-
-    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
-    _atomic_write_bytes(path, data)
-
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    _atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=False) + "\n").encode("utf-8"))
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
 
 
 def save_adapter(directory: str | os.PathLike, info: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> Path:
@@ -95,7 +81,7 @@ def save_adapter(directory: str | os.PathLike, info: Mapping[str, Any], tensors:
     directory whose JSON exists always has its weights)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_safetensors_atomic(directory / ADAPTER_WEIGHTS, tensors)
+    save_safetensors(directory / ADAPTER_WEIGHTS, tensors)
     full = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, **info}
     write_json_atomic(directory / ADAPTER_JSON, full)
     return directory
@@ -129,7 +115,7 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CSMError(f"{weights} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+        raise CSMError(f"{weights} is not a readable safetensors file ({first_line(e)}); "
                        "copy it again or train the adapter again") from None
     adapter = Adapter(directory, info, tensors)
     missing = [f"{m}.{ab}" for m in adapter.lora_modules() for ab in (LORA_A, LORA_B) if f"{m}.{ab}" not in tensors]

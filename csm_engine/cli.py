@@ -9,63 +9,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+from csm_engine.console import DTYPES, EXIT_USAGE, add_csm_model_option, optional_module, run_cli
+from csm_engine.device import DEVICES, resolve_device
 from csm_engine.errors import CSMError
-from csm_engine.quantize import PRECISIONS
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", *PRECISIONS)  # one list, owned by quantize.py
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared plumbing
-# ---------------------------------------------------------------------------------------------
-
-
-def run_cli(prog: str, body: Callable[[], int]) -> int:
-    """Run a CLI body: CSMError -> one line on stderr + exit 2; Ctrl-C -> exit 130."""
-    try:
-        return body()
-    except CSMError as e:
-        print(f"{prog}: error: {_one_line(str(e))}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-
-
-def _one_line(message: str) -> str:
-    return " ".join(message.split()) or "unknown error"
-
-
-def resolve_device(name: str | None) -> str:
-    """``auto`` -> cuda, then mps, then cpu; an explicit device that is absent -> CSMError."""
-    import torch
-
-    name = (name or "auto").lower()
-    cuda = torch.cuda.is_available()
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return "cuda" if cuda else "mps" if mps else "cpu"
-    if name.startswith("cuda") and not cuda:
-        raise CSMError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
-    if name == "mps" and not mps:
-        raise CSMError("--device mps: Apple's Metal backend is not available here; use --device cpu or auto")
-    return name
-
-
-def _optional_module(name: str):
-    """Import an engine module another part of the project provides; None if it is not installed."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name == name:
-            return None
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,8 +47,7 @@ def build_generate_parser(prog: str = "csm-generate") -> argparse.ArgumentParser
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (default auto)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="weight precision (default auto: the device's fastest)")
-    p.add_argument("--model-path", default=None,
-                   help="checkpoint directory or hub repo id (default sesame/csm-1b)")
+    add_csm_model_option(p, old_names=("--model-path",))
     p.add_argument("--mimi-path", default=None, help="Mimi codec safetensors (default: from the model dir or hub)")
     p.add_argument("--tokenizer-path", default=None,
                    help="text tokenizer.json (default: from the model dir, else unsloth/Llama-3.2-1B)")
@@ -160,7 +108,7 @@ def build_context(args: argparse.Namespace, speaker: int, voice=None) -> list:
 
 def resolve_voice(args: argparse.Namespace):
     """The ``VoicePrompt`` of --voice (a name or a clip + --voice-text), with --speaker applied."""
-    voices = _optional_module("csm_engine.voices")
+    voices = optional_module("csm_engine.voices")
     if voices is None:
         raise CSMError("--voice needs csm_engine.voices, which this install lacks; pass the prompt with "
                        "--context-audio/--context-text instead")
@@ -172,7 +120,7 @@ def load_watermarker(args: argparse.Namespace, device: str):
     missing model fails fast instead of after minutes of generation."""
     if args.no_watermark:
         return None
-    watermark = _optional_module("csm_engine.watermark")
+    watermark = optional_module("csm_engine.watermark")
     if watermark is None:
         raise CSMError("cannot watermark the output: csm_engine.watermark is not installed; "
                        "pass --no-watermark to write unmarked audio")
@@ -219,7 +167,7 @@ def run_generate(args: argparse.Namespace, generator_or_loader) -> int:
 def _load_torch_generator(args: argparse.Namespace, device: str):
     from csm_engine.generator import load_generator
 
-    return load_generator(args.model_path, mimi_path=args.mimi_path, tokenizer_path=args.tokenizer_path,
+    return load_generator(args.csm_model, mimi_path=args.mimi_path, tokenizer_path=args.tokenizer_path,
                           device=device, dtype=None if args.dtype == "auto" else args.dtype, adapter=args.adapter)
 
 
@@ -233,16 +181,16 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
 # csm-generate-mlx and csm-verify
 # ---------------------------------------------------------------------------------------------
 
-MLX_NOT_AVAILABLE = "MLX backend not available: pip install 'mlx[cpu]' (Linux) or mlx (macOS)"
-
-
 def generate_mlx_main(argv: Sequence[str] | None = None) -> int:
     """``csm-generate-mlx``: ``csm-generate`` on the MLX backend (Apple Silicon; mlx[cpu] on Linux)."""
-    mlx_backend = _optional_module("csm_engine.mlx")
-    if mlx_backend is None or not mlx_backend.is_available():
-        print(f"csm-generate-mlx: error: {MLX_NOT_AVAILABLE}", file=sys.stderr)
+    from csm_engine import mlx as mlx_backend  # imports no MLX
+
+    if not mlx_backend.is_available():
+        print(f"csm-generate-mlx: error: {mlx_backend.NOT_AVAILABLE}", file=sys.stderr)
         return EXIT_USAGE
-    return run_cli("csm-generate-mlx", lambda: mlx_backend.generate_main(None if argv is None else list(argv)))
+    from csm_engine.mlx.cli import generate_main
+
+    return generate_main(None if argv is None else list(argv))
 
 
 def build_verify_parser() -> argparse.ArgumentParser:
@@ -258,7 +206,7 @@ def verify_main(argv: Sequence[str] | None = None) -> int:
     args = build_verify_parser().parse_args(argv)
 
     def body() -> int:
-        watermark = _optional_module("csm_engine.watermark")
+        watermark = optional_module("csm_engine.watermark")
         if watermark is None:
             raise CSMError("csm-verify needs csm_engine.watermark, which this install lacks")
         if not Path(args.audio_path).expanduser().is_file():

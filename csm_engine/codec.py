@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from csm_engine.config import SAMPLE_RATE, SAMPLES_PER_FRAME
-from csm_engine.errors import CSMError
+from csm_engine.errors import CSMError, first_line
 
 NUM_CODEBOOKS = 32
 
@@ -56,7 +56,7 @@ class MimiCodec:
         try:
             mimi = loaders.get_mimi(None if path is None else str(path), device=device, num_codebooks=NUM_CODEBOOKS)
         except (RuntimeError, KeyError, ValueError) as e:
-            raise CSMError(f"cannot load Mimi weights {path}: {str(e).splitlines()[0]}") from None
+            raise CSMError(f"cannot load Mimi weights {path}: {first_line(e)}") from None
         return cls(mimi)
 
     @property

@@ -13,9 +13,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-# Precisions csm_engine.quantize converts a model to (here, so listing them needs no torch).
-PRECISIONS = ("float32", "bfloat16", "int8", "int8-block", "int8-hybrid", "int8-dynamic")
-
 FRAME_RATE_HZ = 12.5
 SAMPLE_RATE = 24_000
 SAMPLES_PER_FRAME = 1920  # 80 ms at 24 kHz

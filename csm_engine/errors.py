@@ -1,4 +1,4 @@
-"""The engine's user-facing error type."""
+"""The engine's user-facing error type, and the one way a foreign error becomes one line of ours."""
 
 
 class CSMError(Exception):
@@ -9,8 +9,11 @@ class CSMError(Exception):
     """
 
 
-def first_line(error: object, limit: int = 160) -> str:
-    """The first line of an error's message (its type's name when it has none), cut to ``limit`` characters."""
+def first_line(error: object, limit: int | None = 160) -> str:
+    """The first line of an error's message (its type's name when it has none), cut to ``limit`` characters.
+
+    For quoting a library's error inside one of ours; ``limit=None`` keeps the whole line.
+    """
     lines = str(error).strip().splitlines()
-    line = lines[0] if lines else type(error).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+    line = lines[0].strip() if lines else type(error).__name__
+    return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."

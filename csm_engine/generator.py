@@ -7,11 +7,8 @@ they come and ``generate`` joins the chunks of ``stream``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import math
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -22,45 +19,17 @@ from torch import Tensor
 from csm_engine.adapters import merge_into_model, read_adapter
 from csm_engine.chunking import ChunkAssembler, SilenceGuard
 from csm_engine.codec import MimiCodec
-from csm_engine.config import FRAME_MS, SAMPLES_PER_FRAME
+from csm_engine.config import SAMPLES_PER_FRAME
 from csm_engine.cuda_graphs import FrameStep, FrameSteps, cuda_graphs_available
 from csm_engine.errors import CSMError
 from csm_engine.model import CSMModel
-from csm_engine.tokens import Segment, TextTokenizer, audio_frames, text_frames
+from csm_engine.prompt import ClipCodes, Prompt, PromptBuilder
+from csm_engine.tokens import Segment, TextTokenizer
 
 FrameCallback = Callable[[int, Tensor], None]
 
 # Mimi decodes codes 0..2047; CSM's audio vocabulary (2051) has 3 more ids it must never be fed.
 MIMI_CODEBOOK_SIZE = 2048
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure helpers: frame budget, context trimming, silent-tail detection
-# ---------------------------------------------------------------------------------------------
-
-
-def text_frame_budget(text: str) -> int:
-    """A generous upper bound on frames needed to say ``text``: 2 s + 1 s per word (80 ms frames).
-
-    Normal speech runs at 2-3 words/s, so this never cuts a real utterance short, but it bounds
-    the known runaway where the model never emits its end frame.
-    """
-    words = max(1, len(text.split()))
-    return math.ceil((2000 + 1000 * words) / FRAME_MS)
-
-
-def trim_context(segment_lengths: Sequence[int], available: int) -> int:
-    """Index of the first segment to keep so the newest segments' lengths sum to <= ``available``.
-
-    Whole segments are dropped from the oldest end; a segment is never cut in half (half a
-    sentence or half a clip would teach the model a wrong voice or a wrong turn boundary).
-    """
-    total = 0
-    for i in range(len(segment_lengths) - 1, -1, -1):
-        total += segment_lengths[i]
-        if total > available:
-            return i + 1
-    return 0
 
 
 @dataclass
@@ -113,61 +82,12 @@ class ConversationCache:
         return n if differs.numel() == 0 else int(differs[0, 0])
 
 
-@dataclass
-class Prompt:
-    """Backbone input for one utterance: token frames (T, 33), their mask, and what was kept."""
-
-    tokens: Tensor
-    mask: Tensor
-    context_kept: int  # number of context segments that fit (the newest ones)
-    max_frames: int
-
-
-def segment_rows(tokenizer: TextTokenizer, segment: Segment, codes: Tensor | None,
-                 num_codebooks: int = 32) -> tuple[Tensor, Tensor]:
-    """A context segment's token frames from its Mimi codes (32, frames) or None: text rows, then audio rows."""
-    tokens, mask = text_frames(tokenizer, segment.speaker, segment.text, num_codebooks)
-    if codes is not None:
-        at, am = audio_frames(codes)
-        tokens, mask = torch.cat([tokens, at]), torch.cat([mask, am])
-    return tokens, mask
-
-
-def assemble_prompt(tokenizer: TextTokenizer, config, segment_frames: Callable[[Segment], tuple[Tensor, Tensor]],
-                    text: str, speaker: int, context: Sequence[Segment], max_audio_length_ms: int,
-                    runaway_guard: bool = True) -> Prompt:
-    """Context + the new line's text rows, trimmed from the oldest segment to fit ``config.max_seq_len``.
-
-    ``segment_frames(segment)`` gives a context segment's rows (the Generator encodes its audio
-    with Mimi; a remote client looks up codes it holds). Raises CSMError when the line alone
-    does not fit.
-    """
-    text = prepare_text(text)
-    max_frames = max(1, int(max_audio_length_ms // FRAME_MS))
-    if runaway_guard:
-        max_frames = min(max_frames, text_frame_budget(text))
-    gen_tokens, gen_mask = text_frames(tokenizer, speaker, text, config.audio_num_codebooks)
-    window = config.max_seq_len
-    available = window - gen_tokens.shape[0] - max_frames
-    if available < 0:
-        raise CSMError(
-            f"text too long for the {window}-position window: {gen_tokens.shape[0]} text tokens + "
-            f"{max_frames} audio frames; split the text into shorter sentences or lower --max-audio-length-ms"
-        )
-    seg = [segment_frames(s) for s in context]
-    first = trim_context([t.shape[0] for t, _ in seg], available)
-    kept = seg[first:]
-    tokens = torch.cat([t for t, _ in kept] + [gen_tokens])
-    mask = torch.cat([m for _, m in kept] + [gen_mask])
-    return Prompt(tokens=tokens, mask=mask, context_kept=len(kept), max_frames=max_frames)
-
-
 # ---------------------------------------------------------------------------------------------
 # Generator
 # ---------------------------------------------------------------------------------------------
 
 
-class Generator:
+class Generator(PromptBuilder):
     sample_rate = 24_000
     # Prompt rows are prefilled in blocks of this many positions (see _prefill). 32 rows per
     # call already run fbgemm's int8 matmul at its per-row efficiency (measured: 0.50 ms/row at
@@ -178,7 +98,7 @@ class Generator:
 
     def __init__(self, model: CSMModel, codec: MimiCodec, tokenizer: TextTokenizer, *,
                  dtype: str | torch.dtype | None = None, cuda_graphs: bool | None = None):
-        """``dtype`` (a ``csm_engine.quantize.PRECISIONS`` name or auto) converts the model; None keeps it as is.
+        """``dtype`` (a ``csm_engine.precision`` name or auto) converts the model; None keeps it as is.
 
         ``cuda_graphs``: replay each frame as a CUDA graph (``csm_engine.cuda_graphs``); None
         turns it on when the model is on a CUDA device (``CSM_NO_CUDA_GRAPHS=1`` turns it off).
@@ -194,7 +114,7 @@ class Generator:
         if not model.caches_are_setup():
             model.setup_caches(1)
         self._lock = threading.Lock()
-        self._codes_cache: OrderedDict[bytes, Tensor] = OrderedDict()
+        self.clip_codes = ClipCodes()
         self.conversation_cache = ConversationCache.empty(self.config.max_seq_len, self.config.frame_width)
         self.last_prefill_rows = 0  # prompt rows the last utterance actually ran through the backbone
         if cuda_graphs is None:
@@ -203,7 +123,7 @@ class Generator:
             raise CSMError(f"CUDA graphs need the model on a CUDA device (it is on {self.device})")
         self._frame_steps = None
         if cuda_graphs:
-            from csm_engine.quantize import fuse_linears
+            from csm_engine.linears import fuse_linears
 
             fuse_linears(model)  # fewer launches per step: q|k|v and w1|w3 as one matmul each
             self._frame_steps = FrameSteps(model)
@@ -229,33 +149,11 @@ class Generator:
             raise CSMError(f"context audio for {segment.text[:30]!r} must be mono (samples,), got {tuple(audio.shape)}")
         if audio.numel() == 0:
             return None
-        key = _audio_key(audio)
-        codes = self._codes_cache.get(key)
-        if codes is None:
-            self._store_codes(key, self.codec.encode(audio))
-            return self._codes_cache[key]
-        self._codes_cache.move_to_end(key)
-        return codes
+        return self.clip_codes.get_or_encode(audio, self.codec.encode)
 
     def remember_codes(self, audio: Tensor, codes: Tensor) -> None:
         """Record that ``audio`` is the decoding of ``codes`` so it is never re-encoded as context."""
-        self._store_codes(_audio_key(audio), codes.cpu())
-
-    def _store_codes(self, key: bytes, codes: Tensor) -> None:
-        self._codes_cache[key] = codes
-        self._codes_cache.move_to_end(key)
-        if len(self._codes_cache) > 512:
-            self._codes_cache.popitem(last=False)
-
-    def segment_frames(self, segment: Segment) -> tuple[Tensor, Tensor]:
-        """A context segment's token frames: its text rows, then its audio rows (if any)."""
-        return segment_rows(self.tokenizer, segment, self.segment_codes(segment), self.config.audio_num_codebooks)
-
-    def build_prompt(self, text: str, speaker: int, context: Sequence[Segment], max_audio_length_ms: int,
-                     runaway_guard: bool = True) -> Prompt:
-        """Context + the new line's text rows, trimmed from the oldest segment to fit the window."""
-        return assemble_prompt(self.tokenizer, self.config, self.segment_frames, text, speaker, context,
-                               max_audio_length_ms, runaway_guard)
+        self.clip_codes.put(audio, codes)
 
     # -- the frame loop -------------------------------------------------------------------
 
@@ -415,30 +313,12 @@ def prompt_attention(device: torch.device, rows: int) -> contextlib.AbstractCont
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _audio_key(audio: Tensor) -> bytes:
-    """A content key for a clip, so the same audio maps to the same Mimi codes."""
-    return hashlib.blake2b(audio.detach().float().cpu().numpy().tobytes(), digest_size=16).digest()
-
-
-def prepare_text(text: str) -> str:
-    """Validate and tidy the line to speak: collapse whitespace, end with punctuation.
-
-    A line without final punctuation makes the model end early and clip the last word.
-    """
-    text = " ".join(text.split())
-    if not text:
-        raise CSMError("nothing to say: the text is empty")
-    if text[-1] not in ".!?…":
-        text += "."
-    return text
-
-
 def load_generator(model_path: str | None = None, *, mimi_path: str | None = None, tokenizer_path: str | None = None,
                    device: str = "cpu", dtype: torch.dtype | str | None = None,
                    cuda_graphs: bool | None = None, adapter: str | os.PathLike | None = None) -> Generator:
     """Build a Generator from a checkpoint dir or hub repo id (default: the released CSM-1B).
 
-    ``dtype``: a ``csm_engine.quantize.PRECISIONS`` name; None / "auto" picks the fastest for the
+    ``dtype``: a ``csm_engine.precision`` name; None / "auto" picks the fastest for the
     device and model size (``csm_engine.quantize.default_precision``). Int8 scales are computed
     from float32 weights. ``cuda_graphs``: see ``Generator`` (None: on for CUDA devices).
     ``adapter``: a ``csm-finetune`` output directory, merged into the float32 weights before
@@ -460,5 +340,5 @@ def load_generator(model_path: str | None = None, *, mimi_path: str | None = Non
     return Generator(model, codec, tokenizer, cuda_graphs=cuda_graphs)
 
 
-__all__ = ["ConversationCache", "Generator", "Prompt", "SilenceGuard", "assemble_prompt", "load_generator",
-           "prepare_text", "segment_rows", "text_frame_budget", "trim_context", "SAMPLES_PER_FRAME"]
+__all__ = ["ConversationCache", "Generator", "MIMI_CODEBOOK_SIZE", "SilenceGuard", "load_generator",
+           "SAMPLES_PER_FRAME"]

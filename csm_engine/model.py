@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from csm_engine.config import CSMConfig, RopeScaling, TransformerConfig
+from csm_engine.sampling import sample_topk
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,31 +257,6 @@ class Transformer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling: pure functions with an explicit generator
-# ---------------------------------------------------------------------------------------------
-
-
-def sample_topk(logits: Tensor, topk: int, temperature: float, generator: torch.Generator | None = None,
-                noise: Tensor | None = None) -> Tensor:
-    """Sample one token per row of logits (B, V) from the top-k after temperature; (B, 1) long.
-
-    ``temperature <= 0`` or ``topk == 1`` is greedy (argmax). ``noise`` (B, V): Exp(1) draws
-    made beforehand (a CUDA graph replays fixed buffers); None draws them from ``generator``.
-    """
-    if temperature <= 0 or topk == 1:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if 0 < topk < logits.size(-1):
-        kth = torch.topk(logits, topk, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    # argmax(p / E) with E ~ Exp(1) draws from p without a host sync (unlike torch.multinomial).
-    if noise is None:
-        noise = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / noise).argmax(dim=-1, keepdim=True)
-
-
-# ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
 
@@ -302,6 +278,7 @@ class CSMModel(nn.Module):
         # A module that computes ``audio_logits`` from its own copy of the head (a quantized
         # one, set by csm_engine.quantize); None reads ``audio_head`` itself.
         self.audio_head_kernel: nn.Module | None = None
+        self.precision = None  # the csm_engine.precision.Precision csm_engine.quantize applied, if any
         self.register_buffer(
             "codebook_offsets", torch.arange(config.audio_num_codebooks) * config.audio_vocab_size, persistent=False
         )

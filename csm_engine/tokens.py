@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from csm_engine.errors import CSMError
+from csm_engine.errors import CSMError, first_line
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
@@ -63,7 +63,7 @@ class TextTokenizer:
         except CSMError:
             raise
         except Exception as e:  # tokenizers raises plain Exception subclasses on bad JSON
-            raise CSMError(f"cannot read text tokenizer {path}: {str(e).splitlines()[0]}") from None
+            raise CSMError(f"cannot read text tokenizer {path}: {first_line(e)}") from None
 
     def to_json(self) -> str:
         """The tokenizer.json text (``from_json`` of it tokenizes alike): a remote client builds the same prompts."""
@@ -78,7 +78,7 @@ class TextTokenizer:
         except CSMError:
             raise
         except Exception as e:  # tokenizers raises plain Exception subclasses on bad JSON
-            raise CSMError(f"cannot read a text tokenizer from JSON: {str(e).splitlines()[0]}") from None
+            raise CSMError(f"cannot read a text tokenizer from JSON: {first_line(e)}") from None
 
     @property
     def vocab_size(self) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from csm_engine.config import SAMPLE_RATE
-from csm_engine.errors import CSMError
+from csm_engine.errors import CSMError, first_line
 
 HF_SCHEME = "hf://"
 VOICES_FILE_NAME = "voices.toml"
@@ -222,7 +222,7 @@ def _fetch_hub_clip(prompt: VoicePrompt, download: bool) -> Path:
         reason = "not in the Hugging Face cache" if not download else "the hub is unreachable and it is not cached"
         cause = error
     except Exception as error:  # noqa: BLE001 - every other hub failure has the same fixes
-        reason = _first_line(error)
+        reason = first_line(error)
         cause = error
     raise CSMError(
         f"voice {prompt.name!r}: cannot get {filename} from {repo_id} ({reason}); accept the repo's "
@@ -239,8 +239,3 @@ def _read_clip_24k(path: Path, voice_name: str) -> torch.Tensor:
     except CSMError as error:
         raise CSMError(f"voice {voice_name!r}: {error}") from error
 
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    line = lines[0] if lines else type(error).__name__
-    return line if len(line) <= 160 else line[:157] + "..."

@@ -18,20 +18,22 @@ written by this project are never shifted.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
-import time
 import warnings
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from csm_engine.errors import CSMError
+from csm_engine.audio_io import resample
+from csm_engine.errors import CSMError, first_line
+
+if TYPE_CHECKING:
+    from csm_engine.watermark_stream import StreamingWatermarker
 
 # Sesame's public key for CSM-1B output. Public, so it marks audio; it does not authenticate it.
 CSM_WATERMARK_KEY: tuple[int, ...] = (212, 211, 146, 56, 201)
@@ -122,7 +124,7 @@ class Watermarker:
 
     def apply(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
         """Watermark a mono clip; returns float32 audio of the same length and sample rate."""
-        samples = _as_mono_numpy(wav, "audio to watermark")
+        samples = mono_samples(wav, "audio to watermark")
         if samples.size == 0 or not np.any(samples):
             # Silence carries no watermark (silentcipher would print and return it unchanged).
             return _like_input(samples.copy(), wav)
@@ -131,17 +133,17 @@ class Watermarker:
 
     def apply_numpy(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
         """Watermark float32 mono samples at ``sample_rate`` Hz; same length out."""
-        _check_rate(sample_rate)
+        check_rate(sample_rate)
         samples = np.asarray(samples, dtype=np.float32)
         if samples.size == 0 or not np.any(samples):
             return samples.copy()
-        at_44k = _resample(samples, sample_rate, WATERMARK_SAMPLE_RATE)
+        at_44k = resample(samples, sample_rate, WATERMARK_SAMPLE_RATE)
         encoded = np.concatenate([self._encode_block(block) for block in _blocks(at_44k, BLOCK_SAMPLES)])
         # Carry back only what the watermark changed: the message lives below ~11 kHz (1024 of
         # 2049 bins), inside a 24 kHz clip's band, so the original samples are not put through
         # a second round of resampling filters.
         delta = encoded - at_44k
-        delta = _fit_length(_resample(delta, WATERMARK_SAMPLE_RATE, sample_rate), samples.size)
+        delta = _fit_length(resample(delta, WATERMARK_SAMPLE_RATE, sample_rate), samples.size)
         return (samples + delta).astype(np.float32)
 
     def _encode_block(self, block: np.ndarray) -> np.ndarray:
@@ -162,8 +164,8 @@ class Watermarker:
         ``phase_shift_search`` runs silentcipher's alignment search (as Sesame's reference
         does); it costs 205 decoder passes and only matters for clips that were cut or shifted.
         """
-        _check_rate(sample_rate)
-        samples = _as_mono_numpy(wav, "audio to verify")
+        check_rate(sample_rate)
+        samples = mono_samples(wav, "audio to verify")
         if max_duration_s is not None:
             samples = samples[: int(round(max_duration_s * sample_rate))]
         duration_s = samples.size / sample_rate
@@ -173,7 +175,7 @@ class Watermarker:
                                    f"message ({MIN_VERIFY_S:.2f} s)")
         if not np.any(samples):
             return WatermarkResult(False, 0.0, None, "the clip is silent")
-        at_44k = _resample(samples, sample_rate, WATERMARK_SAMPLE_RATE)
+        at_44k = resample(samples, sample_rate, WATERMARK_SAMPLE_RATE)
         with _SILENTCIPHER_LOCK, warnings.catch_warnings():
             # An undecodable clip makes scipy/numpy warn on its way to status=False.
             warnings.simplefilter("ignore")
@@ -181,85 +183,11 @@ class Watermarker:
                                            phase_shift_decoding=phase_shift_search)
         return _result_from_decode(result, self.key)
 
-    def streaming(self, sample_rate: int = 24000, min_samples: int | None = None) -> StreamingWatermarker:
-        """A ``StreamingWatermarker`` for PCM chunks at ``sample_rate`` Hz."""
+    def streaming(self, sample_rate: int = 24000, min_samples: int | None = None) -> "StreamingWatermarker":
+        """A ``StreamingWatermarker`` (``csm_engine.watermark_stream``) for PCM chunks at ``sample_rate`` Hz."""
+        from csm_engine.watermark_stream import StreamingWatermarker
+
         return StreamingWatermarker(self, sample_rate=sample_rate, min_samples=min_samples)
-
-
-class StreamingWatermarker:
-    """Watermarks PCM chunks as they are produced, for playback that starts before a reply ends.
-
-    Each chunk of at least ``min_samples`` samples is watermarked on its own and returned at
-    once, so the only added latency is the embedding time. Shorter chunks are held back and
-    joined with the next ones until there are ``min_samples`` (every sample still gets marked;
-    nothing is passed through unmarked); ``flush`` marks whatever is left at the end.
-
-    The trade-off: silentcipher spreads one message over ~0.98 s (21 STFT frames of 2048
-    samples at 44.1 kHz), starting afresh in every call. A 160 ms chunk carries only part of
-    a message, so a recording of chunk-by-chunk marked audio is not reliably verifiable.
-    ``min_samples`` of at least one message period (``message_period_samples``) makes every
-    block carry whole messages, at the cost of that much delay before the first audio. Files
-    (csm-generate output, saved turns) should be marked whole with ``apply_watermark``.
-    The default, one STFT window (~93 ms), keeps the engine's 2-frame (160 ms) chunks unbuffered.
-    """
-
-    def __init__(self, watermarker: Watermarker, *, sample_rate: int = 24000,
-                 min_samples: int | None = None) -> None:
-        _check_rate(sample_rate)
-        self.watermarker = watermarker
-        self.sample_rate = int(sample_rate)
-        default_min = math.ceil(STFT_WINDOW * self.sample_rate / WATERMARK_SAMPLE_RATE)
-        self.min_samples = int(min_samples) if min_samples is not None else default_min
-        if self.min_samples < 1:
-            raise CSMError(f"min_samples must be >= 1, got {min_samples}")
-        self._pending: list[np.ndarray] = []
-        self._pending_samples = 0
-        self.compute_s: list[float] = []  # embedding time per marked block, seconds
-
-    @property
-    def message_period_samples(self) -> int:
-        """Samples (at this stream's rate) that hold one whole watermark message."""
-        return math.ceil(MESSAGE_PERIOD_S * self.sample_rate)
-
-    @property
-    def buffered_samples(self) -> int:
-        """Samples held back, waiting for enough audio to mark."""
-        return self._pending_samples
-
-    def push(self, chunk: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Take one PCM chunk; return the watermarked audio ready now (possibly empty)."""
-        samples = _as_mono_numpy(chunk, "streamed audio chunk")
-        if samples.size == 0:
-            return np.zeros(0, dtype=np.float32)
-        self._pending.append(samples)
-        self._pending_samples += samples.size
-        if self._pending_samples < self.min_samples:
-            return np.zeros(0, dtype=np.float32)
-        return self._mark_pending()
-
-    def flush(self) -> np.ndarray:
-        """Watermark and return whatever is still held back (call once the stream ends)."""
-        if not self._pending:
-            return np.zeros(0, dtype=np.float32)
-        return self._mark_pending()
-
-    def wrap(self, chunks: Iterable[np.ndarray | torch.Tensor]) -> Iterator[np.ndarray]:
-        """Watermark a chunk stream (e.g. ``Generator.stream(...)``), yielding non-empty chunks."""
-        for chunk in chunks:
-            out = self.push(chunk)
-            if out.size:
-                yield out
-        out = self.flush()
-        if out.size:
-            yield out
-
-    def _mark_pending(self) -> np.ndarray:
-        block = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
-        self._pending, self._pending_samples = [], 0
-        start = time.perf_counter()
-        marked = self.watermarker.apply_numpy(block, self.sample_rate)
-        self.compute_s.append(time.perf_counter() - start)
-        return marked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +239,7 @@ def _download_checkpoint() -> Path:
         )
     except Exception as error:  # noqa: BLE001 - any hub failure has the same fix
         raise CSMError(
-            f"could not get the watermark model from the hub ({HUB_REPO_ID}: {_first_line(error)}); "
+            f"could not get the watermark model from the hub ({HUB_REPO_ID}: {first_line(error)}); "
             f"connect once so it is cached, or {_FIX_HINT}"
         ) from error
     return checkpoint_dir(Path(root) / HUB_MODEL_SUBDIR)
@@ -323,7 +251,7 @@ def _load_silentcipher(folder: Path, device: str):
     try:
         hparams = yaml.safe_load((folder / "hparams.yaml").read_text())
     except (OSError, yaml.YAMLError) as error:
-        raise CSMError(f"cannot read {folder / 'hparams.yaml'}: {_first_line(error)}; {_FIX_HINT}") from error
+        raise CSMError(f"cannot read {folder / 'hparams.yaml'}: {first_line(error)}; {_FIX_HINT}") from error
     if not isinstance(hparams, dict) or hparams.get("SR") != WATERMARK_SAMPLE_RATE:
         got = hparams.get("SR") if isinstance(hparams, dict) else None
         raise CSMError(
@@ -337,7 +265,7 @@ def _load_silentcipher(folder: Path, device: str):
             torch.load(folder / name, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - corrupt, truncated or not a tensor file
             raise CSMError(
-                f"{folder / name} is not a readable weights file ({_first_line(error)}); "
+                f"{folder / name} is not a readable weights file ({first_line(error)}); "
                 f"re-download it or {_FIX_HINT}"
             ) from error
     silentcipher = _import_silentcipher()
@@ -350,7 +278,7 @@ def _load_silentcipher(folder: Path, device: str):
         )
     except (RuntimeError, KeyError, AttributeError, ValueError, TypeError, AssertionError) as error:
         raise CSMError(
-            f"could not load the watermark model from {folder} ({_first_line(error)}); {_FIX_HINT}"
+            f"could not load the watermark model from {folder} ({first_line(error)}); {_FIX_HINT}"
         ) from error
 
 
@@ -407,7 +335,8 @@ def _result_from_decode(result: dict, key: tuple[int, ...]) -> WatermarkResult:
     return WatermarkResult(message == tuple(key), confidence, message)
 
 
-def _as_mono_numpy(wav: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
+def mono_samples(wav: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
+    """``wav`` as 1-D float32 numpy samples; CSMError naming ``what`` when it is not mono or not finite."""
     if isinstance(wav, torch.Tensor):
         array = wav.detach().to("cpu", torch.float32).numpy()
     else:
@@ -428,15 +357,10 @@ def _like_input(samples: np.ndarray, like: torch.Tensor | np.ndarray) -> torch.T
     return out
 
 
-def _check_rate(sample_rate: int) -> None:
+def check_rate(sample_rate: int) -> None:
+    """CSMError unless ``sample_rate`` is a positive whole number of Hz."""
     if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
         raise CSMError(f"sample_rate must be a positive integer in Hz, got {sample_rate!r}")
-
-
-def _resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
-    from csm_engine.audio_io import resample
-
-    return np.asarray(resample(samples, int(from_rate), int(to_rate)), dtype=np.float32)
 
 
 def _blocks(samples: np.ndarray, size: int) -> list[np.ndarray]:
@@ -448,8 +372,3 @@ def _fit_length(samples: np.ndarray, length: int) -> np.ndarray:
         return samples[:length]
     return np.pad(samples, (0, length - samples.size))
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    line = text[0] if text else type(error).__name__
-    return line if len(line) <= 160 else line[:157] + "..."

@@ -172,8 +172,9 @@ def train_clip_folder(tmp_path_factory, espeak_wav) -> Path:
 
 @pytest.fixture(scope="session")
 def saved_conversation(tmp_path_factory, espeak_wav) -> Path:
-    """A conversation directory written by the agent's own writer (agent.conversation.conversation.Conversation.save):
-    user turns at 16 kHz, agent turns at 24 kHz split into sentences, one typed turn."""
+    """A conversation directory written by the agent's own writer (agent.conversation.conversation.Conversation.save),
+    for csm-finetune and --replay: a spoken user turn (16 kHz), an agent turn of two sentences and one of one
+    (24 kHz), two typed user turns, and last an agent reply with text only (cut off before it was spoken)."""
     import numpy as np
 
     from agent.audio import load_audio
@@ -190,6 +191,8 @@ def saved_conversation(tmp_path_factory, espeak_wav) -> Path:
     reply = "Great, let us go after lunch."
     audio = load_audio(espeak_wav(reply, voice="en-gb"), 24000)
     conversation.add_agent_turn([Sentence(reply, len(audio))], audio, sample_rate=24000)
+    conversation.add_user_turn("And tomorrow?", None, typed=True)
+    conversation.add_agent_turn([Sentence("It will rain tomorrow.", 0)], None, text="It will rain tomorrow.")
     return conversation.save(tmp_path_factory.mktemp("saved_conversation") / "convo")
 
 

@@ -23,7 +23,8 @@ from csm_engine.batch.step import SlotCaches, backbone_rows, model_caches
 from csm_engine.codec import MimiCodec
 from csm_engine.errors import CSMError
 from csm_engine.batch.events import Admitted, AudioChunk, Finished, FrameSampled, StreamOptions
-from csm_engine.quantize import apply_precision, fuse_linears
+from csm_engine.linears import fuse_linears
+from csm_engine.quantize import apply_precision
 from csm_engine.tokens import Segment
 
 from _engine_helpers import random_tiny_model, tiny_generator

@@ -18,7 +18,8 @@ import soundfile as sf
 import torch
 
 from csm_engine.audio_io import load_audio, write_wav
-from csm_engine.cli import build_generate_parser, generate_main, run_cli, run_generate, verify_main
+from csm_engine.cli import build_generate_parser, generate_main, run_generate, verify_main
+from csm_engine.console import run_cli
 from csm_engine.config import SAMPLE_RATE, SAMPLES_PER_FRAME
 
 
@@ -68,7 +69,7 @@ def test_csm_generate_writes_a_24khz_mono_wav_of_whole_frames(tiny_checkpoint, t
     out = tmp_path / "hello.wav"
     max_ms = 800
     result = subprocess.run(
-        [*_console_script("csm-generate"), "--text", "Hello there, how are you?", "--model-path", str(tiny_checkpoint),
+        [*_console_script("csm-generate"), "--text", "Hello there, how are you?", "--csm-model", str(tiny_checkpoint),
          "--output", str(out), "--max-audio-length-ms", str(max_ms), "--seed", "1", "--dtype", "float32",
          "--device", "cpu", "--no-watermark"],
         capture_output=True, text=True, timeout=300,
@@ -84,7 +85,7 @@ def test_csm_generate_writes_a_24khz_mono_wav_of_whole_frames(tiny_checkpoint, t
 
 def test_csm_generate_error_is_one_line_from_the_console_script(tmp_path):
     result = subprocess.run(
-        [*_console_script("csm-generate"), "--text", "Hi.", "--model-path", str(tmp_path / "missing" / "dir"),
+        [*_console_script("csm-generate"), "--text", "Hi.", "--csm-model", str(tmp_path / "missing" / "dir"),
          "--output", str(tmp_path / "a.wav"), "--no-watermark"],
         capture_output=True, text=True, timeout=300,
     )
@@ -221,7 +222,7 @@ def test_ctrl_c_exits_130_without_a_traceback(capsys):
 def test_watermark_that_cannot_load_stops_before_generating(tmp_path, capsys):
     out = tmp_path / "o.wav"
     code = generate_main(["--text", "Hi.", "--watermark-dir", str(tmp_path / "no-model"), "--output", str(out),
-                          "--model-path", str(tmp_path / "not-even-loaded")])
+                          "--csm-model", str(tmp_path / "not-even-loaded")])
     assert code == 2
     assert "--no-watermark" in _one_error_line(capsys.readouterr().err)
     assert not out.exists()
@@ -266,6 +267,30 @@ def test_generate_mlx_without_mlx_names_the_install_command():
     assert result.returncode == 2
     line = _one_error_line(result.stderr, "csm-generate-mlx")
     assert "MLX backend not available: pip install 'mlx[cpu]' (Linux)" in line
+
+
+@pytest.mark.parametrize("command,old_name", [("csm-generate", "--model-path"), ("csm-generate-mlx", "--model-path"),
+                                              ("csm-finetune", "--model-path"), ("csm-serve", "--model"),
+                                              ("csm-chat", None)])
+def test_every_command_names_the_checkpoint_csm_model_and_still_takes_its_old_name(command, old_name):
+    from agent.cli import build_parser as chat_parser
+    from csm_engine.mlx.cli import build_parser as mlx_parser
+    from csm_engine.serve.cli import build_parser as serve_parser
+    from csm_engine.train.cli import build_parser as finetune_parser
+
+    parser = {"csm-generate": build_generate_parser, "csm-generate-mlx": mlx_parser, "csm-finetune": finetune_parser,
+              "csm-serve": serve_parser, "csm-chat": chat_parser}[command]()
+    required = {"csm-generate": ["--text", "Hi."], "csm-generate-mlx": ["--text", "Hi."],
+                "csm-finetune": ["--out", "o"]}.get(command, [])
+    help_text = parser.format_help()
+    assert "--csm-model" in help_text and "--model-path" not in help_text
+    assert parser.parse_args([*required, "--csm-model", "a/b"]).csm_model == "a/b"
+    if old_name is not None:
+        assert f"{old_name} " not in help_text  # still accepted, no longer shown
+        assert parser.parse_args([*required, old_name, "c/d"]).csm_model == "c/d"
+    if command == "csm-serve":  # --model-name stays the API's `model`, apart from the checkpoint
+        args = parser.parse_args(["--model", "ckpt", "--model-name", "voice-1"])
+        assert (args.csm_model, args.model_name) == ("ckpt", "voice-1")
 
 
 def test_generate_parser_is_reusable_by_other_backends():

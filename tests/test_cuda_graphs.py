@@ -17,7 +17,7 @@ from csm_engine.codec import MimiCodec
 from csm_engine.cuda_graphs import FrameStep, FrameSteps
 from csm_engine.errors import CSMError
 from csm_engine.generator import Generator
-from csm_engine.model import sample_topk
+from csm_engine.sampling import sample_topk
 
 from _engine_helpers import random_tiny_model, tiny_generator, word_tokenizer
 

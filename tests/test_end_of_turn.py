@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from _clips import speech_only
 from agent.audio import PIPELINE_RATE, load_audio
 from agent.cli import build_parser, settings_from_args
 from agent.listen.end_of_turn import EndOfTurnJudge, TurnSettings, TurnVerdict
@@ -45,12 +46,6 @@ LEAD_S = 0.5
 
 def silence(seconds: float) -> np.ndarray:
     return np.zeros(int(round(seconds * PIPELINE_RATE)), np.float32)
-
-
-def speech_only(clip: np.ndarray) -> np.ndarray:
-    """The audible part of an espeak clip (espeak pads its WAVs with silence)."""
-    loud = np.nonzero(np.abs(clip) > 0.02)[0]
-    return clip[loud[0] : loud[-1] + 1]
 
 
 def question_stream(espeak_wav, text: str) -> tuple[np.ndarray, float]:

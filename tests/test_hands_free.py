@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from _clips import speech_only
 from _stage_helpers import EventLog, converse
 from _voice_helpers import EspeakVoice
 from agent.audio import MemorySink, load_audio
@@ -31,9 +32,7 @@ QUESTIONS = ["What is the capital of France?", "Can you tell me a joke?", "How a
 def _questions(espeak_wav, n: int) -> np.ndarray:
     parts = [np.zeros(8_000, np.float32)]
     for question in QUESTIONS[:n]:
-        clip = load_audio(espeak_wav(question, voice="en-gb"))
-        loud = np.nonzero(np.abs(clip) > 0.02)[0]
-        parts += [clip[loud[0] : loud[-1] + 1], np.zeros(16_000, np.float32)]
+        parts += [speech_only(load_audio(espeak_wav(question, voice="en-gb"))), np.zeros(16_000, np.float32)]
     return np.concatenate(parts)
 
 
@@ -95,9 +94,7 @@ def test_a_user_who_talks_over_the_reply_stops_it_and_is_heard_word_for_word(tmp
     barge_in = "Stop, what is the weather like in Paris?"
     clips = []
     for text in (question, barge_in):
-        clip = load_audio(espeak_wav(text, voice="en-gb"))
-        loud = np.nonzero(np.abs(clip) > 0.02)[0]
-        clips.append(clip[loud[0] : loud[-1] + 1])
+        clips.append(speech_only(load_audio(espeak_wav(text, voice="en-gb"))))
     gap = np.zeros(16_000, np.float32)
     user = np.concatenate([gap[:8_000], clips[0], gap, clips[1]])
     phrase_at_s = (len(user) - len(clips[1])) / 16_000

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from csm_engine import kernels
+from csm_engine import linears as L
 from csm_engine import quantize as Q
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernel unavailable: {kernels.unavailable_reason()}")
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernel unavail
 
 def _weights(n: int, k: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    q, scales = Q.quantize_per_channel(torch.randn(n, k, generator=g) * 0.02)
+    q, scales = L.quantize_per_channel(torch.randn(n, k, generator=g) * 0.02)
     return q, scales
 
 
@@ -82,7 +83,7 @@ def test_folded_rms_norm_equals_norm_then_linear():
 
 def test_block_linear_loads_plain_int8_weights():
     q, scales = _weights(48, 64)
-    mod = Q.BlockInt8Linear(64, 48)
+    mod = L.BlockInt8Linear(64, 48)
     mod.load_state_dict({"weight": q, "scales": scales})
     assert torch.equal(mod.unpacked_weight(), q)
     x = torch.randn(2, 3, 64)
@@ -94,12 +95,12 @@ def test_fusion_changes_no_number():
     parts = []
     for n in (64, 32, 32):
         q, scales = _weights(n, 96, seed=n)
-        mod = Q.BlockInt8Linear(96, n)
+        mod = L.BlockInt8Linear(96, n)
         mod.load_state_dict({"weight": q, "scales": scales})
         parts.append(mod)
     x = torch.randn(2, 96)
     separate = torch.cat([p(x) for p in parts], dim=-1)
-    fused = Q.FusedBlockInt8Linear(parts)
+    fused = L.FusedBlockInt8Linear(parts)
     assert torch.equal(fused(x), separate)
     assert all(p.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr() for p in parts)
     assert torch.equal(torch.cat([p(x) for p in parts], dim=-1), separate)  # the parts still work
@@ -114,7 +115,7 @@ def test_int8_block_model_fuses_every_layer_and_counts_bytes_once():
     for tf in (m.backbone, m.decoder):
         for layer in tf.layers:
             assert layer.attn.qkv_fused is not None and layer.mlp.w13_fused is not None
-            assert isinstance(layer.sa_norm, Q.FoldedRMSNorm) and isinstance(layer.mlp_norm, Q.FoldedRMSNorm)
+            assert isinstance(layer.sa_norm, L.FoldedRMSNorm) and isinstance(layer.mlp_norm, L.FoldedRMSNorm)
     assert "backbone.layers.0.sa_norm.scale" in m.state_dict()
     after = Q.weight_bytes_per_frame(m)
     # float32 -> int8: a quarter of the bytes (+ padding of the 2051-row heads to whole tiles).
@@ -178,7 +179,7 @@ def test_block_layer_step_is_the_module_path_in_one_call():
     Q.apply_precision(m, "int8-block")
     m.setup_caches(1)
     dec = m.decoder
-    assert all(isinstance(layer.step_fused, Q.BlockLayerStep) for layer in dec.layers)
+    assert all(isinstance(layer.step_fused, L.BlockLayerStep) for layer in dec.layers)
     assert all(layer.step_fused is None for layer in m.backbone.layers)  # long contexts: torch's attention
     x2, steps = torch.randn(1, 2, dec.cfg.dim), [torch.randn(1, 1, dec.cfg.dim) for _ in range(5)]
 
@@ -202,9 +203,9 @@ def test_decoder_norm_folded_into_the_audio_head():
     m = random_tiny_model(seed=4, std=0.05)
     ref_norm = m.decoder.norm
     Q.apply_precision(m, "int8-block")
-    assert isinstance(m.decoder.norm, Q.FoldedRMSNorm) and "decoder.norm.scale" in m.state_dict()
+    assert isinstance(m.decoder.norm, L.FoldedRMSNorm) and "decoder.norm.scale" in m.state_dict()
     h = torch.randn(3, m.config.decoder.dim) * 3
     with torch.inference_mode():
         folded = m.audio_logits(h, 5)
-        plain = Q.BlockInt8AudioHead(m.audio_head)(ref_norm(h), 5)
+        plain = L.BlockInt8AudioHead(m.audio_head)(ref_norm(h), 5)
     torch.testing.assert_close(folded, plain, rtol=1e-3, atol=1e-3)

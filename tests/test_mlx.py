@@ -313,7 +313,7 @@ def test_csm_generate_mlx_writes_a_24khz_wav(tiny_checkpoint, tmp_path):
     assert script.is_file(), "csm-generate-mlx is not installed; run `make test` (pip install -e .)"
     out = tmp_path / "mlx.wav"
     result = subprocess.run(
-        [str(script), "--model-path", str(tiny_checkpoint), "--text", "Hello from MLX.", "--no-watermark",
+        [str(script), "--csm-model", str(tiny_checkpoint), "--text", "Hello from MLX.", "--no-watermark",
          "--max-audio-length-ms", "480", "--seed", "3", "--output", str(out)],
         capture_output=True, text=True, timeout=300,
     )
@@ -327,7 +327,7 @@ def test_csm_generate_mlx_missing_model_is_one_line(tmp_path):
     from pathlib import Path
 
     script = Path(sys.executable).with_name("csm-generate-mlx")
-    result = subprocess.run([str(script), "--model-path", str(tmp_path / "none"), "--text", "Hi.", "--no-watermark"],
+    result = subprocess.run([str(script), "--csm-model", str(tmp_path / "none"), "--text", "Hi.", "--no-watermark"],
                             capture_output=True, text=True, timeout=120)
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("csm-generate-mlx: error:"), result.stderr

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+from csm_engine import linears as L
 from csm_engine import quantize as Q
 from csm_engine.errors import CSMError
 
 from _engine_helpers import random_tiny_model, tiny_generator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from quant_error import logit_error, probe_logits  # noqa: E402  (the error diagnostics live with their benchmark)
 
 # Relative RMS logit error allowed vs float32 on the tiny flavor (measured: bf16 ~0.005,
 # int8 ~0.009, int8-hybrid ~0.013, int8-dynamic ~0.02; benchmarks/quant_error.py for 1B).
@@ -38,12 +45,12 @@ def _model(precision: str | None = None):
 
 @pytest.fixture(scope="module")
 def reference():
-    return Q.probe_logits(_model(), *_probe_inputs())
+    return probe_logits(_model(), *_probe_inputs())
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_logits_stay_close_to_float32(reference, precision):
-    err = Q.logit_error(reference, Q.probe_logits(_model(precision), *_probe_inputs()))
+    err = logit_error(reference, probe_logits(_model(precision), *_probe_inputs()))
     assert err["codebook0_rel_rms"] < TOLERANCE[precision], err
     assert err["decoder_rel_rms"] < TOLERANCE[precision], err
     assert err["codebook0_top1_agree"] >= 0.8 and err["decoder_top1_agree"] >= 0.8, err
@@ -54,7 +61,7 @@ def test_float32_is_the_untouched_reference(reference):
     before = {k: v.clone() for k, v in m.state_dict().items()}
     Q.apply_precision(m, "float32")
     assert all(torch.equal(before[k], v) and v.dtype == torch.float32 for k, v in m.state_dict().items())
-    after = Q.probe_logits(m, *_probe_inputs())
+    after = probe_logits(m, *_probe_inputs())
     assert torch.equal(after[0], reference[0]) and torch.equal(after[1], reference[1])
 
 
@@ -119,13 +126,13 @@ def test_dynamic_linear_sees_in_place_weight_changes():
 
 def test_weight_only_linear_float32_fallback_is_the_dequantized_matmul():
     lin = torch.nn.Linear(64, 48, bias=False)
-    q, scales = Q.quantize_per_channel(lin.weight)
-    mod = Q.Int8WeightOnlyLinear(64, 48, dtype=torch.float32)
+    q, scales = L.quantize_per_channel(lin.weight)
+    mod = L.Int8WeightOnlyLinear(64, 48, dtype=torch.float32)
     mod.load_state_dict({"weight": q, "scales": scales})
     x = torch.randn(3, 64)
     torch.testing.assert_close(mod(x), x @ (q.float() * scales[:, None]).T, atol=1e-5, rtol=1e-5)
     # The bf16 CPU kernel computes the same product.
-    mod_bf16 = Q.Int8WeightOnlyLinear(64, 48, dtype=torch.bfloat16)
+    mod_bf16 = L.Int8WeightOnlyLinear(64, 48, dtype=torch.bfloat16)
     mod_bf16.load_state_dict({"weight": q, "scales": scales.bfloat16()})
     torch.testing.assert_close(mod_bf16(x.bfloat16()).float(), mod(x), atol=0.05, rtol=0.02)
 
@@ -172,8 +179,8 @@ def test_fused_linears_compute_the_parts_without_a_second_copy(precision):
     mask = torch.rand(1, 7, 33, generator=g) > 0.3
     keys = set(model.state_dict())
     before = model.backbone_hidden(tokens, mask, 0)
-    assert Q.fuse_linears(model) == 2 * (len(model.backbone.layers) + len(model.decoder.layers))
-    assert Q.fuse_linears(model) == 0  # already fused
+    assert L.fuse_linears(model) == 2 * (len(model.backbone.layers) + len(model.decoder.layers))
+    assert L.fuse_linears(model) == 0  # already fused
     attn = model.backbone.layers[0].attn
     fused = attn.qkv_fused.weight
     assert attn.q_proj.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
@@ -184,3 +191,62 @@ def test_fused_linears_compute_the_parts_without_a_second_copy(precision):
     tol = 1e-5 if precision == "float32" else 2e-2
     torch.testing.assert_close(after, before, atol=tol, rtol=tol)
     assert Q.weight_bytes_per_frame(model) > 0
+
+
+def test_every_precision_is_described_by_data_and_found_by_name_or_alias():
+    from csm_engine.precision import PRECISIONS, TORCH_PRECISIONS, lookup
+
+    assert PRECISIONS == tuple(p.name for p in TORCH_PRECISIONS)
+    for spec in TORCH_PRECISIONS:
+        assert lookup(spec.name) is spec and all(lookup(alias) is spec for alias in spec.aliases)
+        assert Q.compute_dtype(spec.name) == getattr(torch, spec.dtype)
+    hybrid = lookup("int8-hybrid")
+    assert hybrid.rule_for("decoder.layers.0.mlp.w1").activations == "dynamic"
+    assert hybrid.rule_for("backbone.layers.0.attn.q_proj").activations == "weight-only"
+    assert hybrid.rule_for("projection") is None  # kept float: see precision.py
+    assert lookup("float32").rule_for("codebook0_head") is None
+
+
+def test_a_precision_described_anew_is_applied_as_it_says():
+    """One int8 rule for the backbone only: the decoder keeps its float Linears (no new code needed)."""
+    from csm_engine.precision import LinearQuant, Precision
+
+    backbone_int8 = Precision("int8-backbone", "float32", "weight-only int8 backbone, float32 decoder",
+                              linears=(LinearQuant(layers=("backbone.", "codebook0_head")),), needs=("int8pack",))
+    m = _model()
+    Q.apply_precision(m, backbone_int8)
+    assert isinstance(m.backbone.layers[0].attn.q_proj, L.Int8WeightOnlyLinear)
+    assert isinstance(m.codebook0_head, L.Int8WeightOnlyLinear)
+    assert type(m.decoder.layers[0].mlp.w1) is torch.nn.Linear and type(m.projection) is torch.nn.Linear
+    assert Q.model_precision(m) == "int8-backbone"
+    float_model = _model()  # the same seed: the same float weights
+    assert torch.equal(m.decoder.layers[1].mlp.w2.weight, float_model.decoder.layers[1].mlp.w2.weight)
+    err = logit_error(probe_logits(float_model, *_probe_inputs()), probe_logits(m, *_probe_inputs()))
+    assert err["codebook0_rel_rms"] < TOLERANCE["int8"] and err["decoder_rel_rms"] < TOLERANCE["int8"], err
+
+
+def test_registering_a_taken_name_fails_and_other_backends_keep_their_own_tables(monkeypatch):
+    from csm_engine import precision
+    from csm_engine.precision import LinearQuant, Precision, lookup, precisions, register
+
+    # Leave the tables as they were found.
+    monkeypatch.setattr(precision, "_REGISTRY", {k: dict(v) for k, v in precision._REGISTRY.items()})
+
+    with pytest.raises(ValueError, match="taken"):
+        register(Precision("bf16", "bfloat16", "a second bf16"))
+    with pytest.raises(CSMError, match="choose one of"):
+        lookup("int4", backend="torch")
+    mlx_4bit = Precision("int4", "bfloat16", "4-bit group quantization", linears=(LinearQuant(bits=4, group_size=64),),
+                         backend="test-backend")
+    register(mlx_4bit)
+    assert lookup("int4", backend="test-backend") is mlx_4bit and precisions("test-backend") == (mlx_4bit,)
+    with pytest.raises(CSMError, match="not one of the torch engine's"):
+        Q.check_precision(mlx_4bit, "cpu")
+
+
+def test_a_precision_refuses_a_device_it_does_not_run_on():
+    with pytest.raises(CSMError, match="runs on x86 CPUs only") as e:
+        Q.resolve_precision("int8-dynamic", "cuda")
+    assert "--dtype bfloat16" in str(e.value)
+    with pytest.raises(CSMError, match="runs on cpu and cuda only, not on mps"):
+        Q.resolve_precision("int8", "mps")

@@ -39,7 +39,7 @@ KEY = "voice-key"
 def server(tiny_checkpoint, espeak_speech_wav, tmp_path_factory):
     directory = tmp_path_factory.mktemp("remote_voice")
     shutil.copy(espeak_speech_wav, directory / "voice.wav")
-    proc = ServerProcess("--model", str(tiny_checkpoint), "--voices", str(write_voices(directory, directory / "voice.wav")),
+    proc = ServerProcess("--csm-model", str(tiny_checkpoint), "--voices", str(write_voices(directory, directory / "voice.wav")),
                          "--max-streams", "2", "--dtype", "float32", api_key=KEY, log=directory / "server.log")
     try:
         yield proc.wait_ready()

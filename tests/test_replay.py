@@ -7,24 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-
 from agent.audio import load_audio, read_wav
-from agent.conversation.conversation import Conversation, Sentence
 from agent.speak.replay import replay_conversation
-
-
-@pytest.fixture(scope="module")
-def saved_conversation(tmp_path_factory, espeak_wav) -> Path:
-    """A saved conversation: a spoken user turn, an agent turn with audio, a typed turn, a text-only reply."""
-    conversation = Conversation("default", agent_speaker=0)
-    conversation.add_user_turn("what is the capital of france", load_audio(espeak_wav("what is the capital of france")))
-    reply = np.random.default_rng(0).normal(0, 0.05, 24_000).astype(np.float32)
-    conversation.add_agent_turn([Sentence("Paris is the capital.", 24_000)], reply)
-    conversation.add_user_turn("and germany?", None, typed=True)
-    conversation.add_agent_turn([Sentence("Berlin.", 0)], None, text="Berlin.")
-    return conversation.save(tmp_path_factory.mktemp("saved") / "conversation")
 
 
 def test_replay_resynthesizes_agent_turns_in_running_context(tmp_path, saved_conversation, tiny_generator):
@@ -40,11 +24,15 @@ def test_replay_resynthesizes_agent_turns_in_running_context(tmp_path, saved_con
             return original_stream(text, speaker, context, **kwargs)
 
     result = replay_conversation(saved_conversation, tmp_path / "out", Recording(), seed=1, max_audio_ms=320)
-    assert sorted(p.name for p in result.turn_files) == ["turn-0002-agent.wav", "turn-0004-agent.wav"]
-    assert [c[0] for c in calls] == ["Paris is the capital.", "Berlin."]
+    assert sorted(p.name for p in result.turn_files) == ["turn-0002-agent.wav", "turn-0004-agent.wav",
+                                                         "turn-0006-agent.wav"]
+    # Agent turns are said sentence by sentence; the reply that was never spoken is said from its text.
+    texts = [c[0] for c in calls]
+    assert texts == ["It is sunny today.", "Do you want to go for a walk?", "Great, let us go after lunch.",
+                     "It will rain tomorrow."]
     # The second agent turn hears the user's original audio and the first reply as re-synthesized.
-    assert calls[1][2] == [(1, "what is the capital of france", True), (0, "Paris is the capital.", True),
-                           (1, "and germany?", False)]
+    assert calls[2][2] == [(1, "Hi, what is the weather like?", True), (0, "It is sunny today.", True),
+                           (0, "Do you want to go for a walk?", True), (1, "Yes, that sounds lovely.", False)]
     joined, rate = read_wav(result.joined)
     assert rate == 24_000
     parts = sum(len(read_wav(p)[0]) for p in result.turn_files)
@@ -55,7 +43,7 @@ def test_replay_resynthesizes_agent_turns_in_running_context(tmp_path, saved_con
 def test_replay_all_turns_resynthesizes_the_user_too(tmp_path, saved_conversation, tiny_generator):
     result = replay_conversation(saved_conversation, tmp_path / "out", tiny_generator, all_turns=True, seed=1,
                                  max_audio_ms=240)
-    assert len(result.turn_files) == 4
+    assert len(result.turn_files) == 6
     for path in result.turn_files:
         audio, rate = read_wav(path)
         assert rate == 24_000 and len(audio) > 0
@@ -72,5 +60,5 @@ def test_replay_command_line_writes_the_wavs(tmp_path, saved_conversation, tiny_
     )
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["conversation.wav", "turn-0002-agent.wav", "turn-0004-agent.wav"]
-    assert "wrote 2 turn WAVs" in result.stdout
+    assert names == ["conversation.wav", "turn-0002-agent.wav", "turn-0004-agent.wav", "turn-0006-agent.wav"]
+    assert "wrote 3 turn WAVs" in result.stdout

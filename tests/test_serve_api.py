@@ -31,7 +31,7 @@ def server(tiny_checkpoint, espeak_speech_wav, tmp_path_factory):
     directory = tmp_path_factory.mktemp("serve")
     shutil.copy(espeak_speech_wav, directory / "voice.wav")
     voices = write_voices(directory, directory / "voice.wav")
-    proc = ServerProcess("--model", str(tiny_checkpoint), "--voices", str(voices), "--max-streams", "2",
+    proc = ServerProcess("--csm-model", str(tiny_checkpoint), "--voices", str(voices), "--max-streams", "2",
                          "--cache-slots", "4", "--max-queue", "1", "--max-audio-ms", "20000",
                          api_key=KEY, log=directory / "server.log")
     try:
@@ -223,6 +223,18 @@ def test_transport_level_errors_are_json_too(server):
     assert server.health()["status"] == "ok"  # /health needs no key
 
 
+def test_api_key_must_match_whole_and_exactly(server):
+    """The key is compared as bytes in constant time (hmac.compare_digest): near misses and odd bytes are 401s."""
+    url = server.url + "/v1/models"
+    near_misses = [f"Bearer {KEY[:-1]}x", f"Bearer {KEY}x", f"Bearer {KEY[:-1]}", f"bearer {KEY}", KEY,
+                   f"Bearer  {KEY}", f"Bearer {KEY.upper()}", ""]
+    codes = [httpx.get(url, headers={"Authorization": value}).status_code for value in near_misses]
+    odd_bytes = httpx.get(url, headers={"Authorization": f"Bearer {KEY}\u00e9".encode()})  # not latin-1 text
+    assert codes == [401] * len(near_misses) and odd_bytes.status_code == 401
+    assert odd_bytes.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(url, headers=server.headers).status_code == 200
+
+
 def test_busy_server_answers_429_and_recovers(server):
     long = {"model": "csm-1b", "input": "one two three four five six seven eight nine ten", "max_audio_ms": 20000}
     stop = threading.Event()
@@ -283,7 +295,7 @@ def test_models_voices_info_and_health(server):
 
 
 def test_listening_beyond_loopback_needs_a_key(tiny_checkpoint):
-    result = subprocess.run([console_script("csm-serve"), "--model", str(tiny_checkpoint), "--host", "0.0.0.0"],
+    result = subprocess.run([console_script("csm-serve"), "--csm-model", str(tiny_checkpoint), "--host", "0.0.0.0"],
                             capture_output=True, text=True, timeout=60)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1

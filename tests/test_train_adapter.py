@@ -122,12 +122,12 @@ def test_adapter_for_another_model_size_is_refused(trained, tiny_checkpoint, tmp
         load_generator(str(other_dir), dtype="float32", adapter=str(out))
     from csm_engine.cli import generate_main
 
-    rc = generate_main(["--text", "Hi.", "--model-path", str(other_dir), "--adapter", str(out), "--no-watermark",
+    rc = generate_main(["--text", "Hi.", "--csm-model", str(other_dir), "--adapter", str(out), "--no-watermark",
                         "--output", str(tmp_path / "x.wav"), "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "another model size" in err and str(tiny_checkpoint) in err
     assert not (tmp_path / "x.wav").exists()
-    assert finetune_main(["--merge", str(out), "--out", str(tmp_path / "m"), "--model-path", str(other_dir)]) == 2
+    assert finetune_main(["--merge", str(out), "--out", str(tmp_path / "m"), "--csm-model", str(other_dir)]) == 2
     assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.tmp-*"))
 
 
@@ -136,10 +136,10 @@ def test_csm_generate_with_adapter_writes_audio(trained, tiny_checkpoint, tmp_pa
 
     _, out = trained
     wav = tmp_path / "a.wav"
-    rc = generate_main(["--text", TEXT, "--model-path", str(tiny_checkpoint), "--adapter", str(out), "--no-watermark",
+    rc = generate_main(["--text", TEXT, "--csm-model", str(tiny_checkpoint), "--adapter", str(out), "--no-watermark",
                         "--output", str(wav), "--device", "cpu", "--seed", "1", "--max-audio-length-ms", "800"])
     assert rc == 0 and wav.stat().st_size > 44
-    assert generate_main(["--text", "x", "--model-path", str(tiny_checkpoint), "--adapter", str(tmp_path),
+    assert generate_main(["--text", "x", "--csm-model", str(tiny_checkpoint), "--adapter", str(tmp_path),
                           "--no-watermark", "--output", str(tmp_path / "b.wav")]) == 2
     assert "no adapter.json" in capsys.readouterr().err
 

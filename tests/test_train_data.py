@@ -58,15 +58,16 @@ def test_saved_conversation_is_read_turn_by_turn(saved_conversation):
     found = find_utterances([saved_conversation])
     assert [u.text for u in found] == ["Hi, what is the weather like?", "It is sunny today.",
                                        "Do you want to go for a walk?", "Yes, that sounds lovely.",
-                                       "Great, let us go after lunch."]
-    assert [u.target for u in found] == [True, True, True, False, True]  # the typed turn is context only
-    assert found[3].audio is None
+                                       "Great, let us go after lunch.", "And tomorrow?", "It will rain tomorrow."]
+    # Typed turns and the reply that was never spoken are context only.
+    assert [u.target for u in found] == [True, True, True, False, True, False, False]
+    assert found[3].audio is None and found[6].audio is None
     # The agent's two sentences are two utterances of one turn, slices of its WAV.
     a, b = found[1].audio, found[2].audio
     assert a.path == b.path and a.start == 0 and a.stop == b.start and found[1].turn == found[2].turn
-    assert [u.speaker for u in found] == [1, 0, 0, 1, 0]
+    assert [u.speaker for u in found] == [1, 0, 0, 1, 0, 1, 0]
     only_agent = find_utterances([saved_conversation], roles=("agent",))
-    assert [u.target for u in only_agent] == [False, True, True, False, True]
+    assert [u.target for u in only_agent] == [False, True, True, False, True, False, False]
 
 
 def test_codes_are_cached_by_content(train_clip_folder, codec, tmp_path):
@@ -118,7 +119,7 @@ def test_context_trimming_keeps_whole_turns(conversation_encoded, tokenizer):
 
 def _finetune(tiny_checkpoint, tmp_path, capsys, *data, extra=()):
     out = tmp_path / "out"
-    rc = finetune_main([*map(str, data), "--out", str(out), "--model-path", str(tiny_checkpoint), "--device", "cpu",
+    rc = finetune_main([*map(str, data), "--out", str(out), "--csm-model", str(tiny_checkpoint), "--device", "cpu",
                         "--cache-dir", str(tmp_path / "cache"), "--quiet", "--steps", "1", *extra])
     err = capsys.readouterr().err.strip()
     return rc, err, out

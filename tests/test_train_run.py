@@ -57,7 +57,7 @@ def test_finetuning_learns_the_clips(train_clip_folder, tiny_checkpoint, tiny_ge
 
 
 def _args(data, out, checkpoint, cache, steps):
-    return [str(data), "--out", str(out), "--model-path", str(checkpoint), "--device", "cpu", "--cache-dir",
+    return [str(data), "--out", str(out), "--csm-model", str(checkpoint), "--device", "cpu", "--cache-dir",
             str(cache), "--quiet", "--steps", str(steps), "--lr", "3e-3", "--eval-fraction", "0", "--seed", "3",
             "--save-every", "1000", "--lora-rank", "4", "--batch-size", "2"]
 

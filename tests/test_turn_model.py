@@ -15,8 +15,8 @@ from agent.errors import AgentError
 from agent.listen.turn_model import (WINDOW_SAMPLES, TurnRuntime, last_window, load_turn_model, try_load_turn_model,
                                turn_features)
 from agent.listen.vad import load_silero_model
-from test_end_of_turn import (LEAD_S, PAUSED_SENTENCES, QUESTIONS, paused_stream, question_stream, run_stream, silence,
-                              speech_only)
+from _clips import speech_only
+from test_end_of_turn import LEAD_S, PAUSED_SENTENCES, QUESTIONS, paused_stream, question_stream, run_stream, silence
 
 # Unfinished clauses said alone (espeak gives each a sentence-final fall in pitch).
 UNFINISHED_CLAUSES = ["I'd like to know", "What is the capital of", "Could you please remind me to", "My favourite colour is"]

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from _clips import speech_only
 from _stage_helpers import EventLog as Events, converse
 from _voice_helpers import EspeakVoice
 from test_end_of_turn import QUESTIONS  # the 20 complete questions the judge's own tests use
@@ -43,9 +44,7 @@ def _settings(tmp_path, persona, **changes) -> AgentSettings:
 
 
 def _speech(espeak_wav, text: str) -> np.ndarray:
-    clip = load_audio(espeak_wav(text))
-    loud = np.nonzero(np.abs(clip) > 0.02)[0]
-    return clip[loud[0] : loud[-1] + 1]  # espeak pads its WAVs with silence
+    return speech_only(load_audio(espeak_wav(text)))
 
 
 def _silence(seconds: float) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from _clips import audible_span
 from agent.audio import PIPELINE_RATE, load_audio
 from agent.errors import AgentError
 from agent.listen.vad import PushToTalk, VadSettings, VoiceActivityDetector, load_silero_model
@@ -16,8 +17,8 @@ def silence(seconds: float) -> np.ndarray:
 
 def speech_bounds(clip: np.ndarray) -> tuple[float, float]:
     """Where espeak's clip is actually audible (it pads its WAVs with a little silence)."""
-    loud = np.nonzero(np.abs(clip) > 0.02)[0]
-    return loud[0] / PIPELINE_RATE, loud[-1] / PIPELINE_RATE
+    start, end = audible_span(clip)
+    return start / PIPELINE_RATE, (end - 1) / PIPELINE_RATE
 
 
 def run(detector, audio: np.ndarray, block: int = 512):

@@ -21,7 +21,6 @@ from csm_engine.watermark import (
     CHECKPOINT_FILES,
     CSM_WATERMARK_KEY,
     WATERMARK_DIR_ENV,
-    StreamingWatermarker,
     Watermarker,
     WatermarkResult,
     apply_watermark,
@@ -29,6 +28,7 @@ from csm_engine.watermark import (
     verify,
     verify_file,
 )
+from csm_engine.watermark_stream import StreamingWatermarker
 
 
 @pytest.fixture(scope="module")

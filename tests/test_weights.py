@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from csm_engine import weights
+from csm_engine.weights import layouts
 from csm_engine.config import get_flavor
 from csm_engine.errors import CSMError
 from csm_engine.model import CSMModel
@@ -159,12 +160,12 @@ def test_qk_permutation_turns_interleaved_rope_into_rotate_half():
     cos, sin = angle.cos(), angle.sin()
     q = (w @ x).view(n_heads, head_dim // 2, 2)
     inter = torch.stack([q[..., 0] * cos - q[..., 1] * sin, q[..., 1] * cos + q[..., 0] * sin], dim=-1)
-    qh = (weights.interleaved_to_half(w, n_heads) @ x).view(n_heads, head_dim)
+    qh = (layouts.interleaved_to_half(w, n_heads) @ x).view(n_heads, head_dim)
     lo, hi = qh[:, : head_dim // 2], qh[:, head_dim // 2:]
     half = torch.cat([lo * cos - hi * sin, hi * cos + lo * sin], dim=-1)
     # The rotate-half result is the interleaved one with evens first, then odds, per head.
     torch.testing.assert_close(half, torch.cat([inter[..., 0], inter[..., 1]], dim=-1))
-    torch.testing.assert_close(weights.half_to_interleaved(weights.interleaved_to_half(w, n_heads), n_heads), w)
+    torch.testing.assert_close(layouts.half_to_interleaved(layouts.interleaved_to_half(w, n_heads), n_heads), w)
 
 
 def test_transformers_layout_dir_loads_the_identical_state_dict(tiny_checkpoint, transformers_checkpoint):

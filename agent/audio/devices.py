@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.audio.samples import BLOCK_MS, PIPELINE_RATE, PLAYBACK_BLOCK_MS, _one_line
+from agent.audio.samples import BLOCK_MS, PIPELINE_RATE, PLAYBACK_BLOCK_MS
 from agent.audio.sinks import AudioSink
 from agent.audio.sources import QueueSource
 from agent.errors import AgentError
+from csm_engine.errors import first_line
 
 NO_MIC_FIX = "use --mic-file IN.wav or plug one in"
 NO_SPEAKER_FIX = "use --speaker-file OUT.wav or plug one in"
@@ -46,7 +47,7 @@ class MicrophoneSource(QueueSource):
                 callback=self._callback,
             )
         except (sd.PortAudioError, ValueError) as error:
-            raise AgentError(f"no microphone found: {_one_line(error)}; {NO_MIC_FIX}") from None
+            raise AgentError(f"no microphone found: {first_line(error)}; {NO_MIC_FIX}") from None
         self.input_latency_s = float(self._stream.latency)
 
     def _callback(self, indata: np.ndarray, frames: int, time_info: object, status: object) -> None:
@@ -97,7 +98,7 @@ class SpeakerSink(AudioSink):
                 callback=self._callback,
             )
         except (sd.PortAudioError, ValueError) as error:
-            raise AgentError(f"no speaker found: {_one_line(error)}; {NO_SPEAKER_FIX}") from None
+            raise AgentError(f"no speaker found: {first_line(error)}; {NO_SPEAKER_FIX}") from None
         self.underflows = 0
         self.output_latency_s = float(self._stream.latency)
 
@@ -128,7 +129,7 @@ def _sounddevice(fix: str):
         import sounddevice
     except OSError as error:  # raised at import when libportaudio is not installed
         raise AgentError(
-            f"PortAudio is not installed ({_one_line(error)}): install libportaudio2, or {fix}"
+            f"PortAudio is not installed ({first_line(error)}): install libportaudio2, or {fix}"
         ) from None
     return sounddevice
 

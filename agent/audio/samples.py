@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
 from agent.errors import AgentError
-from agent.conversation.files import write_atomic
+from csm_engine import audio_io
+from csm_engine.audio_io import resample
+from csm_engine.errors import CSMError
 
 PIPELINE_RATE = 16_000  # Hz: what the VAD and Whisper consume
 BLOCK_MS = 32  # 512 samples at 16 kHz: one Silero VAD window
 PLAYBACK_BLOCK_MS = 20  # how finely sinks hand audio to the speaker; bounds the barge-in delay
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
 
 
 def _as_mono_float32(audio: np.ndarray) -> np.ndarray:
@@ -29,16 +24,6 @@ def _as_mono_float32(audio: np.ndarray) -> np.ndarray:
     elif audio.ndim != 1:
         raise ValueError(f"audio must be 1-D or (samples, channels), got shape {audio.shape}")
     return np.ascontiguousarray(audio)
-
-
-def resample(audio: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
-    """Resample a whole 1-D float32 signal from ``src_rate`` to ``dst_rate`` Hz (polyphase)."""
-    audio = np.asarray(audio, dtype=np.float32)
-    if src_rate == dst_rate or audio.size == 0:
-        return audio.copy()
-    from scipy.signal import resample_poly  # scipy.signal takes seconds to import: only when resampling
-    g = math.gcd(int(src_rate), int(dst_rate))
-    return resample_poly(audio, dst_rate // g, src_rate // g).astype(np.float32)
 
 
 class StreamResampler:
@@ -88,7 +73,7 @@ class StreamResampler:
         return out[: int(round(n * self._up / self._down))]
 
     def _emit(self, ready: int) -> np.ndarray:
-        from scipy.signal import resample_poly  # as in resample()
+        from scipy.signal import resample_poly  # scipy.signal takes seconds to import: only when resampling
         c = self._context
         window = np.concatenate([self._left, self._pending[: ready + c]])
         out = resample_poly(window, self._up, self._down).astype(np.float32)
@@ -100,39 +85,30 @@ class StreamResampler:
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """Read an audio file as float32 mono (channels averaged) at its own rate: ``(samples, rate)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise AgentError(f"audio file not found: {path} (check the path)")
-    if path.stat().st_size == 0:
-        raise AgentError(f"audio file {path} is empty (0 bytes): pass a WAV that holds speech")
+    """Read an audio file as float32 mono (channels averaged) at its own rate: ``(samples, rate)``.
+
+    ``csm_engine.audio_io.read_audio``, with its one-line errors as AgentErrors.
+    """
     try:
-        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as error:  # soundfile raises LibsndfileError/RuntimeError/ValueError by version
-        reason = _one_line(error)
-        reason = re.sub(r"^Error opening .*?: ", "", reason)  # libsndfile repeats the path
-        raise AgentError(f"cannot read audio file {path}: {reason} (pass a PCM WAV file)") from None
-    if audio.shape[0] == 0:
-        raise AgentError(f"audio file {path} is empty (no samples): pass a WAV that holds speech")
-    audio = _as_mono_float32(audio)
-    if not np.all(np.isfinite(audio)):
-        raise AgentError(f"audio file {path} holds NaN or infinite samples: re-export it as PCM WAV")
-    return audio, int(rate)
+        return audio_io.read_audio(path)
+    except CSMError as error:
+        raise AgentError(str(error)) from None
 
 
 def load_audio(path: str | Path, sample_rate: int = PIPELINE_RATE) -> np.ndarray:
-    """Read an audio file as float32 mono resampled to ``sample_rate`` Hz."""
+    """Read an audio file as float32 mono resampled to ``sample_rate`` Hz (the pipeline's 16 kHz by default)."""
     audio, rate = read_wav(path)
     return resample(audio, rate, sample_rate)
 
 
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
-    """Write float32 mono audio as 16-bit PCM WAV, atomically and durably (see agent.conversation.files)."""
+    """Write float32 mono audio as 16-bit PCM WAV, atomically and durably, creating its directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    audio = np.clip(_as_mono_float32(audio), -1.0, 1.0)
-    write_atomic(path, lambda handle: sf.write(handle, audio, int(sample_rate), format="WAV", subtype="PCM_16"))
-    return path
+    try:
+        return audio_io.write_wav(path, _as_mono_float32(audio), int(sample_rate))
+    except CSMError as error:
+        raise AgentError(str(error)) from None
 
 
 def rms_dbfs(block: np.ndarray) -> float:

@@ -200,15 +200,6 @@ class AudioSink(ABC):
         self.wait_idle()
 
     @property
-    def pending_samples(self) -> int:
-        """Queued samples (at ``sample_rate``) not yet played."""
-        return self._queue.pending
-
-    @property
-    def is_playing(self) -> bool:
-        return self._queue.pending > 0
-
-    @property
     def played_samples(self) -> int:
         """Samples (at ``sample_rate``) handed to the speaker so far."""
         return self._played

@@ -7,7 +7,7 @@ time is a new instance (``with_changes``) handed to the part that uses it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agent.echo.canceller import check_aec_mode
@@ -28,7 +28,7 @@ class AgentSettings:
     csm_model: str = DEFAULT_CSM_MODEL  # checkpoint dir (make-checkpoint layout) or hub repo id
     mimi_path: str | None = None
     tokenizer_path: str | None = None
-    csm_dtype: str | None = None  # a csm_engine.quantize.PRECISIONS name; None = engine default
+    csm_dtype: str | None = None  # a csm_engine.precision.PRECISIONS name; None = engine default
     adapter: str | None = None  # csm-finetune output merged into CSM; None = the persona's (if any)
     llm_model: str | None = None  # GGUF path; None = embedded SmolLM2-135M-Instruct
     llm_url: str | None = None  # OpenAI-compatible server instead of the in-process model
@@ -104,8 +104,3 @@ class AgentSettings:
     def with_changes(self, **changes: Any) -> "AgentSettings":
         """A copy with some options replaced (validated)."""
         return replace(self, **changes)
-
-    @classmethod
-    def option_names(cls) -> list[str]:
-        """Names a config file or a flag may set."""
-        return [f.name for f in fields(cls) if f.name != "config_path"]

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.audio import write_wav
+from agent.audio import read_wav, write_wav
 from agent.errors import AgentError
-from agent.conversation.files import write_text_atomic
-from agent.conversation.turns import CSM_RATE, Sentence, Turn, json_int, read_turn_wav, turn_from_json
+from csm_engine.files import write_text_atomic
+from agent.conversation.turns import CSM_RATE, Sentence, Turn, json_int, turn_from_json
 
 if TYPE_CHECKING:  # torch-heavy: only for annotations
     from csm_engine.tokens import Segment
@@ -307,7 +307,7 @@ class Conversation:
         for turn in self.turns:
             audio = turn.audio
             if audio is None and turn.audio_file and self.directory is not None:
-                audio = read_turn_wav(self.directory / turn.audio_file, turn)[0]
+                audio = read_wav(self.directory / turn.audio_file)[0]
             copy.turns.append(Turn(turn.id, turn.role, turn.text, turn.speaker, audio, turn.sample_rate,
                                    turn.started_at, turn.ended_at, turn.interrupted,
                                    [Sentence(s.text, s.samples) for s in turn.sentences], typed=turn.typed,
@@ -354,7 +354,7 @@ class Conversation:
                     raise AgentError(f"{where}: turn {turn.id} audio {turn.audio_file} is missing next to it; "
                                      "restore the file or remove its \"audio\" entry")
                 if with_audio:
-                    turn.audio, turn.sample_rate = read_turn_wav(wav, turn)
+                    turn.audio, turn.sample_rate = read_wav(wav)
                 conversation._written.add(turn.audio_file)
             conversation.turns.append(turn)
         conversation.directory = base

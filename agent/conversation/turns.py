@@ -8,12 +8,11 @@ agent turns, built once, so the same tensors appear in every later context.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.audio import read_wav, resample
+from agent.audio import resample
 from agent.errors import AgentError
 
 if TYPE_CHECKING:  # torch-heavy: only for annotations
@@ -192,7 +191,3 @@ def turn_from_json(item: Any, where: str) -> Turn:
         tools=tools,
     )
 
-
-def read_turn_wav(path: Path, turn: Turn) -> tuple[np.ndarray, int]:
-    audio, rate = read_wav(path)
-    return audio, rate

@@ -23,6 +23,7 @@ import numpy as np
 from agent.audio import PIPELINE_RATE
 from agent.embedded import whisper_tiny_en_dir
 from agent.errors import AgentError
+from csm_engine.errors import first_line
 
 ENGINES = ("faster-whisper", "openai-whisper")
 EMBEDDED_NAMES = (None, "", "embedded", "tiny.en")  # served by the packaged model, no download
@@ -123,7 +124,7 @@ class FasterWhisperTranscriber(Transcriber):
             self._model = WhisperModel(source, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
         except Exception as error:
             raise AgentError(
-                f"cannot load Whisper model {source!r} for faster-whisper: {_first_line(error)} "
+                f"cannot load Whisper model {source!r} for faster-whisper: {first_line(error)} "
                 "(pass --asr-model with a CTranslate2 Whisper directory, or leave it out for the embedded tiny.en)"
             ) from None
         # English-only models (*.en) must not be asked to detect the language.
@@ -178,7 +179,7 @@ class OpenAIWhisperTranscriber(Transcriber):
             self._model = whisper.load_model(source, device=self.device)
         except Exception as error:
             raise AgentError(
-                f"cannot load Whisper model {source!r} for openai-whisper: {_first_line(error)} "
+                f"cannot load Whisper model {source!r} for openai-whisper: {first_line(error)} "
                 "(on a machine without internet pass --asr-model PATH.pt, or use --asr faster-whisper)"
             ) from None
         self.language = language or (None if self._model.is_multilingual else "en")
@@ -196,11 +197,6 @@ class OpenAIWhisperTranscriber(Transcriber):
         )
         found = [(s["text"], s["no_speech_prob"], s["avg_logprob"]) for s in result["segments"]]
         return found, result.get("language")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def make_transcriber(

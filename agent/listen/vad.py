@@ -21,7 +21,7 @@ from agent.listen.end_of_turn import EndOfTurnJudge, TurnVerdict
 from agent.errors import AgentError
 from agent.listen.silero import WINDOW, SileroModel, load_silero_model
 
-__all__ = ["PushToTalk", "SileroModel", "TurnDetector", "VadEvent", "VadSettings", "VoiceActivityDetector",
+__all__ = ["PushToTalk", "SileroModel", "VadEvent", "VadSettings", "VoiceActivityDetector",
            "WINDOW", "load_silero_model"]
 
 
@@ -341,5 +341,3 @@ class PushToTalk:
         t = self._pos / PIPELINE_RATE
         return VadEvent("speech_end", t, audio, forced, t)
 
-
-TurnDetector = VoiceActivityDetector | PushToTalk

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import io
-import json
 import os
 import socket
 import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,12 +30,10 @@ import torch
 
 from agent.errors import AgentError
 from agent.speak.synthesis import ReplySynthesizer, SynthesisOptions
-from csm_engine.errors import CSMError
-from csm_engine.generator import Prompt, assemble_prompt, segment_rows
+from csm_engine.errors import CSMError, first_line
+from csm_engine.prompt import ClipCodes, Prompt, PromptBuilder
+from csm_engine.serve import wire
 from csm_engine.tokens import Segment, TextTokenizer
-
-SESSION_HEADER = "X-CSM-Session"
-API_KEY_ENV = "CSM_SERVE_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -61,8 +56,8 @@ def server_root(url: str) -> str:
     return url.removesuffix("/audio/speech").removesuffix("/v1")
 
 
-class RemoteCSM:
-    """A csm-serve with the Generator's prompt-side methods and ``stream`` (see the module docstring)."""
+class RemoteCSM(PromptBuilder):
+    """A csm-serve with the Generator's prompt side (``PromptBuilder``, so prompts match) and ``stream``."""
 
     sample_rate = 24_000
     max_codes = 512  # clips whose codes are kept (by content), as the Generator keeps them
@@ -82,8 +77,7 @@ class RemoteCSM:
             self.tokenizer = TextTokenizer.from_json(self._request("GET", "/v1/csm/tokenizer.json").text)
         except CSMError as error:
             raise AgentError(f"csm-serve at {self.url} sent an unreadable tokenizer: {error}") from None
-        self._codes: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
+        self.clip_codes = ClipCodes(self.max_codes)
         self.last_response_id: str | None = None
         self.last_prompt_rows = 0
         self.last_reused_rows = 0  # prompt rows the server's cache already held (the session at work)
@@ -94,7 +88,7 @@ class RemoteCSM:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as error:
-            raise AgentError(f"cannot reach csm-serve at {self.url}: {_first_line(error)} (start it, or fix "
+            raise AgentError(f"cannot reach csm-serve at {self.url}: {first_line(error)} (start it, or fix "
                              "--tts-url)") from None
         if response.status_code >= 400:
             raise _status_error(self.url, response)
@@ -116,42 +110,27 @@ class RemoteCSM:
         """Mimi codes (32, frames) of a segment's audio: known ones, else encoded by the server once."""
         if segment.audio is None or segment.audio.numel() == 0:
             return None
-        key = _audio_key(segment.audio)
-        with self._lock:
-            codes = self._codes.get(key)
-            if codes is not None:
-                self._codes.move_to_end(key)
-                return codes
+        return self.clip_codes.get_or_encode(segment.audio, self._encode)
+
+    def _encode(self, audio: torch.Tensor) -> torch.Tensor:
+        """The server's Mimi codes (32, frames) of a clip (``/v1/audio/encode``)."""
         wav = io.BytesIO()
         import soundfile
 
-        soundfile.write(wav, segment.audio.detach().float().cpu().numpy(), self.sample_rate, subtype="FLOAT",
-                        format="WAV")
+        soundfile.write(wav, audio.detach().float().cpu().numpy(), self.sample_rate, subtype="FLOAT", format="WAV")
         answer = self._request("POST", "/v1/audio/encode",
                                json={"audio": base64.b64encode(wav.getvalue()).decode("ascii")}).json()
-        codes = _decode_codes(answer["codes"], self.config.audio_num_codebooks)
-        self._store(key, codes)
-        return codes
+        return self._codes_from(answer["codes"])
+
+    def _codes_from(self, text: str) -> torch.Tensor:
+        try:
+            return wire.decode_codes(text, self.config.audio_num_codebooks)
+        except wire.WireError as error:
+            raise CSMError(f"csm-serve at {self.url} sent unreadable codes: {error}") from None
 
     def remember_codes(self, audio: torch.Tensor, codes: torch.Tensor) -> None:
         """Record that ``audio`` is the decoding of ``codes`` (so it goes back to the server as codes)."""
-        self._store(_audio_key(audio), codes.detach().cpu())
-
-    def _store(self, key: bytes, codes: torch.Tensor) -> None:
-        with self._lock:
-            self._codes[key] = codes
-            self._codes.move_to_end(key)
-            while len(self._codes) > self.max_codes:
-                self._codes.popitem(last=False)
-
-    def segment_frames(self, segment: Segment) -> tuple[torch.Tensor, torch.Tensor]:
-        return segment_rows(self.tokenizer, segment, self.segment_codes(segment), self.config.audio_num_codebooks)
-
-    def build_prompt(self, text: str, speaker: int, context: Sequence[Segment], max_audio_length_ms: int,
-                     runaway_guard: bool = True) -> Prompt:
-        """The prompt the server will build for this request (same tokenizer, same codes)."""
-        return assemble_prompt(self.tokenizer, self.config, self.segment_frames, text, speaker, context,
-                               max_audio_length_ms, runaway_guard)
+        self.clip_codes.put(audio, codes)
 
     # -- speaking ------------------------------------------------------------------------------------
 
@@ -173,7 +152,7 @@ class RemoteCSM:
         cancel = cancel or threading.Event()
         finished = threading.Event()
         request = self._http.build_request("POST", "/v1/audio/speech", json=body,
-                                           headers={SESSION_HEADER: self.session})
+                                           headers={wire.SESSION_HEADER: self.session})
         holder: dict[str, httpx.Response] = {}
         # Barge-in must not wait for the next chunk (or for a queued request's headers): closing
         # the connection from here makes the server drop the utterance at its next frame.
@@ -186,7 +165,7 @@ class RemoteCSM:
             except httpx.HTTPError as error:
                 if cancel.is_set():
                     return
-                raise CSMError(f"cannot reach csm-serve at {self.url}: {_first_line(error)}") from None
+                raise CSMError(f"cannot reach csm-serve at {self.url}: {first_line(error)}") from None
             holder["response"] = response
             if cancel.is_set():
                 return
@@ -204,14 +183,14 @@ class RemoteCSM:
         item: dict[str, Any] = {"speaker": segment.speaker, "text": segment.text}
         codes = self.segment_codes(segment)
         if codes is not None:
-            item["codes"] = base64.b64encode(codes.T.contiguous().numpy().astype("<i2").tobytes()).decode("ascii")
+            item["codes"] = wire.encode_codes(codes)
         return item
 
     def _check_prompt(self, response: httpx.Response, prompt: Prompt) -> None:
-        self.last_response_id = response.headers.get("x-csm-response-id")
-        rows = int(response.headers.get("x-csm-prompt-rows", "-1"))
+        self.last_response_id = response.headers.get(wire.RESPONSE_ID_HEADER)
+        rows = int(response.headers.get(wire.PROMPT_ROWS_HEADER, "-1"))
         self.last_prompt_rows = rows
-        self.last_reused_rows = int(response.headers.get("x-csm-reused-rows", "0"))
+        self.last_reused_rows = int(response.headers.get(wire.REUSED_ROWS_HEADER, "0"))
         if rows != prompt.tokens.shape[0]:
             raise CSMError(f"csm-serve at {self.url} built a prompt of {rows} rows where this client built "
                            f"{prompt.tokens.shape[0]}; client and server disagree on the model (update one of them)")
@@ -223,27 +202,31 @@ class RemoteCSM:
             for line in response.iter_lines():
                 if cancel.is_set():
                     return
-                if not line.startswith("data: "):
-                    continue
-                event = json.loads(line[6:])
-                kind = event.get("type")
-                if kind == "speech.audio.delta":
+                event = self._event(line)
+                kind = event and event.get("type")
+                if kind == wire.AUDIO_DELTA:
                     if event.get("codes") and on_frame is not None:
-                        for codes in _decode_codes(event["codes"], self.config.audio_num_codebooks).T:
+                        for codes in self._codes_from(event["codes"]).T:
                             on_frame(frame_index, codes.clone())
                             frame_index += 1
-                    pcm = np.frombuffer(base64.b64decode(event["audio"]), "<i2").astype(np.float32) / 32768.0
+                    pcm = wire.from_pcm16(base64.b64decode(event["audio"]))
                     if len(pcm):
                         yield pcm
-                elif kind == "speech.audio.done":
+                elif kind == wire.AUDIO_DONE:
                     return
-                elif kind == "error":
+                elif kind == wire.ERROR_EVENT:
                     raise CSMError(f"csm-serve at {self.url}: {event['error']['message']}")
         except httpx.HTTPError as error:
             if cancel.is_set():
                 return  # we closed it
-            raise CSMError(f"csm-serve at {self.url} stopped in the middle of a sentence: {_first_line(error)}") \
+            raise CSMError(f"csm-serve at {self.url} stopped in the middle of a sentence: {first_line(error)}") \
                 from None
+
+    def _event(self, line: str) -> dict | None:
+        try:
+            return wire.parse_sse_line(line)
+        except wire.WireError as error:
+            raise CSMError(f"csm-serve at {self.url}: {error}") from None
 
 
 @dataclass
@@ -258,7 +241,7 @@ class RemoteSynthesizer(ReplySynthesizer):
 
         ``api_key`` None: ``CSM_SERVE_API_KEY`` from the environment, if set.
         """
-        remote = RemoteCSM(url, api_key=api_key or os.environ.get(API_KEY_ENV) or None, session=session)
+        remote = RemoteCSM(url, api_key=api_key or os.environ.get(wire.API_KEY_ENV) or None, session=session)
         options = options or SynthesisOptions()
         if options.topk > remote.max_topk:
             raise AgentError(f"the persona's topk {options.topk} is above csm-serve's limit of {remote.max_topk}")
@@ -281,26 +264,12 @@ def _close_on_cancel(cancel: threading.Event, finished: threading.Event, holder:
             return
 
 
-def _audio_key(audio: torch.Tensor) -> bytes:
-    return hashlib.blake2b(audio.detach().float().cpu().numpy().tobytes(), digest_size=16).digest()
-
-
-def _decode_codes(text: str, num_codebooks: int) -> torch.Tensor:
-    raw = np.frombuffer(base64.b64decode(text), "<i2").reshape(-1, num_codebooks)
-    return torch.from_numpy(raw.astype(np.int64)).T.contiguous()
-
-
 def _status_error(url: str, response: httpx.Response, kind: type[Exception] = AgentError) -> Exception:
     try:
         message = response.json()["error"]["message"]
     except (ValueError, KeyError, TypeError):
         message = response.reason_phrase
-    return kind(f"csm-serve at {url} answered HTTP {response.status_code}: {_first_line(message)}")
-
-
-def _first_line(error: object) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    return kind(f"csm-serve at {url} answered HTTP {response.status_code}: {first_line(message)}")
 
 
 __all__ = ["RemoteCSM", "RemoteConfig", "RemoteSynthesizer", "server_root"]

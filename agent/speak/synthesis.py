@@ -78,7 +78,7 @@ class ReplySynthesizer:
 
     def budget_s(self, text: str) -> float:
         """The most audio CSM may make for ``text`` (its frame budget), in seconds."""
-        from csm_engine.generator import prepare_text, text_frame_budget  # imports torch
+        from csm_engine.prompt import prepare_text, text_frame_budget  # imports torch
 
         frames = min(max(1, self.options.max_audio_ms // FRAME_MS), text_frame_budget(prepare_text(text)))
         return frames * FRAME_MS / 1000

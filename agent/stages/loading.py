@@ -101,7 +101,7 @@ class ModelLoader:
         return self.ctx.spawn(self._load_all, "load")
 
     def _load_all(self) -> None:
-        from csm_engine.cli import resolve_device  # imports torch
+        from csm_engine.device import resolve_device  # imports torch
 
         try:
             self.models.device = resolve_device(self.settings.device)
@@ -229,7 +229,8 @@ class ModelLoader:
 
     def _connect_remote(self) -> "RemoteCSM":
         """--tts-url: a csm-serve speaks for the agent (AgentError when it cannot be reached)."""
-        from agent.speak.remote_voice import API_KEY_ENV, RemoteCSM  # imports torch (prompts are built here)
+        from agent.speak.remote_voice import RemoteCSM  # imports torch (prompts are built here)
+        from csm_engine.serve.wire import API_KEY_ENV
 
         remote = RemoteCSM(self.settings.tts_url, api_key=os.environ.get(API_KEY_ENV) or None)
         if self.persona().topk > remote.max_topk:

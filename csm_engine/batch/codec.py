@@ -29,10 +29,6 @@ class BatchDecoder:
         self._reset = torch.zeros(rows, dtype=torch.bool)
         self._codes = torch.zeros(rows, codec.num_codebooks, 1, dtype=torch.long)
 
-    @property
-    def free_rows(self) -> int:
-        return len(self._free)
-
     def open(self) -> int:
         """A row for a new utterance (its state is reset before its first frame)."""
         row = self._free.pop(0)

@@ -33,7 +33,8 @@ from csm_engine.batch.step import BatchStep, SlotCaches, batch_buckets, model_ca
 from csm_engine.cuda_graphs import cuda_graphs_available
 from csm_engine.errors import CSMError
 from csm_engine.batch.events import Admitted, AudioChunk, Failed, Finished, FrameSampled, StreamOptions, Utterance
-from csm_engine.generator import MIMI_CODEBOOK_SIZE, Generator, Prompt, prompt_attention
+from csm_engine.generator import MIMI_CODEBOOK_SIZE, Generator, prompt_attention
+from csm_engine.prompt import Prompt
 from csm_engine.batch.slots import BLOCK_ROWS, SlotTable, block_digests
 
 

@@ -6,7 +6,7 @@ write (``SlotCaches``): every utterance owns a slot of preallocated backbone key
 writes its new row at its own position ``pos[b]`` and attends, under its own causal mask row, to
 its own slot. The audio decoder needs nothing special: every row is at the same decoder position
 in every step (0-1, then 2..31), so the 31 decoder steps run once for the whole batch. Sampling
-has per-row temperature and top-k (``sample_rows``), the exponential draws of ``sample_topk``
+has per-row temperature and top-k (``csm_engine.sampling.sample_rows``), the exponential draws of ``sample_topk``
 made beforehand, so a row samples exactly what ``sample_topk`` samples from the same draws.
 
 ``BatchStep`` is that frame from static buffers for one batch size: on CUDA it is captured as a
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from csm_engine.cuda_graphs import capture_graph
 from csm_engine.model import CSMModel, KVCache
+from csm_engine.sampling import sample_rows
 
 
 class CacheView(nn.Module):
@@ -80,9 +81,6 @@ class SlotCaches:
     def pad_position(self) -> int:
         return self.max_seq_len - 1
 
-    def nbytes_per_slot(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in self.k + self.v + self.dec_k + self.dec_v)
-
     def slot(self, s: int) -> list[CacheView]:
         """Slot s's backbone layers as batch-1 caches (prefill of one utterance at int positions)."""
         return [CacheView(k[s:s + 1], v[s:s + 1]) for k, v in zip(self.k, self.v)]
@@ -127,21 +125,6 @@ def backbone_rows(model: CSMModel, tokens: Tensor, mask: Tensor, pos: Tensor) ->
     for layer in bb.layers:
         x = layer(x, cos, sin, attn_mask, pos)
     return bb.norm(x)
-
-
-def sample_rows(logits: Tensor, temperature: Tensor, topk: Tensor, greedy: Tensor, noise: Tensor,
-                max_topk: int) -> Tensor:
-    """One token per row (B, 1) with the row's own settings: what ``sample_topk`` gives that row.
-
-    temperature (B,) float32 (1 on greedy rows), topk (B,) long in 1..max_topk, greedy (B,) bool
-    (argmax), noise (B, V) the row's Exp(1) draws.
-    """
-    top = logits.argmax(dim=-1, keepdim=True)
-    scaled = logits.float() / temperature[:, None]
-    kth = torch.topk(scaled, max_topk, dim=-1).values.gather(1, topk[:, None] - 1)  # each row's k-th largest
-    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    drawn = (torch.softmax(scaled, dim=-1) / noise).argmax(dim=-1, keepdim=True)
-    return torch.where(greedy[:, None], top, drawn)
 
 
 class BatchStep:
@@ -202,5 +185,4 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
     return tuple(sizes + [max_batch])
 
 
-__all__ = ["BatchStep", "CacheView", "RowCache", "SlotCaches", "backbone_rows", "batch_buckets", "model_caches",
-           "sample_rows"]
+__all__ = ["BatchStep", "CacheView", "RowCache", "SlotCaches", "backbone_rows", "batch_buckets", "model_caches"]

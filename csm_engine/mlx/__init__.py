@@ -82,11 +82,4 @@ def load_generator(model_path: str | os.PathLike | None = None, *, mimi_path: st
     return MLXGenerator(model, codec, tokenizer)
 
 
-def generate_main(argv: list[str] | None = None) -> int:
-    """``csm-generate-mlx``: ``csm-generate`` on the MLX backend."""
-    from csm_engine.mlx.cli import generate_main as _main
-
-    return _main(argv)
-
-
-__all__ = ["NOT_AVAILABLE", "generate_main", "is_available", "load_generator", "require_mlx", *_LAZY]
+__all__ = ["NOT_AVAILABLE", "is_available", "load_generator", "require_mlx", *_LAZY]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from csm_engine.errors import CSMError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,24 +29,23 @@ def load_mlx_generator(args: argparse.Namespace, device: str = "cpu"):
     """The MLXGenerator named by csm-generate's loading options; ``device`` is where Mimi runs."""
     from csm_engine.mlx import load_generator
 
-    return load_generator(args.model_path, mimi_path=args.mimi_path, tokenizer_path=args.tokenizer_path,
+    return load_generator(args.csm_model, mimi_path=args.mimi_path, tokenizer_path=args.tokenizer_path,
                           quantize_bits=args.quantize, dtype=args.mlx_dtype, device=device, adapter=args.adapter)
 
 
 def generate_main(argv: list[str] | None = None) -> int:
     from csm_engine import cli
+    from csm_engine.console import run_cli
     from csm_engine.mlx import require_mlx
 
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         require_mlx()
         # csm-generate's whole path (checks, context, voice, watermark, WAV), with an MLX model.
         return int(cli.run_generate(args, load_mlx_generator) or 0)
-    except CSMError as e:
-        print(f"csm-generate-mlx: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+
+    return run_cli("csm-generate-mlx", body)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,7 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from csm_engine.config import CSMConfig
-from csm_engine.errors import CSMError
+from csm_engine.errors import CSMError, first_line
+from csm_engine.files import atomic_path, cache_dir
 from csm_engine.mlx.model import MLXCSMModel
 
 CONVERTER_VERSION = 1
@@ -75,7 +76,7 @@ def build_model(config: CSMConfig, weights: Mapping[str, mx.array], *, quantize_
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise CSMError(f"checkpoint does not fit the MLX model: {str(e).splitlines()[0]}") from None
+        raise CSMError(f"checkpoint does not fit the MLX model: {first_line(e)}") from None
     dtypes = {w.dtype for w in weights.values()}
     model.cache_dtype = mx.float32 if mx.float32 in dtypes or not dtypes else next(iter(dtypes))
     if quantize_bits is not None:
@@ -115,12 +116,7 @@ def quantize_model(model: MLXCSMModel, bits: int, group_size: int = 64) -> MLXCS
 
 def default_cache_dir() -> Path:
     """``$CSM_MLX_CACHE_DIR`` or the user cache dir (``~/.cache/csm-chat/mlx`` on Linux)."""
-    env = os.environ.get("CSM_MLX_CACHE_DIR")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("csm-chat")) / "mlx"
+    return cache_dir("mlx", "CSM_MLX_CACHE_DIR")
 
 
 def _checkpoint_files(model_dir: Path) -> list[Path]:
@@ -158,9 +154,8 @@ def _read_cached(path: Path) -> tuple[CSMConfig, dict[str, mx.array]] | None:
 
 def _write_cached(path: Path, config: CSMConfig, weights: Mapping[str, mx.array]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.safetensors")
-    mx.save_safetensors(str(tmp), dict(weights), metadata={"csm_config": json.dumps(config.to_json_dict())})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # keeps the .safetensors suffix, which mx.save_safetensors wants
+        mx.save_safetensors(str(tmp), dict(weights), metadata={"csm_config": json.dumps(config.to_json_dict())})
 
 
 def load_mlx_weights(model_path: str | os.PathLike | None, *, dtype: str | mx.Dtype | None = None,

@@ -12,8 +12,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
+import hmac
 import time
 from collections.abc import AsyncIterator
 
@@ -26,13 +25,15 @@ from pydantic import ValidationError
 from csm_engine.batch.engine import EngineBusy
 from csm_engine.config import FRAME_MS, SAMPLE_RATE
 from csm_engine.batch.events import Admitted, AudioChunk, Failed, Finished, FrameSampled, Utterance
-from csm_engine.serve.audio import as_heard, encode_codes, pcm16, wav_header
+from csm_engine.serve.audio import wav_header
 from csm_engine.serve.errors import APIError, error_response, install_handlers, validation_message
 from csm_engine.serve.schemas import EncodeRequest, SpeechRequest
 from csm_engine.serve.speech import EventBridge, SpeechService
+from csm_engine.serve.wire import (AUDIO_DONE, CONTEXT_KEPT_HEADER, ERROR_EVENT, PROMPT_ROWS_HEADER, RESPONSE_ID_HEADER,
+                                   REUSED_ROWS_HEADER, SAMPLE_RATE_HEADER, SESSION_HEADER, audio_delta, encode_codes,
+                                   from_pcm16, pcm16, sse_event)
 
 MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm"}
-SESSION_HEADER = "x-csm-session"
 CREATED = int(time.time())
 
 
@@ -49,11 +50,13 @@ def create_app(service: SpeechService) -> FastAPI:
             bridge["loop"] = EventBridge(loop)
         return bridge["loop"]
 
+    expected_authorization = f"Bearer {config.api_key}".encode("utf-8") if config.api_key is not None else b""
+
     async def authorized(request: Request) -> None:
         if config.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if given != f"Bearer {config.api_key}":
+        given = request.headers.get("authorization", "").encode("latin-1")  # the header's own bytes
+        if not hmac.compare_digest(given, expected_authorization):  # constant time: no key guessing by timing
             raise APIError(401, "missing or wrong API key: send the header `Authorization: Bearer KEY` with the "
                            "key csm-serve was started with", code="invalid_api_key")
 
@@ -124,9 +127,9 @@ def create_app(service: SpeechService) -> FastAPI:
         if admitted is None:
             return Response(status_code=499)  # the client left while its request waited
         response_id = service.new_response_id()
-        headers = {"x-csm-response-id": response_id, "x-csm-prompt-rows": str(admitted.prompt_rows),
-                   "x-csm-reused-rows": str(admitted.reused_rows), "x-csm-context-kept": str(admitted.context_kept),
-                   "x-csm-sample-rate": str(SAMPLE_RATE), "cache-control": "no-cache"}
+        headers = {RESPONSE_ID_HEADER: response_id, PROMPT_ROWS_HEADER: str(admitted.prompt_rows),
+                   REUSED_ROWS_HEADER: str(admitted.reused_rows), CONTEXT_KEPT_HEADER: str(admitted.context_kept),
+                   SAMPLE_RATE_HEADER: str(SAMPLE_RATE), "cache-control": "no-cache"}
         if session is not None:
             headers[SESSION_HEADER] = session
         stream = _speech_stream(queue, utterance, body, response_id, service)
@@ -243,14 +246,14 @@ async def _speech_stream(queue: asyncio.Queue, utterance: Utterance, body: Speec
                 codes_since.append(event.codes)
             elif isinstance(event, AudioChunk):
                 data = pcm16(event.pcm)
-                heard.append(as_heard(data))
+                heard.append(from_pcm16(data))
                 yield _sse_delta(data, codes_since) if sse else data
                 codes_since = []
             elif isinstance(event, Finished):
                 if sse:
                     if codes_since:
                         yield _sse_delta(b"", codes_since)
-                    yield _sse({"type": "speech.audio.done", "response_id": response_id, "frames": event.frames,
+                    yield sse_event({"type": AUDIO_DONE, "response_id": response_id, "frames": event.frames,
                                 "reason": event.reason, "usage": {"input_tokens": 0, "output_tokens": event.frames,
                                                                   "total_tokens": event.frames}})
                 speaker = body.speaker if body.speaker is not None else service.voices.speaker(body.voice_name)
@@ -258,7 +261,7 @@ async def _speech_stream(queue: asyncio.Queue, utterance: Utterance, body: Speec
                 return
             elif isinstance(event, Failed):
                 if sse:
-                    yield _sse({"type": "error", "error": {"message": f"speech generation failed: {event.message}",
+                    yield sse_event({"type": ERROR_EVENT, "error": {"message": f"speech generation failed: {event.message}",
                                                            "type": "server_error"}})
                 return
     finally:
@@ -266,15 +269,8 @@ async def _speech_stream(queue: asyncio.Queue, utterance: Utterance, body: Speec
             utterance.cancel()  # the client disconnected: free the stream now
 
 
-def _sse(payload: dict) -> bytes:
-    return f"data: {json.dumps(payload)}\n\n".encode()
-
-
 def _sse_delta(audio: bytes, codes: list) -> bytes:
-    payload = {"type": "speech.audio.delta", "audio": base64.b64encode(audio).decode("ascii")}
-    if codes:
-        payload["codes"] = encode_codes(torch.stack(codes, dim=1))
-    return _sse(payload)
+    return sse_event(audio_delta(audio, torch.stack(codes, dim=1) if codes else None))
 
 
 __all__ = ["create_app", "error_response"]

@@ -2,7 +2,9 @@
 
     csm-serve                                    sesame/csm-1b on 127.0.0.1:8000, no API key
     csm-serve --host 0.0.0.0 --api-key KEY       reachable from other machines (a key is then required)
-    csm-serve --model DIR --voices voices.toml --max-streams 256 --device cuda
+    csm-serve --csm-model DIR --voices voices.toml --max-streams 256 --device cuda
+
+``--model-name`` is the API's ``model`` (what clients send); ``--csm-model`` the checkpoint.
 
 Auth: with ``--api-key`` (or ``CSM_SERVE_API_KEY``) every request but ``/health`` needs
 ``Authorization: Bearer KEY``. Without one the server only listens on loopback addresses;
@@ -17,16 +19,16 @@ import os
 import sys
 from collections.abc import Sequence
 
-from csm_engine.cli import DEVICES, DTYPES, resolve_device, run_cli
+from csm_engine.console import DTYPES, add_csm_model_option, run_cli
+from csm_engine.device import DEVICES, resolve_device
 from csm_engine.errors import CSMError
-
-API_KEY_ENV = "CSM_SERVE_API_KEY"
+from csm_engine.serve.wire import API_KEY_ENV
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="csm-serve", description="Serve CSM as a streaming, OpenAI-compatible speech API.")
     m = p.add_argument_group("model")
-    m.add_argument("--model", metavar="DIR|REPO", help="CSM checkpoint dir or hub repo (default sesame/csm-1b)")
+    add_csm_model_option(m, old_names=("--model",))
     m.add_argument("--mimi-path", metavar="PATH", help="Mimi codec weights (default: next to the model, or the hub)")
     m.add_argument("--tokenizer-path", metavar="PATH", help="text tokenizer.json (default: next to the model, or the hub)")
     m.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda when available")
@@ -74,7 +76,7 @@ def build_service(args: argparse.Namespace):
     from csm_engine.voices import list_voices, load_voice_table
 
     device = resolve_device(args.device)
-    generator = load_generator(args.model, mimi_path=args.mimi_path, tokenizer_path=args.tokenizer_path,
+    generator = load_generator(args.csm_model, mimi_path=args.mimi_path, tokenizer_path=args.tokenizer_path,
                                device=device, dtype=args.dtype)
     options = EngineOptions.for_device(device, max_streams=args.max_streams, cache_slots=args.cache_slots,
                                        max_queue=args.max_queue, prefill_rows_per_tick=args.prefill_rows,

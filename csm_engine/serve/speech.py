@@ -21,8 +21,8 @@ import torch
 from csm_engine.batch.engine import BatchEngine
 from csm_engine.errors import CSMError
 from csm_engine.batch.events import StreamOptions, Utterance
-from csm_engine.generator import Prompt, assemble_prompt, segment_rows
-from csm_engine.serve.audio import decode_audio, decode_codes
+from csm_engine.prompt import Prompt, assemble_prompt, segment_rows
+from csm_engine.serve.audio import request_audio, request_codes
 from csm_engine.serve.config import ServerConfig
 from csm_engine.serve.errors import APIError
 from csm_engine.serve.schemas import SpeechRequest
@@ -149,7 +149,7 @@ class SpeechService:
             param = f"context.{i}"
             audio, codes = None, None
             if item.codes is not None:
-                codes = decode_codes(item.codes, f"{param}.codes", self.generator.config.audio_num_codebooks)
+                codes = request_codes(item.codes, f"{param}.codes", self.generator.config.audio_num_codebooks)
             elif item.response_id is not None:
                 stored = self.responses.get(item.response_id)
                 if stored is None:
@@ -158,7 +158,7 @@ class SpeechService:
                                    param=f"{param}.response_id", code="unknown_response")
                 codes = stored.codes.long()
             if item.audio is not None:
-                audio = decode_audio(item.audio, f"{param}.audio", limits.max_context_clip_s)
+                audio = request_audio(item.audio, f"{param}.audio", limits.max_context_clip_s)
             segment = Segment(item.speaker, item.text, audio)
             if codes is not None:
                 codes_of[id(segment)] = codes
@@ -192,7 +192,7 @@ class SpeechService:
 
     def encode(self, audio_b64: str) -> torch.Tensor:
         """Mimi codes (32, frames) of a clip (remembered by content, so it is never encoded twice)."""
-        audio = decode_audio(audio_b64, "audio", self.config.limits.max_context_clip_s)
+        audio = request_audio(audio_b64, "audio", self.config.limits.max_context_clip_s)
         with self._lock:
             return self.generator.segment_codes(Segment(0, "", audio))
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import struct
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,9 +24,10 @@ from torch import Tensor
 
 from csm_engine.config import CSMConfig, get_flavor
 from csm_engine.errors import CSMError
+from csm_engine.files import write_text_atomic
 from csm_engine.weights import (CONFIG_FILE, MIMI_FILE, MODEL_FILE, ORIGINAL, TOKENIZER_FILE, TRANSFORMERS,
                                 as_dtype, expected_shapes, key_map, original_to_transformers,
-                                transformers_config_dict)
+                                transformers_config_dict, write_safetensors)
 
 WEIGHT_STD = 0.02
 NORM_NOISE = 0.02
@@ -88,43 +88,6 @@ def random_state_dict(config: CSMConfig, seed: int = 0, dtype: torch.dtype = tor
     return dict(random_tensors(config, seed, dtype))
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
-                       torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def write_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
-                      tensors: Iterable[tuple[str, Tensor]], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file tensor by tensor (the header is built from ``specs`` first).
-
-    ``tensors`` must yield exactly ``specs``' names, shapes and dtypes in the same order. Written to
-    a temporary file in the same directory and moved into place, so a crash leaves no torn file.
-    """
-    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for name, shape, dtype in specs:
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            expected = iter(specs)
-            for name, tensor in tensors:
-                want = next(expected, None)
-                if want is None or want[0] != name or tuple(tensor.shape) != tuple(want[1]) or tensor.dtype != want[2]:
-                    raise ValueError(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not match spec {want}")
-                f.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
-            if next(expected, None) is not None:
-                raise ValueError("fewer tensors than specs")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_model_weights(out_dir: Path, config: CSMConfig, seed: int = 0, layout: str = ORIGINAL,
                         dtype: torch.dtype = torch.float32) -> Path:
     """``config.json`` + ``model.safetensors`` with random weights in the original or transformers layout."""
@@ -142,7 +105,7 @@ def write_model_weights(out_dir: Path, config: CSMConfig, seed: int = 0, layout:
     else:
         raise CSMError(f"unknown layout {layout!r}: choose original or transformers")
     write_safetensors(out_dir / MODEL_FILE, specs, tensors)
-    _write_text(out_dir / CONFIG_FILE, json.dumps(config_json, indent=2) + "\n")
+    write_text_atomic(out_dir / CONFIG_FILE, json.dumps(config_json, indent=2) + "\n")
     return out_dir / MODEL_FILE
 
 
@@ -213,7 +176,7 @@ def build_text_tokenizer(vocab_size: int = TOKENIZER_VOCAB):
 
 
 def write_text_tokenizer(path: Path, vocab_size: int = TOKENIZER_VOCAB) -> Path:
-    _write_text(path, build_text_tokenizer(vocab_size).to_str(pretty=True))
+    write_text_atomic(path, build_text_tokenizer(vocab_size).to_str(pretty=True))
     return path
 
 
@@ -237,12 +200,6 @@ def write_checkpoint(out_dir: str | os.PathLike, flavor: str = "tiny", seed: int
     if with_mimi:
         write_mimi(out / MIMI_FILE, seed=seed)
     return out
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

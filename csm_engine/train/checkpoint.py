@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from csm_engine.adapters import save_safetensors_atomic, write_json_atomic
-from csm_engine.errors import CSMError
+from csm_engine.adapters import write_json_atomic
+from csm_engine.weights.checkpoint import save_safetensors
+from csm_engine.errors import CSMError, first_line
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_JSON = "state.json"
@@ -32,13 +33,13 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     directory.mkdir(parents=True, exist_ok=True)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     weights_file, optim_file = f"weights-{step:07d}.safetensors", f"optimizer-{step:07d}.safetensors"
-    save_safetensors_atomic(directory / weights_file, params)
+    save_safetensors(directory / weights_file, params)
     moments = {}
     for name, p in params.items():
         for key, value in optimizer.state.get(p, {}).items():
             if isinstance(value, torch.Tensor):
                 moments[f"{name}::{key}"] = value
-    save_safetensors_atomic(directory / optim_file, moments)
+    save_safetensors(directory / optim_file, moments)
     write_json_atomic(directory / STATE_JSON, {"step": step, "weights": weights_file, "optimizer": optim_file,
                                                "fingerprint": fingerprint, "metrics": metrics or {}})
     for old in directory.glob("*.safetensors"):
@@ -90,7 +91,7 @@ def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         weights = load_file(str(directory / state["weights"]))
         moments = load_file(str(directory / state["optimizer"]))
     except Exception as e:  # a missing or foreign file: the checkpoint cannot be used
-        raise CSMError(f"--resume: cannot read the checkpoint in {directory} ({str(e).splitlines()[0]}); "
+        raise CSMError(f"--resume: cannot read the checkpoint in {directory} ({first_line(e)}); "
                        "start a new run with another --out") from None
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != set(params):

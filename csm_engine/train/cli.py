@@ -1,6 +1,6 @@
 """``csm-finetune``: train a LoRA adapter (or full weights) on clips, manifests or conversations.
 
-    csm-finetune DATA... --out OUT [--model-path BASE] [--steps N] [--lora-rank 16] ...
+    csm-finetune DATA... --out OUT [--csm-model BASE] [--steps N] [--lora-rank 16] ...
     csm-finetune DATA... --out OUT --resume          continue an interrupted run
     csm-finetune --merge OUT --out MERGED            base + adapter -> a checkpoint directory
 
@@ -16,7 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from csm_engine.cli import DEVICES, resolve_device, run_cli
+from csm_engine.console import add_csm_model_option, run_cli
+from csm_engine.device import DEVICES, resolve_device
 from csm_engine.errors import CSMError
 
 PROG = "csm-finetune"
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory: adapter.safetensors + adapter.json + checkpoint/")
     p.add_argument("--merge", metavar="ADAPTER", help="write base + ADAPTER as a checkpoint directory to --out")
     m = p.add_argument_group("model")
-    m.add_argument("--model-path", default=None, help="base checkpoint directory or hub repo id (default sesame/csm-1b)")
+    add_csm_model_option(m, help="base checkpoint directory or hub repo id (default sesame/csm-1b)",
+                         old_names=("--model-path",))
     m.add_argument("--mimi-path", default=None, help="Mimi codec safetensors (default: from the model dir or hub)")
     m.add_argument("--tokenizer-path", default=None, help="text tokenizer.json (default: from the model dir or hub)")
     m.add_argument("--device", default="auto", choices=DEVICES, help="where to train (default auto)")
@@ -120,7 +122,7 @@ def run_merge(args: argparse.Namespace) -> int:
     if args.data:
         raise CSMError("--merge takes no training data: csm-finetune --merge ADAPTER --out MERGED_DIR")
     adapter = read_adapter(args.merge)
-    out = write_merged_checkpoint(adapter, args.out, args.model_path)
+    out = write_merged_checkpoint(adapter, args.out, args.csm_model)
     print(f"wrote {out}: {adapter.info.get('base_model')} + {adapter.describe()} (original layout)")
     return 0
 

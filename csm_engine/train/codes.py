@@ -17,6 +17,7 @@ from torch import Tensor
 
 from csm_engine.config import SAMPLE_RATE, SAMPLES_PER_FRAME
 from csm_engine.errors import CSMError
+from csm_engine.files import cache_dir
 from csm_engine.train.data import AudioRef, Utterance
 
 SILENCE_DBFS = -45.0  # below this (RMS over 20 ms) counts as silence at a clip's ends
@@ -33,12 +34,7 @@ class EncodedUtterance:
 
 def default_cache_dir() -> Path:
     """``$CSM_CODES_CACHE_DIR`` or the user cache dir (``~/.cache/csm-chat/codes`` on Linux)."""
-    env = os.environ.get("CSM_CODES_CACHE_DIR")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("csm-chat")) / "codes"
+    return cache_dir("codes", "CSM_CODES_CACHE_DIR")
 
 
 def file_key(path: Path) -> str:
@@ -112,12 +108,12 @@ class CodesCache:
             return None
 
     def put(self, audio: Tensor, codes: Tensor) -> None:
-        from csm_engine.adapters import save_safetensors_atomic
+        from csm_engine.weights.checkpoint import save_safetensors
 
         path = self._path(audio)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_safetensors_atomic(path, {"codes": codes.to(torch.int16)})
+            save_safetensors(path, {"codes": codes.to(torch.int16)})
         except OSError:
             pass  # a read-only cache only costs the next run an encoding
 

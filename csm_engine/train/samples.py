@@ -5,7 +5,7 @@ turns of the conversation (text rows, then audio rows with the all-zero end fram
 target's text rows and its audio rows (with the end frame, so the model learns to stop). Labels
 are the target's audio codes on its audio rows and ``IGNORE`` everywhere else: the loss is on
 the target only, and the context is what it is conditioned on. Context is trimmed to the window
-from the oldest end by whole turns (``csm_engine.generator.trim_context``), as generation does.
+from the oldest end by whole turns (``csm_engine.prompt.trim_context``), as generation does.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from csm_engine.errors import CSMError
-from csm_engine.generator import prepare_text, trim_context
+from csm_engine.prompt import prepare_text, trim_context
 from csm_engine.tokens import TextTokenizer, audio_frames, text_frames
 from csm_engine.train.codes import EncodedUtterance
 

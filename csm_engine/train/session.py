@@ -150,7 +150,7 @@ def prepare_session(args: argparse.Namespace | None, options: TrainOptions, devi
             max_context_turns=args.max_context_turns, max_seq_len=args.max_seq_len, skip_long=args.skip_long,
             trim=not args.no_trim, cache_dir=args.cache_dir, eval_fraction=args.eval_fraction,
             progress=not args.quiet)
-        source = ModelSource(args.model_path, args.mimi_path, args.tokenizer_path)
+        source = ModelSource(args.csm_model, args.mimi_path, args.tokenizer_path)
     bad_roles = [r for r in data.roles if r not in ("user", "agent")]
     if bad_roles or not data.roles:
         raise CSMError(f"--roles takes user and/or agent, got {','.join(data.roles) or 'nothing'}")
