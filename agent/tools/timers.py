@@ -21,8 +21,8 @@ from typing import Any
 
 import platformdirs
 
-from agent.conversation.files import write_text_atomic
 from agent.tools.registry import Tool, ToolError
+from csm_engine.files import write_text_atomic
 
 Notice = Callable[[str, str], None]  # (level, message)
 KEEP_FIRED_S = 24 * 3600  # fired timers stay listed (for "did my timer go off?") this long
