@@ -61,6 +61,12 @@ class ThinkStage(Stage):
         finally:
             self.ctx.progress.end_input()
 
+    def recover(self, frame: Frame) -> None:
+        """After a failure mid-reply (it is cancelled): close it, so the voice stage records what was said."""
+        reply = self.ctx.replies.current
+        if reply is not None and not reply.done.is_set():
+            self._finish(reply)
+
     def _answer(self, user: UserInput) -> None:
         self.models.wait("llm")
         if self.ctx.stopping.is_set():
