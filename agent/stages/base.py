@@ -156,13 +156,17 @@ class StageContext:
             log.exception("the event consumer failed on %s", type(event).__name__)
 
     def stage_failed(self, name: str, error: BaseException) -> None:
-        """An unexpected exception in a stage: log it, end the turn in flight, tell the user once.
+        """An unexpected exception in a stage (a bug, a broken model): see ``turn_failed``."""
+        self.turn_failed(f"the {name} stage failed: {type(error).__name__}: {first_line(error)}", error)
+
+    def turn_failed(self, message: str, error: BaseException | None = None) -> None:
+        """The turn in flight cannot go on: log it (with the traceback), cancel the reply, tell the user once.
 
         Headless the run then ends as failed (``on_fatal``: non-zero exit, the conversation
-        saved); in the app the conversation goes on.
+        saved); in the app the conversation goes on with the next turn.
         """
-        message = f"the {name} stage failed: {type(error).__name__}: {first_line(error)}"
-        log.error("%s", message, exc_info=(type(error), error, error.__traceback__), extra=SHOWN)
+        exc_info = (type(error), error, error.__traceback__) if error is not None else None
+        log.error("%s", message, exc_info=exc_info, extra=SHOWN)
         self.failures.append(message)
         if self._on_interrupt is not None:
             self._on_interrupt()

@@ -102,8 +102,8 @@ class ThinkStage(Stage):
             if not reply.cancelled:
                 for sentence in splitter.flush():
                     self._send_sentence(reply, sentence)
-        except AgentError as error:
-            self.ctx.notice("error", str(error))
+        except AgentError as error:  # the LLM failed mid-reply: the turn ends with what was said
+            self.ctx.turn_failed(str(error), error)
         self._finish(reply)
         if self.assist is not None:
             self.assist.after_reply(self.conversation, llm)
