@@ -186,7 +186,8 @@ class Pipeline:
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._close_sink()
         if self.services is not None:
-            self.think.assist.remember_conversation(self.conversation)
+            if self.fatal is None:  # a failed run ends at once (its LLM may be what failed): no summary
+                self.think.assist.remember_conversation(self.conversation)
             self.services.close()
         if self.settings.tts_url and self.models.generator is not None:
             self.models.generator.close()  # the csm-serve connection

@@ -3,10 +3,10 @@
 Headless, the run ends as failed at once (non-zero exit from the CLI) with a valid saved
 conversation; in the app, the failure is one notice and the next turn is answered. Each stage
 is broken through a real code path where one exists: capture reads a block its source cannot
-convert, the LLM server is killed in the middle of a reply, CSM's checkpoint has a corrupt
-codebook-0 head (it samples codes the Mimi codec does not have). Whisper and the VAD have no
-input that makes them raise mid-run, so for transcribe and turn the real model object is
-subclassed to raise once.
+convert, the VAD model file is a foreign ONNX model (it loads, and fails on the first window),
+the LLM server is killed in the middle of a reply, CSM's checkpoint has a corrupt codebook-0
+head (it samples codes the Mimi codec does not have). Whisper has no input that makes it raise
+mid-run, so for transcribe the real transcriber is subclassed to raise once.
 """
 
 from __future__ import annotations
@@ -79,28 +79,55 @@ def _saved(pipeline: Pipeline) -> Conversation:
 
 
 def _check_headless_failure(pipeline: Pipeline, stage: str, seconds: float) -> Conversation:
-    assert pipeline.fatal is not None and f"the {stage} stage failed" in str(pipeline.fatal) or stage == "think"
-    assert pipeline.ctx.failures and len(pipeline.ctx.failures) == 1, pipeline.ctx.failures
+    assert pipeline.fatal is not None
+    if stage != "think":  # the LLM's own error says what happened
+        assert f"the {stage} stage failed" in str(pipeline.fatal), pipeline.fatal
+    assert len(pipeline.ctx.failures) == 1, pipeline.ctx.failures
     assert seconds < 1.0, f"{seconds:.2f} s from the failure to a stopped, saved pipeline"
     return _saved(pipeline)
+
+
+def _answered_first(tmp_path, persona, *, tiny_generator, llm, transcriber, vad_model=None
+                    ) -> tuple[Pipeline, QueueSource, EventLog]:
+    """A headless pipeline on a microphone fed by the test, after one typed question was answered."""
+    source, events = QueueSource(16_000), EventLog()
+    pipeline = Pipeline(_settings(tmp_path, persona), events, source=source, sink=MemorySink(24_000, speed=None),
+                        generator=tiny_generator, llm=llm, transcriber=transcriber, vad_model=vad_model)
+    pipeline.start()
+    pipeline.wait_ready(TIMEOUT_S)
+    pipeline.submit_text(QUESTION)
+    events.wait_for(lambda: events.of(AgentTurnDone), "the answer to the typed question", TIMEOUT_S)
+    return pipeline, source, events
+
+
+def _check_first_exchange_saved(pipeline: Pipeline, seconds: float, stage: str) -> None:
+    saved = _check_headless_failure(pipeline, stage, seconds)
+    assert [t.role for t in saved.turns] == ["user", "agent"] and saved.turns[1].text
+    assert not saved.turns[1].interrupted
 
 
 # ---- one failure per stage, headless ------------------------------------------------------------
 
 
-def test_capture_failure_ends_the_run_with_the_conversation_saved(tmp_path, chat_persona, espeak_wav, tiny_generator,
+def test_capture_failure_ends_the_run_with_the_conversation_saved(tmp_path, chat_persona, tiny_generator,
                                                                  smollm2_llm, faster_whisper_tiny):
-    source = QueueSource(16_000)
-    events = EventLog()
-    pipeline = Pipeline(_settings(tmp_path, chat_persona), events, source=source, sink=MemorySink(24_000, speed=None),
-                        generator=tiny_generator, llm=smollm2_llm, transcriber=faster_whisper_tiny)
-    pipeline.start()
-    _speak_into(source, _spoken(espeak_wav))
-    events.wait_for(lambda: events.of(AgentTurnDone), "the first reply", TIMEOUT_S)
+    pipeline, source, _ = _answered_first(tmp_path, chat_persona, tiny_generator=tiny_generator, llm=smollm2_llm,
+                                          transcriber=faster_whisper_tiny)
     source.push(np.zeros((4, 4, 4), np.float32))  # a block no microphone gives: the source cannot convert it
-    seconds = _until_it_fails(pipeline)
-    saved = _check_headless_failure(pipeline, "capture", seconds)
-    assert [t.role for t in saved.turns] == ["user", "agent"] and saved.turns[1].text
+    _check_first_exchange_saved(pipeline, _until_it_fails(pipeline), "capture")
+
+
+def test_turn_failure_ends_the_run_with_the_conversation_saved(tmp_path, chat_persona, espeak_wav, tiny_generator,
+                                                              smollm2_llm, faster_whisper_tiny):
+    from agent.embedded import smart_turn_onnx
+    from agent.listen.silero import SileroModel
+
+    # A foreign ONNX file where the VAD model should be: it loads, and fails on the first window it hears.
+    vad = SileroModel(smart_turn_onnx(), "onnx")
+    pipeline, source, _ = _answered_first(tmp_path, chat_persona, tiny_generator=tiny_generator, llm=smollm2_llm,
+                                          transcriber=faster_whisper_tiny, vad_model=vad)
+    _speak_into(source, _spoken(espeak_wav))
+    _check_first_exchange_saved(pipeline, _until_it_fails(pipeline), "turn")
 
 
 class _TranscriberThatFailsOnce(FasterWhisperTranscriber):
@@ -115,15 +142,12 @@ class _TranscriberThatFailsOnce(FasterWhisperTranscriber):
         return super().transcribe(audio)
 
 
-def test_transcribe_failure_ends_the_run_with_the_conversation_saved(tmp_path, chat_persona, spoken_turns_wav,
+def test_transcribe_failure_ends_the_run_with_the_conversation_saved(tmp_path, chat_persona, espeak_wav,
                                                                     tiny_generator, smollm2_llm):
-    mic = spoken_turns_wav([QUESTION])
-    pipeline = Pipeline(_settings(tmp_path, chat_persona, mic_file=str(mic), realtime=False), EventLog(),
-                        sink=MemorySink(24_000, speed=None), generator=tiny_generator, llm=smollm2_llm,
-                        transcriber=_TranscriberThatFailsOnce())
-    seconds = _until_it_fails(pipeline)
-    saved = _check_headless_failure(pipeline, "transcribe", seconds)
-    assert saved.turns == []  # nothing was said yet; the saved file is still whole
+    pipeline, source, _ = _answered_first(tmp_path, chat_persona, tiny_generator=tiny_generator, llm=smollm2_llm,
+                                          transcriber=_TranscriberThatFailsOnce())
+    _speak_into(source, _spoken(espeak_wav))
+    _check_first_exchange_saved(pipeline, _until_it_fails(pipeline), "transcribe")
 
 
 def test_think_failure_llm_server_killed_mid_reply_keeps_what_was_said(tmp_path, tiny_generator, faster_whisper_tiny):
