@@ -147,7 +147,8 @@ class StageContext:
         self._on_fatal = on_fatal
         self._on_interrupt = on_interrupt  # cancels the reply in flight and silences the speaker
         self._threads: list[threading.Thread] = []
-        self.failures: list[str] = []  # one line per stage failure, in order
+        self.failures: list[str] = []  # one line per stage failure, in order (a repeat of the last one is not added)
+        self._failure_lock = threading.Lock()
 
     def emit(self, event: Event) -> None:
         try:
@@ -165,16 +166,22 @@ class StageContext:
         Headless the run then ends as failed (``on_fatal``: non-zero exit, the conversation
         saved); in the app the conversation goes on with the next turn.
         """
-        exc_info = (type(error), error, error.__traceback__) if error is not None else None
-        log.error("%s", message, exc_info=exc_info, extra=SHOWN)
-        self.failures.append(message)
+        with self._failure_lock:  # a stage failing on every frame (a broken model) is said once
+            repeated = bool(self.failures) and self.failures[-1] == message
+            if not repeated:
+                self.failures.append(message)
+        if repeated:
+            log.debug("again: %s", message)
+        else:
+            exc_info = (type(error), error, error.__traceback__) if error is not None else None
+            log.error("%s", message, exc_info=exc_info, extra=SHOWN)
         if self._on_interrupt is not None:
             self._on_interrupt()
         else:
             self.replies.cancel_current()
         if self.headless and self._on_fatal is not None:
             self._on_fatal(AgentError(message))
-        else:
+        elif not repeated:
             self.emit(Notice("error", f"{message} (this turn ended; the log has the details)"))
 
     def notice(self, level: str, message: str) -> None:
