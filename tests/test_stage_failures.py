@@ -4,8 +4,8 @@ Headless, the run ends as failed at once (non-zero exit from the CLI) with a val
 conversation; in the app, the failure is one notice and the next turn is answered. Each stage
 is broken through a real code path where one exists: capture reads a block its source cannot
 convert, the VAD model file is a foreign ONNX model (it loads, and fails on the first window),
-the LLM server is killed in the middle of a reply, CSM's checkpoint has a corrupt codebook-0
-head (it samples codes the Mimi codec does not have). Whisper has no input that makes it raise
+the LLM server is killed in the middle of a reply, CSM's checkpoint has a corrupt tokenizer
+(a token id past the model's embeddings). Whisper has no input that makes it raise
 mid-run, so for transcribe the real transcriber is subclassed to raise once.
 """
 
@@ -31,7 +31,7 @@ from agent.audio import MemorySink, QueueSource, load_audio
 from agent.config.settings import AgentSettings
 from agent.conversation.conversation import Conversation
 from agent.errors import AgentError
-from agent.events import AgentState, AgentText, AgentTurnDone, UserTurn
+from agent.events import AgentState, AgentTurnDone, UserTurn
 from agent.listen.asr import FasterWhisperTranscriber
 from agent.pipeline import Pipeline
 from agent.tui.app import CsmChatApp
@@ -162,7 +162,7 @@ def test_think_failure_llm_server_killed_mid_reply_keeps_what_was_said(tmp_path,
         pipeline.start()
         pipeline.wait_ready(TIMEOUT_S)
         pipeline.submit_text("Tell me a long story about a cat who travels around the world.")
-        events.wait_for(lambda: events.of(AgentText), "the first sentence", TIMEOUT_S)
+        events.wait_for(lambda: pipeline.sink.played_samples > 0, "the first sentence to play", TIMEOUT_S)
         server.kill()  # the LLM server dies in the middle of the reply
         seconds = _until_it_fails(pipeline)
     finally:
@@ -176,23 +176,17 @@ def test_think_failure_llm_server_killed_mid_reply_keeps_what_was_said(tmp_path,
 
 @pytest.fixture(scope="module")
 def corrupt_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
-    """The tiny checkpoint with a corrupt codebook-0 head: every frame's first code is 2049 or 2050,
-    which CSM's vocabulary holds but Mimi's codebooks (2048 entries) do not, so decoding fails."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from csm_engine.weights import MODEL_FILE
+    """The tiny checkpoint with a corrupt tokenizer.json: "." has an id past the model's 512 text
+    embeddings. It loads; the first sentence the agent says (prompts end with ".") fails inside CSM."""
+    from csm_engine.weights import TOKENIZER_FILE
 
     out = tmp_path_factory.mktemp("corrupt_checkpoint")
     for item in Path(tiny_checkpoint).iterdir():
-        if item.name != MODEL_FILE:
+        if item.name != TOKENIZER_FILE:
             (out / item.name).symlink_to(item)
-    tensors = load_file(str(Path(tiny_checkpoint) / MODEL_FILE))
-    head = tensors["codebook0_head.weight"]
-    corrupt = torch.zeros_like(head)
-    corrupt[2049], corrupt[2050] = 1e4, -1e4  # whatever the hidden state, one of the two wins
-    tensors["codebook0_head.weight"] = corrupt
-    save_file(tensors, str(out / MODEL_FILE))
+    tokenizer = json.loads((Path(tiny_checkpoint) / TOKENIZER_FILE).read_text(encoding="utf-8"))
+    tokenizer["model"]["vocab"]["."] = 4000
+    (out / TOKENIZER_FILE).write_text(json.dumps(tokenizer), encoding="utf-8")
     return out
 
 
@@ -240,7 +234,7 @@ async def _app_failure_then_next_turn(tmp_path, tiny_generator, faster_whisper_t
         async with app.run_test(size=(120, 36)) as pilot:
             await _until(pilot, lambda: app.query_one(StateIndicator).state == AgentState.LISTENING, "loading")
             await _type(pilot, app, "Tell me a long story about a cat who travels around the world.")
-            await _until(pilot, lambda: events.of(AgentText), "the first sentence")
+            await _until(pilot, lambda: app.pipeline.sink.played_samples > 0, "the first sentence to play")
             server.kill()
             await _until(pilot, lambda: events.of(AgentTurnDone), "the end of the cut turn")
             errors = [n for n in app.notices if n.level == "error"]
