@@ -237,16 +237,22 @@ async def _app_failure_then_next_turn(tmp_path, tiny_generator, faster_whisper_t
             await _until(pilot, lambda: app.pipeline.sink.played_samples > 0, "the first sentence to play")
             server.kill()
             await _until(pilot, lambda: events.of(AgentTurnDone), "the end of the cut turn")
-            errors = [n for n in app.notices if n.level == "error"]
+            await _until(pilot, lambda: _errors(app), "the failure's notice")
+            errors = _errors(app)
             assert len(errors) == 1 and "stopped in the middle of the reply" in errors[0].message
             assert events.of(AgentTurnDone)[0].interrupted
             server.start()  # the server is back: the conversation goes on
             await _type(pilot, app, "What is the capital of France?")
             await _until(pilot, lambda: len(events.of(AgentTurnDone)) == 2, "the next reply")
             assert not events.of(AgentTurnDone)[1].interrupted and events.of(AgentTurnDone)[1].text
-            assert len(events.of(UserTurn)) == 2 and len([n for n in app.notices if n.level == "error"]) == 1
+            await pilot.pause(0.2)
+            assert len(events.of(UserTurn)) == 2 and len(_errors(app)) == 1
     finally:
         server.kill()
+
+
+def _errors(app) -> list:
+    return [n for n in app.notices if n.level == "error"]
 
 
 async def _type(pilot, app, text: str) -> None:
