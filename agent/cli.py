@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "whether hands-free will work (with --room: in the simulated room)")
     run.add_argument("--config", metavar="PATH", help="config file with defaults (default: the user's config.toml)")
     run.add_argument("-v", "--verbose", action="store_true",
-                     help="debug lines on stderr (and in the log file)")
+                     help="debug lines in the log file, and on stderr outside the app")
     run.add_argument("--log-file", metavar="PATH", help=f"where the log goes (default {default_log_path()})")
 
     audio = p.add_argument_group("audio")
@@ -150,7 +150,9 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        setup_logging(verbose=args.verbose, log_file=args.log_file, headless=bool(args.headless or args.replay))
+        one_shot = args.list_devices or args.list_personas or args.check_audio or args.forget is not None
+        setup_logging(verbose=args.verbose, log_file=args.log_file,
+                      console=bool(args.headless or args.replay or one_shot))  # the app owns the terminal
         log.debug("csm-chat %s", " ".join(sys.argv[1:] if argv is None else argv))
         return _run(args)
     except KeyboardInterrupt:
@@ -179,6 +181,8 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{name:16} (broken: {error})")
         return 0
     settings = settings_from_args(args)
+    if settings.headless and not args.headless:  # headless from config.toml: warnings on stderr after all
+        setup_logging(verbose=args.verbose, log_file=args.log_file, console=True)
     if args.forget is not None:
         return run_forget(args.forget)
     if args.check_audio:

@@ -4,9 +4,9 @@ Modules log with ``logging.getLogger(__name__)``; ``setup_logging`` (called once
 
 - warnings and errors (everything from ``agent``/``csm_engine`` with ``-v``), with tracebacks, to
   ``--log-file`` or ``csm-chat.log`` in the user's log directory (``default_log_path``);
-- with ``-v``, debug lines to stderr too;
-- headless, warnings to stderr as one line each (the app shows them as notices instead:
-  ``agent.tui.logs``).
+- outside the app (headless, --replay, the one-shot commands), warnings to stderr as one line
+  each, or with ``-v`` every debug line; the app owns the terminal, so it shows warnings as
+  notices instead (``agent.tui.logs``) and ``-v`` there only makes the log file verbose.
 
 A record logged with ``extra=SHOWN`` was already shown to the user (a notice): the file keeps it,
 but the screen and the one-line stderr do not show it twice.
@@ -49,7 +49,7 @@ class NotShown(logging.Filter):
         return not was_shown(record)
 
 
-def setup_logging(*, verbose: bool = False, log_file: str | Path | None = None, headless: bool = False) -> Path:
+def setup_logging(*, verbose: bool = False, log_file: str | Path | None = None, console: bool = True) -> Path:
     """Install csm-chat's handlers on the root logger (replacing earlier ones of ours); returns the log file.
 
     Raises AgentError when the log file cannot be opened.
@@ -63,11 +63,11 @@ def setup_logging(*, verbose: bool = False, log_file: str | Path | None = None, 
     file_handler.setFormatter(logging.Formatter(FILE_FORMAT))
     file_handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
     handlers: list[logging.Handler] = [file_handler]
-    if verbose:
+    if console and verbose:
         debug = logging.StreamHandler(sys.stderr)
         debug.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handlers.append(debug)
-    elif headless:
+    elif console:
         warnings = logging.StreamHandler(sys.stderr)
         warnings.setLevel(logging.WARNING)
         warnings.setFormatter(OneLine())
