@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -9,7 +10,10 @@ from pathlib import Path
 
 from agent.errors import AgentError
 from agent.llm.base import ChatLLM, Message, Sampling, check_messages
+from agent.llm.llama_cpu import decide_repack, repack_setting
 from csm_engine.errors import first_line as _first_line
+
+log = logging.getLogger(__name__)
 
 
 class LocalLLM(ChatLLM):
@@ -28,6 +32,7 @@ class LocalLLM(ChatLLM):
         seed: int | None = None,
         sampling: Sampling | None = None,
         warmup: bool = True,
+        repack: str | None = None,
     ) -> None:
         super().__init__(sampling)
         from agent.llm.gguf import resolve_gguf
@@ -48,15 +53,20 @@ class LocalLLM(ChatLLM):
         # Half the cores, at most 4: for a small model more threads mostly contend with the
         # other stages (and on a busy 2-core machine two threads are several times slower).
         threads = n_threads or max(1, min(4, (os.cpu_count() or 2) // 2))
+        # Weight repacking off on AMX CPUs, where llama.cpp crashes on multi-token prompts
+        # (agent.llm.llama_cpu; repack: auto | on | off, default $CSM_LLAMA_REPACK or auto).
+        self.repack = decide_repack(repack)
+        log.info("llama.cpp weight repacking for %s: %s", path.name, self.repack.reason)
         try:
-            self._llama = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                verbose=False,  # llama.cpp logs every load to stderr otherwise
-                seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
-                n_threads=threads,
-                n_threads_batch=threads,
-            )
+            with repack_setting(self.repack.enabled):
+                self._llama = llama_cpp.Llama(
+                    model_path=str(path),
+                    n_ctx=n_ctx,
+                    verbose=False,  # llama.cpp logs every load to stderr otherwise
+                    seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                )
         except Exception as error:  # llama-cpp raises ValueError("Failed to load model from file: ...")
             raise AgentError(
                 f"cannot load LLM model {path}: {_first_line(error)} (pass --llm-model with a valid .gguf file)"
