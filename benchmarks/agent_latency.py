@@ -39,6 +39,7 @@ from csm_engine.generator import Generator  # noqa: E402
 from csm_engine.quantize import apply_precision  # noqa: E402
 from csm_engine.testing.checkpoints import build_text_tokenizer  # noqa: E402
 from csm_engine.tokens import TextTokenizer  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?", "Can you tell me a joke?", "How are you doing today?",
@@ -160,6 +161,7 @@ def main(argv=None) -> dict:
     result["turn_end_stream_ms"] = percentiles([stream for stream, _ in pipeline.turn.turn_end_ms])
     result["underruns"] = sum(e.underruns for e in latencies)
     result["underrun_s"] = round(sum(e.underrun_s for e in latencies), 3)
+    result["provenance"] = provenance()
     print(json.dumps(result, indent=1))
     return result
 

@@ -34,6 +34,7 @@ from agent.audio import PIPELINE_RATE  # noqa: E402
 from agent.echo.double_talk import DoubleTalkSettings  # noqa: E402
 from agent.echo.echo_path import fit_echo_path  # noqa: E402
 from agent.echo.room import PRESETS, BackgroundNoise  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 BARGE_INS = [  # (the user's phrase, seconds into the reply, which reply)
     ("Please tell me the weather in Paris tomorrow", 3.0, 0),
@@ -164,6 +165,7 @@ def main() -> None:
           f"{np.median([r['recover_s_of_audio'] for r in rows]):.1f} s: median {np.median([r['recover_ms'] for r in rows]):.0f} "
           f"ms, max {max(r['recover_ms'] for r in rows):.0f} ms; first fit {result['first_fit_ms']} ms, refit "
           f"{result['refit_ms']} ms (on the fitting thread); history {result['history_mb']} MB")
+    result["provenance"] = provenance()
     print(json.dumps(result))
 
 

@@ -31,6 +31,7 @@ from agent.audio import PIPELINE_RATE, load_audio  # noqa: E402
 from agent.echo.check_audio import record_in_room  # noqa: E402
 from agent.echo.measure import erle_db, rms_db  # noqa: E402
 from agent.echo.room import PRESETS  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 AGENT_TEXT = ("Hello, I am the agent. I will talk for a while so that the echo canceller has time to learn "
               "the room. The quick brown fox jumps over the lazy dog, and then it runs far away.")
@@ -127,6 +128,7 @@ def main() -> None:
         print(f"double talk in {room}, {'barge-in' if barge_in else 'full overlap'}: mean word recall raw "
               f"{mean('recall_raw'):.2f}, cleaned {mean('recall_cleaned'):.2f}; "
               f"cleaned - residual: min {margin:.1f} dB")
+    result["provenance"] = provenance()
     print(json.dumps(result))
 
 

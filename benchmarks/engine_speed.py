@@ -54,6 +54,7 @@ from csm_engine.quantize import (  # noqa: E402
     apply_precision, cpu_has_avx512_bf16, resolve_precision, weight_bytes_per_frame,
 )
 from csm_engine.tokens import Segment, TextTokenizer  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 WORDS = ("so what do you think about the weather today it looks like rain but maybe the sun comes out "
          "later and we can go for a walk by the river").split()
@@ -402,6 +403,7 @@ def main(argv=None) -> dict:
     }
     if args.backend == "mlx":
         result["rows"] = mlx_rows(args)
+        result["provenance"] = provenance(args.device)
         print(json.dumps(result, indent=1))
         return result
     on_gpu = torch.device(args.device).type == "cuda"
@@ -469,6 +471,7 @@ def main(argv=None) -> dict:
         fastest["frames_per_s"] / best_hf["frames_per_s"] if best_hf else None)
     result["summary"]["fastest_fraction_of_bandwidth_bound"] = fastest["fraction_of_bandwidth_bound"]
     result["wall_s"] = time.perf_counter() - t_start
+    result["provenance"] = provenance(args.device)
     print(json.dumps(result, indent=1))
     return result
 

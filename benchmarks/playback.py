@@ -37,6 +37,7 @@ from csm_engine.generator import Generator  # noqa: E402
 from csm_engine.quantize import apply_precision  # noqa: E402
 from csm_engine.testing.checkpoints import build_text_tokenizer  # noqa: E402
 from csm_engine.tokens import TextTokenizer  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 REPLY = [
     "Well, the weather up in the mountains has been lovely all week.",
@@ -118,6 +119,7 @@ def main(argv=None) -> dict:
     # Starting every sentence with its first chunk: a planner that expects 0 s sentences.
     result["first_chunk"] = speak_reply(generator, PlaybackPlanner(PlaybackPolicy(lead_s=0.0, chars_per_s=1e9)),
                                         args.max_audio_ms)
+    result["provenance"] = provenance()
     print(json.dumps(result, indent=1))
     return result
 

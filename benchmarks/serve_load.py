@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import provenance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -276,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             "engine_failures": health["engine_failures"],
         },
     }
+    result["provenance"] = provenance(args.device)
     print(json.dumps(result, indent=1))
     return result
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from agent.audio import PIPELINE_RATE, load_audio  # noqa: E402
 from agent.listen.turn_model import TurnRuntime, load_turn_model, turn_features  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 TIMING_TEXTS = [
     "What time is it?", "Can you tell me a joke?", "What should I cook for dinner tonight?",
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}}
         if args.judgements:
             result["judgements"] = judgements(directory)
+    result["provenance"] = provenance()
     print(json.dumps(result, indent=1))
     return result
 
