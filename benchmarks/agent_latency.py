@@ -30,16 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import random_csm_model  # noqa: E402
+from provenance import provenance  # noqa: E402
+
 from agent.audio import MemorySink, QueueSource, load_audio  # noqa: E402
+from agent.config.settings import AgentSettings  # noqa: E402
 from agent.events import AgentTurnDone, Event, Notice, TurnLatency  # noqa: E402
 from agent.pipeline import Pipeline  # noqa: E402
-from agent.config.settings import AgentSettings  # noqa: E402
 from csm_engine.codec import MimiCodec  # noqa: E402
 from csm_engine.generator import Generator  # noqa: E402
 from csm_engine.quantize import apply_precision  # noqa: E402
 from csm_engine.testing.checkpoints import build_text_tokenizer  # noqa: E402
 from csm_engine.tokens import TextTokenizer  # noqa: E402
-from provenance import provenance  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?", "Can you tell me a joke?", "How are you doing today?",

@@ -27,14 +27,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from _room_helpers import (AGENT_RATE, AGENT_TEXTS, Reply, play_in_room, replies_one_after_another,  # noqa: E402
-                           voice_onset)
+from _room_helpers import AGENT_RATE, AGENT_TEXTS, Reply, play_in_room, replies_one_after_another, voice_onset  # noqa: E402
 from echo_cancellation import espeak, recall, words  # noqa: E402  (this folder: the script's own)
+from provenance import provenance  # noqa: E402
+
 from agent.audio import PIPELINE_RATE  # noqa: E402
 from agent.echo.double_talk import DoubleTalkSettings  # noqa: E402
 from agent.echo.echo_path import fit_echo_path  # noqa: E402
 from agent.echo.room import PRESETS, BackgroundNoise  # noqa: E402
-from provenance import provenance  # noqa: E402
 
 BARGE_INS = [  # (the user's phrase, seconds into the reply, which reply)
     ("Please tell me the weather in Paris tomorrow", 3.0, 0),

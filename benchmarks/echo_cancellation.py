@@ -27,11 +27,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from provenance import provenance  # noqa: E402
+
 from agent.audio import PIPELINE_RATE, load_audio  # noqa: E402
 from agent.echo.check_audio import record_in_room  # noqa: E402
 from agent.echo.measure import erle_db, rms_db  # noqa: E402
 from agent.echo.room import PRESETS  # noqa: E402
-from provenance import provenance  # noqa: E402
 
 AGENT_TEXT = ("Hello, I am the agent. I will talk for a while so that the echo canceller has time to learn "
               "the room. The quick brown fox jumps over the lazy dog, and then it runs far away.")

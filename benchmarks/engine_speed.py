@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import current_rss_mb, n_params, random_csm_model, share_weights  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 from csm_engine.codec import MimiCodec  # noqa: E402
 from csm_engine.config import FRAME_MS, get_flavor  # noqa: E402
@@ -51,10 +52,12 @@ from csm_engine.generator import Generator  # noqa: E402
 from csm_engine.precision import PRECISIONS  # noqa: E402
 from csm_engine.prompt import prepare_text  # noqa: E402
 from csm_engine.quantize import (  # noqa: E402
-    apply_precision, cpu_has_avx512_bf16, resolve_precision, weight_bytes_per_frame,
+    apply_precision,
+    cpu_has_avx512_bf16,
+    resolve_precision,
+    weight_bytes_per_frame,
 )
 from csm_engine.tokens import Segment, TextTokenizer  # noqa: E402
-from provenance import provenance  # noqa: E402
 
 WORDS = ("so what do you think about the weather today it looks like rain but maybe the sun comes out "
          "later and we can go for a walk by the river").split()

@@ -23,11 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import random_csm_model  # noqa: E402
+from provenance import provenance  # noqa: E402
+
 from agent.audio import MemorySink  # noqa: E402
+from agent.config.personas import load_persona  # noqa: E402
 from agent.conversation.conversation import CSM_RATE, Conversation  # noqa: E402
 from agent.events import Event  # noqa: E402
 from agent.frames import AgentSentence, EndOfReply, Reply  # noqa: E402
-from agent.config.personas import load_persona  # noqa: E402
 from agent.speak.playback import PlaybackPlanner, PlaybackPolicy  # noqa: E402
 from agent.stages.base import StageContext  # noqa: E402
 from agent.stages.loading import Models  # noqa: E402
@@ -37,7 +39,6 @@ from csm_engine.generator import Generator  # noqa: E402
 from csm_engine.quantize import apply_precision  # noqa: E402
 from csm_engine.testing.checkpoints import build_text_tokenizer  # noqa: E402
 from csm_engine.tokens import TextTokenizer  # noqa: E402
-from provenance import provenance  # noqa: E402
 
 REPLY = [
     "Well, the weather up in the mountains has been lovely all week.",

@@ -68,6 +68,6 @@ def provenance(device: str = "cpu") -> dict:
         "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "gpu": gpu_model() if device.startswith("cuda") else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git_commit(),
     }

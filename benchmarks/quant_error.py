@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import random_csm_model, share_weights  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 from csm_engine.precision import PRECISIONS  # noqa: E402
 from csm_engine.quantize import apply_precision, fbgemm_available  # noqa: E402
-from provenance import provenance  # noqa: E402
 
 
 @torch.inference_mode()

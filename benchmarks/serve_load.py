@@ -52,8 +52,8 @@ WORDS = ("so what do you think about the weather today it looks like rain but ma
 def serve(args: argparse.Namespace) -> None:
     import torch
     import uvicorn
-
     from _common import random_csm_model
+
     from csm_engine.batch.engine import BatchEngine, EngineOptions
     from csm_engine.codec import MimiCodec
     from csm_engine.generator import Generator

@@ -22,11 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from provenance import provenance  # noqa: E402
+
 from agent.audio import load_audio  # noqa: E402
 from agent.llm.base import Sampling  # noqa: E402
 from agent.tools.registry import Tool, ToolRegistry  # noqa: E402
 from agent.tools.turn import ToolEvents, ToolSession, stream_with_tools, system_prompt_with_tools  # noqa: E402
-from provenance import provenance  # noqa: E402
 
 REQUESTS = [  # (what the user says, the tool that should answer it; "none": just talk)
     ("What time is it?", "get_time"),

@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import n_params, peak_rss_mb, random_csm_model  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 from csm_engine.train.lora import LoraSettings, add_lora, mark_trainable  # noqa: E402
 from csm_engine.train.samples import IGNORE, Sample  # noqa: E402
 from csm_engine.train.trainer import StopRequest, Trainer, TrainOptions  # noqa: E402
-from provenance import provenance  # noqa: E402
 
 
 def synthetic_samples(config, n: int, seq_len: int, target_frames: int, seed: int = 0) -> list[Sample]:

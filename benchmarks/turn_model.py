@@ -30,9 +30,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from provenance import provenance  # noqa: E402
+
 from agent.audio import PIPELINE_RATE, load_audio  # noqa: E402
 from agent.listen.turn_model import TurnRuntime, load_turn_model, turn_features  # noqa: E402
-from provenance import provenance  # noqa: E402
 
 TIMING_TEXTS = [
     "What time is it?", "Can you tell me a joke?", "What should I cook for dinner tonight?",
