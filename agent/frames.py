@@ -58,7 +58,7 @@ class Reply:
     first_token_ms: float | None = None
     first_audio_ms: float | None = None
     shown: list[str] = field(default_factory=list)  # the LLM's sentences, as written
-    spoken: list["SpokenSentence"] = field(default_factory=list)  # one per started sentence
+    spoken: list[SpokenSentence] = field(default_factory=list)  # one per started sentence
     sink_start: int = 0  # sink.played_samples when the reply's first chunk was queued
     wrote_audio: bool = False
     underruns_at_start: tuple[int, float] | None = None  # the sink's (underruns, underrun_s) then

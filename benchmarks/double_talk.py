@@ -27,9 +27,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from _room_helpers import (AGENT_RATE, AGENT_TEXTS, Reply, play_in_room, replies_one_after_another,  # noqa: E402
-                           voice_onset)
+from _room_helpers import AGENT_RATE, AGENT_TEXTS, Reply, play_in_room, replies_one_after_another, voice_onset  # noqa: E402
 from echo_cancellation import espeak, recall, words  # noqa: E402  (this folder: the script's own)
+from provenance import provenance  # noqa: E402
+
 from agent.audio import PIPELINE_RATE  # noqa: E402
 from agent.echo.double_talk import DoubleTalkSettings  # noqa: E402
 from agent.echo.echo_path import fit_echo_path  # noqa: E402
@@ -164,6 +165,7 @@ def main() -> None:
           f"{np.median([r['recover_s_of_audio'] for r in rows]):.1f} s: median {np.median([r['recover_ms'] for r in rows]):.0f} "
           f"ms, max {max(r['recover_ms'] for r in rows):.0f} ms; first fit {result['first_fit_ms']} ms, refit "
           f"{result['refit_ms']} ms (on the fitting thread); history {result['history_mb']} MB")
+    result["provenance"] = provenance()
     print(json.dumps(result))
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import random_csm_model, share_weights  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 from csm_engine.precision import PRECISIONS  # noqa: E402
 from csm_engine.quantize import apply_precision, fbgemm_available  # noqa: E402
@@ -107,6 +108,7 @@ def main(argv=None) -> dict:
     precisions = [d for d in args.dtype.split(",") if d and (d != "int8-dynamic" or fbgemm_available())]
     result = {"metric": "logit error vs float32 (rel = divided by the float32 logits' std)",
               "block": args.block, "flavors": {f: report(f, precisions, block=args.block) for f in args.flavors.split(",") if f}}
+    result["provenance"] = provenance()
     print(json.dumps(result, indent=1))
     return result
 

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import provenance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,8 +52,8 @@ WORDS = ("so what do you think about the weather today it looks like rain but ma
 def serve(args: argparse.Namespace) -> None:
     import torch
     import uvicorn
-
     from _common import random_csm_model
+
     from csm_engine.batch.engine import BatchEngine, EngineOptions
     from csm_engine.codec import MimiCodec
     from csm_engine.generator import Generator
@@ -276,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             "engine_failures": health["engine_failures"],
         },
     }
+    result["provenance"] = provenance(args.device)
     print(json.dumps(result, indent=1))
     return result
 

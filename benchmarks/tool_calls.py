@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from provenance import provenance  # noqa: E402
 
 from agent.audio import load_audio  # noqa: E402
 from agent.llm.base import Sampling  # noqa: E402
@@ -43,18 +44,6 @@ REQUESTS = [  # (what the user says, the tool that should answer it; "none": jus
     ("How are you today?", "none"),
 ]
 SYSTEM = "You are a helpful voice assistant. Answer in one short sentence."
-
-
-def provenance() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
-    return {"machine": platform.machine(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit, "loadavg_start": os.getloadavg()}
 
 
 def tools(directory: Path) -> list[Tool]:
@@ -81,7 +70,7 @@ def main() -> None:
     from agent.llm.local import LocalLLM
     from agent.llm.local_tools import resolve_mode
 
-    info = provenance()
+    info: dict = {"loadavg_start": os.getloadavg()}
     llm = LocalLLM(args.llm_model, seed=1234)
     asr = FasterWhisperTranscriber()
     work = Path(tempfile.mkdtemp(prefix="tool-calls-"))
@@ -107,6 +96,7 @@ def main() -> None:
     right = sum(r["right_tool"] for r in rows)
     info.update({"model": llm.name, "mode": resolve_mode(llm, args.mode), "right_tool": f"{right}/{len(rows)}",
                  "loadavg_end": os.getloadavg(), "rows": rows})
+    info["provenance"] = provenance()
     print(json.dumps(info, indent=1))
 
 

@@ -30,6 +30,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from provenance import provenance  # noqa: E402
+
 from agent.audio import PIPELINE_RATE, load_audio  # noqa: E402
 from agent.listen.turn_model import TurnRuntime, load_turn_model, turn_features  # noqa: E402
 
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}}
         if args.judgements:
             result["judgements"] = judgements(directory)
+    result["provenance"] = provenance()
     print(json.dumps(result, indent=1))
     return result
 

@@ -23,7 +23,6 @@ from torch.utils.checkpoint import checkpoint
 from csm_engine.config import CSMConfig, RopeScaling, TransformerConfig
 from csm_engine.sampling import sample_topk
 
-
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ class ServerProcess:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def wait_ready(self, timeout_s: float = 180.0) -> "ServerProcess":
+    def wait_ready(self, timeout_s: float = 180.0) -> ServerProcess:
         wait_until_answering(self.process, self.url + "/health", "csm-serve", timeout_s)
         return self
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from _stage_helpers import EventLog, converse
+
 from agent.audio import MemorySink, load_audio, write_wav
 from agent.config.settings import AgentSettings
 from agent.conversation.conversation import Conversation

@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from agent.listen.asr import FasterWhisperTranscriber, OpenAIWhisperTranscriber, make_transcriber
 from agent.audio import load_audio
 from agent.errors import AgentError
+from agent.listen.asr import FasterWhisperTranscriber, OpenAIWhisperTranscriber, make_transcriber
 
 SENTENCE = "I would like to hear a short story about a dragon."
 

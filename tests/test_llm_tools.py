@@ -8,7 +8,6 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-
 from agent.llm.base import Sampling
 from agent.llm.server import OpenAICompatibleLLM
 from agent.llm.tool_calling import assistant_tool_message, tool_message

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _serve_helpers import free_port
+
 from agent.errors import AgentError
 from agent.tools.builtin import clock_tool
 from agent.tools.config import parse_mcp_servers

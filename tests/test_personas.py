@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import AgentError
 from agent.config.personas import BUILTIN_DIR, Persona, list_personas, load_persona
+from agent.errors import AgentError
 
 VALID = """
 name = "Test Bot"

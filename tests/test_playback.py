@@ -11,12 +11,12 @@ import time
 
 import numpy as np
 import pytest
-
 from _stage_helpers import context, run_stage
+
 from agent.audio import MemorySink
+from agent.config.personas import load_persona
 from agent.conversation.conversation import CSM_RATE, Conversation
 from agent.frames import AgentSentence, EndOfReply, Reply
-from agent.config.personas import load_persona
 from agent.speak.playback import GenerationSpeed, PlaybackPlanner, PlaybackPolicy
 from agent.stages.loading import Models
 from agent.stages.voice import VoiceStage

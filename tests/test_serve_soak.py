@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import soundfile
-
 from _serve_helpers import ServerProcess, write_voices
 
 pytestmark = pytest.mark.slow

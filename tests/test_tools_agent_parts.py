@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _stage_helpers import EventLog
+
 from agent.audio import MemorySink
 from agent.config.file import load_settings
 from agent.config.personas import parse_persona

@@ -13,6 +13,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from test_parity import pair  # noqa: E402,F401  (the shared ours/theirs fixture: one random tiny checkpoint)
+
 from csm_engine import weights  # noqa: E402
 from csm_engine.testing.checkpoints import build_text_tokenizer  # noqa: E402
 from csm_engine.tokens import TextTokenizer  # noqa: E402
@@ -20,7 +22,6 @@ from csm_engine.train.codes import EncodedUtterance  # noqa: E402
 from csm_engine.train.data import Utterance  # noqa: E402
 from csm_engine.train.loss import choose_decoder_frames, csm_loss  # noqa: E402
 from csm_engine.train.samples import IGNORE, build_samples, collate  # noqa: E402
-from test_parity import pair  # noqa: E402,F401  (the shared ours/theirs fixture: one random tiny checkpoint)
 
 TOL = 1e-5
 

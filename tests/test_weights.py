@@ -22,12 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from csm_engine import weights
-from csm_engine.weights import layouts
 from csm_engine.config import get_flavor
 from csm_engine.errors import CSMError
 from csm_engine.model import CSMModel
 from csm_engine.testing.checkpoints import main as make_checkpoint_main
 from csm_engine.testing.checkpoints import random_state_dict, write_model_weights
+from csm_engine.weights import layouts
 
 TINY = get_flavor("tiny")
 

@@ -7,9 +7,9 @@ import threading
 import time
 from abc import ABC
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -209,7 +209,7 @@ class AudioSink(ABC):
         """Seconds of audio handed to the speaker so far."""
         return self._played / self.sample_rate
 
-    def __enter__(self) -> "AudioSink":
+    def __enter__(self) -> AudioSink:
         self.start()
         return self
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import platformdirs
 
-from agent.errors import AgentError
 from agent.config.settings import AgentSettings
+from agent.errors import AgentError
 
 CONFIG_NAME = "config.toml"
 

@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from agent.audio import read_wav, write_wav
+from agent.conversation.turns import CSM_RATE, Sentence, Turn, json_int, turn_from_json
 from agent.errors import AgentError
 from csm_engine.files import write_text_atomic
-from agent.conversation.turns import CSM_RATE, Sentence, Turn, json_int, turn_from_json
 
 if TYPE_CHECKING:  # torch-heavy: only for annotations
     from csm_engine.tokens import Segment
@@ -143,8 +143,8 @@ class Conversation:
 
     # ---- CSM context ----------------------------------------------------------------------
 
-    def csm_context(self, voice: "Segment | None", budget: int, measure: Callable[["Segment"], int],
-                    extra: Sequence["Segment"] = ()) -> tuple[list["Segment"], ContextReport]:
+    def csm_context(self, voice: Segment | None, budget: int, measure: Callable[[Segment], int],
+                    extra: Sequence[Segment] = ()) -> tuple[list[Segment], ContextReport]:
         """Segments for the next utterance: the voice clip, the turns that fit, then ``extra``.
 
         ``budget`` is the number of backbone positions the context may take; ``measure(segment)``
@@ -317,7 +317,7 @@ class Conversation:
         return target
 
     @classmethod
-    def load(cls, path: str | Path, *, with_audio: bool = True) -> "Conversation":
+    def load(cls, path: str | Path, *, with_audio: bool = True) -> Conversation:
         """Read a saved conversation (its directory or its ``conversation.json``); AgentError if broken."""
         path = Path(path).expanduser()
         json_path = path / JSON_NAME if path.is_dir() else path

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import AgentError
-
 if TYPE_CHECKING:
     from agent.tools.registry import Tool, ToolCall
 
@@ -55,12 +53,12 @@ class ChatLLM(ABC):
     def stream_turn(
         self,
         messages: list[Message],
-        tools: "list[Tool]",
+        tools: list[Tool],
         cancel: threading.Event | None = None,
         *,
         sampling: Sampling | None = None,
         mode: str = "auto",
-    ) -> "Iterator[str | ToolCall]":
+    ) -> Iterator[str | ToolCall]:
         """Like ``stream_reply``, but the model may ask for ``tools``: yields text deltas and ``ToolCall``s.
 
         ``messages`` may hold earlier calls and their results (``agent.llm.tool_calling``); ``mode``

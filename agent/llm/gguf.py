@@ -105,8 +105,7 @@ def _cached_files(repo_id: str) -> list[str]:
 
 
 def _hub_files(repo_id: str) -> list[str]:
-    from huggingface_hub import HfApi
-    from huggingface_hub import errors
+    from huggingface_hub import HfApi, errors
 
     from csm_engine.weights import hub_error
 

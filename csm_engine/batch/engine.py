@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 import torch
 
 from csm_engine.batch.codec import BatchDecoder
+from csm_engine.batch.events import Admitted, AudioChunk, Failed, Finished, FrameSampled, StreamOptions, Utterance
+from csm_engine.batch.slots import BLOCK_ROWS, SlotTable, block_digests
 from csm_engine.batch.step import BatchStep, SlotCaches, batch_buckets, model_caches
 from csm_engine.cuda_graphs import cuda_graphs_available
 from csm_engine.errors import CSMError
-from csm_engine.batch.events import Admitted, AudioChunk, Failed, Finished, FrameSampled, StreamOptions, Utterance
 from csm_engine.generator import MIMI_CODEBOOK_SIZE, Generator, prompt_attention
 from csm_engine.prompt import Prompt
-from csm_engine.batch.slots import BLOCK_ROWS, SlotTable, block_digests
 
 
 class EngineBusy(CSMError):
@@ -76,7 +76,7 @@ class EngineOptions:
         return self.cache_slots or 2 * self.max_streams
 
     @classmethod
-    def for_device(cls, device: str | torch.device, **overrides) -> "EngineOptions":
+    def for_device(cls, device: str | torch.device, **overrides) -> EngineOptions:
         """Defaults for a device, then ``overrides`` (None values ignored).
 
         On a GPU many streams cost little more than one and a block of prompt rows costs its
@@ -142,7 +142,7 @@ class BatchEngine:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> "BatchEngine":
+    def start(self) -> BatchEngine:
         self._thread.start()
         return self
 
@@ -164,7 +164,7 @@ class BatchEngine:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
-    def __enter__(self) -> "BatchEngine":
+    def __enter__(self) -> BatchEngine:
         return self.start()
 
     def __exit__(self, *exc) -> None:

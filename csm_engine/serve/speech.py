@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from csm_engine.batch.engine import BatchEngine
-from csm_engine.errors import CSMError
 from csm_engine.batch.events import StreamOptions, Utterance
+from csm_engine.errors import CSMError
 from csm_engine.prompt import Prompt, assemble_prompt, segment_rows
 from csm_engine.serve.audio import request_audio, request_codes
 from csm_engine.serve.config import ServerConfig

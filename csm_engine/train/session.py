@@ -21,7 +21,7 @@ from csm_engine.adapters import save_adapter
 from csm_engine.errors import CSMError
 from csm_engine.train.codes import CodesCache, default_cache_dir, encode_utterances, file_key
 from csm_engine.train.data import find_utterances
-from csm_engine.train.lora import add_lora, adapter_tensors, mark_trainable, resolve_train_also
+from csm_engine.train.lora import adapter_tensors, add_lora, mark_trainable, resolve_train_also
 from csm_engine.train.samples import Sample, build_samples, split_eval
 from csm_engine.train.trainer import Progress, Trainer, TrainOptions
 
