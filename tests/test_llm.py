@@ -15,8 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from _serve_helpers import wait_until_answering
+
 from agent.errors import AgentError
 from agent.llm.base import Sampling, make_llm
 from agent.llm.llama_cpu import REPACK_ENV, RepackDecision, cpu_flags, decide_repack, install_repack_setting
@@ -324,7 +324,7 @@ class LlamaServer:
         self.process = None
         self.log_path = Path(tempfile.mkstemp(prefix="llama_server_", suffix=".log")[1])
 
-    def start(self) -> "LlamaServer":
+    def start(self) -> LlamaServer:
         import subprocess
         import sys
 
@@ -461,7 +461,8 @@ def test_first_sentence_comes_out_before_the_reply_ends():
 
 
 def test_long_sentence_is_cut_at_a_comma():
-    text = "This runs on and on without stopping, listing apples, pears, plums and cherries, and then it goes further still"
+    text = ("This runs on and on without stopping, listing apples, pears, plums and cherries, "
+            "and then it goes further still")
     pieces = split(text, max_chars=60)
     assert len(pieces) > 1 and all(len(p) <= 60 for p in pieces)
     assert pieces[0].endswith(",")
