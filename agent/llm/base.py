@@ -73,7 +73,7 @@ class ChatLLM(ABC):
         """The whole reply as one string."""
         return "".join(self.stream_reply(messages, sampling=sampling)).strip()
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: a local model has nothing to release
         """Release the model or connection."""
 
 

@@ -37,6 +37,8 @@ from csm_engine.errors import CSMError
 from csm_engine.generator import MIMI_CODEBOOK_SIZE, Generator, prompt_attention
 from csm_engine.prompt import Prompt
 
+DEFAULT_STREAM_OPTIONS = StreamOptions()  # frozen: safe to share as submit()'s default
+
 
 class EngineBusy(CSMError):
     """Every stream is busy and the queue is full: try again later (HTTP 429)."""
@@ -185,7 +187,7 @@ class BatchEngine:
     def queued(self) -> int:
         return len(self._pending)
 
-    def submit(self, prompt: Prompt, options: StreamOptions = StreamOptions(),
+    def submit(self, prompt: Prompt, options: StreamOptions = DEFAULT_STREAM_OPTIONS,
                sink: Callable[[object], None] | None = None) -> Utterance:
         """Queue an utterance; its events go to ``sink`` (default: the utterance's own queue, see ``Utterance.events``)."""
         if not 1 <= options.topk <= self.options.max_topk:
