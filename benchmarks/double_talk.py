@@ -151,8 +151,8 @@ def main() -> None:
                                                           if args.realtime else []):
         sel = [r for r in result["barge_ins"] if r["room"] == room and r["realtime"] == realtime]
         latencies = [r["detection_ms"] for r in sel if r["detection_ms"] is not None]
-        mean = lambda key: sum(r[key] for r in sel) / len(sel)  # noqa: E731
-        exact = lambda key: sum(r[f"exact_{key}"] for r in sel)  # noqa: E731
+        mean = lambda key, sel=sel: sum(r[key] for r in sel) / len(sel)  # noqa: E731
+        exact = lambda key, sel=sel: sum(r[f"exact_{key}"] for r in sel)  # noqa: E731
         print(f"{room:17} {'1x   ' if realtime else 'paced'}: detection median {np.median(latencies):.0f} ms, max "
               f"{max(latencies)} ms, missed {len(sel) - len(latencies)}, early {sum(r['early_detections'] for r in sel)}; "
               f"recall cleaned {mean('recall_cleaned'):.2f} recovered {mean('recall_recovered'):.2f} raw "

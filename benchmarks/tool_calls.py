@@ -82,8 +82,8 @@ def main() -> None:
         heard = asr.transcribe(load_audio(wav, 16_000)).text
         calls: list[str] = []
         results: list[str] = []
-        events = ToolEvents(on_call=lambda c: calls.append(c.describe()),
-                            on_result=lambda r: results.append(r.for_llm()))
+        events = ToolEvents(on_call=lambda c, calls=calls: calls.append(c.describe()),
+                            on_result=lambda r, results=results: results.append(r.for_llm()))
         messages = [{"role": "system", "content": system_prompt_with_tools(SYSTEM)}, {"role": "user", "content": heard}]
         started = time.perf_counter()
         answer = "".join(stream_with_tools(llm, messages, session, sampling=Sampling(temperature=0.0,

@@ -272,7 +272,7 @@ def test_bad_tools_each_give_one_error_result_and_the_conversation_goes_on(tmp_p
         pipeline.services.wait_for_servers(60)
         for i in range(len(script)):
             pipeline.submit_text(f"Question {i}.")
-            events.wait_for(lambda: len(events.of(AgentTurnDone)) > i, f"reply {i}")
+            events.wait_for(lambda i=i: len(events.of(AgentTurnDone)) > i, f"reply {i}")
     finally:
         pipeline.stop()
     results = [e for e in events.of(ToolUse) if e.output is not None]

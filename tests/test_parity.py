@@ -57,6 +57,11 @@ def hf_config(cfg: CSMConfig):
 @pytest.fixture(scope="module")
 def pair():
     """(ours, theirs, config) sharing one random tiny checkpoint, both float32 in eval mode."""
+    return build_pair()
+
+
+def build_pair():
+    """``pair``'s value, made afresh (test_train_loss builds its own from it)."""
     from transformers import CsmForConditionalGeneration
 
     cfg = get_flavor("tiny")
