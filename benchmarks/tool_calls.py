@@ -90,8 +90,9 @@ def main() -> None:
                                                                                       max_tokens=args.max_tokens),
                                            events=events)).strip()
         called = calls[0].split("(")[0] if calls else "none"
+        seconds = round(time.perf_counter() - started, 2)
         rows.append({"request": text, "heard": heard, "expected": expected, "called": calls, "results": results,
-                     "right_tool": called == expected, "answer": answer, "seconds": round(time.perf_counter() - started, 2)})
+                     "right_tool": called == expected, "answer": answer, "seconds": seconds})
         print(f"| {text} | {heard} | {expected} | {'; '.join(calls) or 'none'} | {answer[:90]} |", flush=True)
     right = sum(r["right_tool"] for r in rows)
     info.update({"model": llm.name, "mode": resolve_mode(llm, args.mode), "right_tool": f"{right}/{len(rows)}",
