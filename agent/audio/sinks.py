@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from abc import ABC
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,8 +115,9 @@ class AudioSink(ABC):
 
     # -- producer side
 
+    @abstractmethod
     def start(self) -> None:
-        """Open the speaker (idempotent)."""
+        """Open the speaker and start whatever drains the queue (idempotent); without it nothing plays."""
 
     def write(self, chunk: np.ndarray, sample_rate: int) -> None:
         """Queue a float32 mono chunk recorded at ``sample_rate`` Hz for playback."""
