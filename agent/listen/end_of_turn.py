@@ -51,6 +51,9 @@ class TextJudge(Protocol):
     def evidence(self, span: tuple[int, int], audio: np.ndarray) -> "TextEvidence | None":
         """The transcript of the turn as it would end at ``span`` and its P(end of message)."""
 
+    def forget(self) -> None:
+        """A new turn or a new pause: spans seen so far are of no use any more."""
+
 
 @dataclass(frozen=True)
 class TurnSettings:
@@ -136,6 +139,8 @@ class EndOfTurnJudge:
         self._text: float | None = None  # the transcript's P(end of message) in this pause
         self._asked = False  # a model was asked in this pause
         self._waiting = False
+        if self.text is not None:
+            self.text.forget()
 
     def update(self, pause_ms: float, audio: Callable[[], np.ndarray], tentative: Tentative | None = None) -> TurnVerdict:
         """Verdict for a turn whose current pause is ``pause_ms`` long (0 = speaking).

@@ -105,7 +105,8 @@ def end_of_message_probability(llm: "ChatLLM", text: str, wait_s: float = LOCK_W
         if cut is None:
             return None
         prompt, end_token = cut
-        tokens = llama.tokenize(prompt(words).encode("utf-8"), add_bos=False, special=True)
+        # as llama-cpp-python tokenizes a chat prompt, so a reply after it reuses the cached prefix
+        tokens = llama.tokenize(prompt(words).encode("utf-8"), add_bos=True, special=True)
         cached = llama.input_ids[: llama.n_tokens]
         same = 0
         for a, b in zip(cached, tokens):
@@ -132,6 +133,7 @@ class TextTurn:
         self._lock = threading.Lock()
         self._last: TextEvidence | None = None
         self._early: "EarlyReply | None" = None
+        self.early_started = self.early_discarded = self.early_taken = 0  # replies started early, and their fate
 
     def evidence(self, span: tuple[int, int], audio: np.ndarray) -> TextEvidence | None:
         """The evidence for the turn as it would end at ``span`` (computed once per span)."""
@@ -150,6 +152,10 @@ class TextTurn:
         self._last = evidence
         return evidence
 
+    def forget(self) -> None:
+        """A new turn or pause (the detector's spans may start again from 0 after a reset)."""
+        self._last = None
+
     def transcript_for(self, span: tuple[int, int] | None) -> "Transcript | None":
         """The transcript already made of exactly ``span``, if any (the transcribe stage reuses it)."""
         last = self._last
@@ -157,22 +163,33 @@ class TextTurn:
 
     # ---- the reply started early on the tentative transcript ---------------------------------
 
-    def started_early(self, early: "EarlyReply") -> None:
-        """``early`` now runs on the current pause's transcript (an older one is discarded)."""
+    def started_early(self, early: "EarlyReply", text: str) -> None:
+        """``early`` runs on ``text``, the transcript of the current pause; if that pause is already
+        over (the user went on before the reply started) it is discarded at once."""
+        last = self._last
+        current = last is not None and last.transcript.text == text
         with self._lock:
-            old, self._early = self._early, early
-        if old is not None and old is not early:
-            old.discard()
+            old, self._early = self._early, early if current else None
+            self.early_started += 1
+        for reply in (old, None if current else early):
+            if reply is not None:
+                self._discard(reply)
 
     def went_on(self) -> None:
         """The user spoke again after the pause: a reply started on its transcript is discarded."""
         with self._lock:
             early, self._early = self._early, None
         if early is not None:
-            early.discard()
+            self._discard(early)
 
     def take_early(self) -> "EarlyReply | None":
         """The early reply, handed over (to the think stage) and no longer discarded from here."""
         with self._lock:
             early, self._early = self._early, None
+            self.early_taken += early is not None
         return early
+
+    def _discard(self, early: "EarlyReply") -> None:
+        early.discard()
+        with self._lock:
+            self.early_discarded += 1

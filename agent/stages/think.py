@@ -5,7 +5,9 @@ one cancel signal of that reply), streams the LLM, splits its deltas into senten
 (``SentenceSplitter``), normalizes each for speech and sends ``AgentSentence`` frames to the
 voice stage as soon as each sentence ends, then ``EndOfReply``. One reply at a time: the next
 input waits until this reply has been spoken or cut off. A ``ReplayRequest`` plays the last
-agent turn's audio again, as a reply that records nothing.
+agent turn's audio again, as a reply that records nothing. An ``EarlyInput`` (the user's words
+at a pause the judge is not sure ends the turn) starts the reply ahead, unspoken
+(``agent.stages.early_reply``); the real input uses it when its prompt is the same.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ class ThinkStage(Stage):
         when nothing else is being answered and the real reply's prompt can be built now
         (``agent.stages.early_reply``): not with tools, nor when memory changes with the reply."""
         llm, text_turn = self.models.llm, self.models.text_turn
-        if llm is None or text_turn is None or self.ctx.replies.current is not None or self.ctx.progress.busy:
+        if llm is None or text_turn is None or self.ctx.replies.current is not None:
             return
         persona = self.persona
         if self.assist is not None:
@@ -123,7 +125,7 @@ class ThinkStage(Stage):
             messages = self.assist.messages(self.conversation, persona, text)
         else:
             messages = self.conversation.llm_messages(persona.system_prompt)
-        text_turn.started_early(EarlyReply.start(llm, prompt_with(messages, text), persona.llm))
+        text_turn.started_early(EarlyReply.start(llm, prompt_with(messages, text), persona.llm), text)
 
     def _announce(self, text: str) -> None:
         """Say ``text`` unasked (a timer that is due), as a reply of its own."""

@@ -7,7 +7,10 @@ push-to-talk. It sends downstream:
 - ``SpeechSegment`` when a turn is over, with when the speech really ended (``t0``, from the
   blocks' capture times) and how long the turn took to be judged over (``turn_end_ms``);
 - ``TentativeSpeech`` as soon as a pause could end the turn, so transcription starts while the
-  judge still listens (the transcript is ready when the turn ends);
+  judge still listens (the transcript is ready when the turn ends); in smart mode the judge
+  transcribes the pause itself (its text evidence) and the frame carries that transcript, and
+  the think stage may start the reply on it early — discarded (``TextTurn.went_on``) as soon as
+  the user speaks again;
 - ``PartialAudio`` about once a second while the user speaks (for the screen).
 
 The user's voice during a reply goes to ``BargeIn`` (``agent.listen.barge_in``): heard -> playback
