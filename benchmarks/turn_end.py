@@ -62,14 +62,17 @@ QUESTIONS = [
 ]
 PAUSED = [
     ("I stayed at home because", "it was raining all day."), ("I'd like to know, um", "the capital of France."),
-    ("We could go to the beach, or", "we could stay here."), ("I called you because", "I need some help with my car."),
+    ("We could go to the beach, or", "we could stay here."),
+    ("I called you because", "I need some help with my car."),
     ("Can you tell me, um", "how far away the moon is?"), ("I was going to say that", "the movie was great."),
-    ("My plan for tomorrow is, uh", "to visit my parents."), ("The reason I am late is because", "the bus broke down."),
+    ("My plan for tomorrow is, uh", "to visit my parents."),
+    ("The reason I am late is because", "the bus broke down."),
     ("I want to make a cake with", "chocolate and strawberries."), ("Could you tell me if", "the museum is open today?"),
     ("My sister lives in", "a small town near the coast."), ("I think we should buy", "a new table for the kitchen."),
     ("What I really need is, uh", "a good night's sleep."), ("The best thing about summer is", "the long evenings."),
-    ("I was wondering whether", "you could help me with my homework."), ("Tomorrow I have to go to", "the dentist."),
-    ("If it rains this afternoon then", "we will stay inside."), ("Can you find me a recipe for, um", "vegetable soup?"),
+    ("I was wondering whether", "you could help me with my homework."),
+    ("Tomorrow I have to go to", "the dentist."), ("If it rains this afternoon then", "we will stay inside."),
+    ("Can you find me a recipe for, um", "vegetable soup?"),
     ("The train to London leaves at", "half past eight."), ("I forgot to tell you that", "the meeting was moved."),
 ]
 VOICES = [("en-us", 145), ("en-gb", 160), ("en-us+f3", 130), ("en-us", 175), ("en-gb", 130), ("en-us+f3", 160)]
@@ -192,7 +195,8 @@ def judge_for(mode: str, turn_model, text_turn) -> EndOfTurnJudge | None:
 def provenance() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     return {"machine": platform.node(), "cpu": cpu, "cores": len(__import__("os").sched_getaffinity(0)),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
             "python": platform.python_version(), "load_before": __import__("os").getloadavg()[0]}

@@ -29,7 +29,8 @@ from agent.stages.early_reply import EarlyReply, EarlyServed, prompt_with
 ROOM = "living-room-loud"
 LIMIT_S = TurnSettings().max_silence_ms / 1000
 QUESTIONS = [("What is the capital of France?", "en-gb", 130), ("How far away is the moon?", "en-us", 175)]
-PAUSED = [("I stayed at home because", "it was raining all day."), ("We could go to the beach, or", "we could stay here.")]
+PAUSED = [("I stayed at home because", "it was raining all day."),
+          ("We could go to the beach, or", "we could stay here.")]
 
 
 @pytest.fixture(scope="module")

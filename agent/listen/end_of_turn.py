@@ -142,7 +142,8 @@ class EndOfTurnJudge:
         if self.text is not None:
             self.text.forget()
 
-    def update(self, pause_ms: float, audio: Callable[[], np.ndarray], tentative: Tentative | None = None) -> TurnVerdict:
+    def update(self, pause_ms: float, audio: Callable[[], np.ndarray],
+               tentative: Tentative | None = None) -> TurnVerdict:
         """Verdict for a turn whose current pause is ``pause_ms`` long (0 = speaking).
 
         ``audio()`` returns the turn's 16 kHz audio so far; it is only called when the audio
