@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
 LOCK_WAIT_S = 0.05  # a reply holding the LLM longer than this: no text evidence for this pause
 PROBE = "\x00end\x00"  # stands for the user's words while the chat template is cut
-_CUTS: "weakref.WeakKeyDictionary[Any, tuple[Callable[[str], str], int] | None]" = weakref.WeakKeyDictionary()
+SENTENCE_END = re.compile(r"[.?!]|[?!]{2,}")  # "..." and ".." trail off: not an end
+_CUTS: "weakref.WeakKeyDictionary[Any, tuple[Callable[[str], str], list[int]] | None]" = weakref.WeakKeyDictionary()
 
 
 def normalize(text: str) -> str:
@@ -63,8 +64,10 @@ class TextEvidence:
     llm_ms: float
 
 
-def _template_cut(llama: Any) -> tuple[Callable[[str], str], int] | None:
-    """(prompt for a user message, id of the end-of-turn token) from the GGUF's chat template."""
+def _template_cut(llama: Any) -> tuple[Callable[[str], str], list[int]] | None:
+    """(prompt for a user message, ids of the tokens that end it) from the GGUF's chat template:
+    its end-of-turn token, and the sentence-final punctuation a chat model not tuned on
+    punctuation-free text writes first ("?" after "what is the capital of france")."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     template = llama.metadata.get("tokenizer.chat_template")
@@ -84,7 +87,8 @@ def _template_cut(llama: Any) -> tuple[Callable[[str], str], int] | None:
     after = llama.tokenize(tail.encode("utf-8"), add_bos=False, special=True)
     if not after:
         return None
-    return (lambda words: head + words), after[0]
+    final = [t for t in range(llama.n_vocab()) if SENTENCE_END.fullmatch(token_text(t).strip())]
+    return (lambda words: head + words), [after[0], *final]
 
 
 def end_of_message_probability(llm: "ChatLLM", text: str, wait_s: float = LOCK_WAIT_S) -> float | None:
@@ -104,7 +108,7 @@ def end_of_message_probability(llm: "ChatLLM", text: str, wait_s: float = LOCK_W
         cut = _CUTS[llama]
         if cut is None:
             return None
-        prompt, end_token = cut
+        prompt, end_tokens = cut
         # as llama-cpp-python tokenizes a chat prompt, so a reply after it reuses the cached prefix
         tokens = llama.tokenize(prompt(words).encode("utf-8"), add_bos=True, special=True)
         cached = llama.input_ids[: llama.n_tokens]
@@ -118,7 +122,8 @@ def end_of_message_probability(llm: "ChatLLM", text: str, wait_s: float = LOCK_W
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama.ctx, -1), shape=(llama.n_vocab(),))
         logits = logits.astype(np.float64)
         logits -= logits.max()
-        return float(np.exp(logits[end_token]) / np.exp(logits).sum())
+        weights = np.exp(logits)
+        return float(weights[end_tokens].sum() / weights.sum())
 
 
 class TextTurn:
