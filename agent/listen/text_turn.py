@@ -37,13 +37,13 @@ import numpy as np
 
 if TYPE_CHECKING:
     from agent.listen.asr import Transcriber, Transcript
-    from agent.llm.base import ChatLLM
+    from agent.llm.base import ChatLLM, Message
     from agent.stages.early_reply import EarlyReply
 
 LOCK_WAIT_S = 0.05  # a reply holding the LLM longer than this: no text evidence for this pause
 PROBE = "\x00end\x00"  # stands for the user's words while the chat template is cut
 SENTENCE_END = re.compile(r"[.?!]|[?!]{2,}")  # "..." and ".." trail off: not an end
-_CUTS: "weakref.WeakKeyDictionary[Any, tuple[Callable[[str], str], list[int]] | None]" = weakref.WeakKeyDictionary()
+_TEMPLATES: "weakref.WeakKeyDictionary[Any, tuple[Any, list[int]] | None]" = weakref.WeakKeyDictionary()
 
 
 def normalize(text: str) -> str:
@@ -64,9 +64,9 @@ class TextEvidence:
     llm_ms: float
 
 
-def _template_cut(llama: Any) -> tuple[Callable[[str], str], list[int]] | None:
-    """(prompt for a user message, ids of the tokens that end it) from the GGUF's chat template:
-    its end-of-turn token, and the sentence-final punctuation a chat model not tuned on
+def _template(llama: Any) -> tuple[Any, list[int]] | None:
+    """(the GGUF's chat template as a formatter, ids of the tokens that end a user message): its
+    end-of-turn token, and the sentence-final punctuation a chat model not tuned on
     punctuation-free text writes first ("?" after "what is the capital of france")."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -80,20 +80,19 @@ def _template_cut(llama: Any) -> tuple[Callable[[str], str], list[int]] | None:
     formatter = Jinja2ChatFormatter(template=template, eos_token=token_text(llama.token_eos()),
                                     bos_token=token_text(llama.token_bos()), add_generation_prompt=False)
     whole = formatter(messages=[{"role": "user", "content": PROBE}]).prompt
-    at = whole.rfind(PROBE)
-    if at < 0:
-        return None
-    head, tail = whole[:at], whole[at + len(PROBE):]
-    after = llama.tokenize(tail.encode("utf-8"), add_bos=False, special=True)
-    if not after:
+    after = llama.tokenize(whole[whole.rfind(PROBE) + len(PROBE):].encode("utf-8"), add_bos=False, special=True)
+    if PROBE not in whole or not after:
         return None
     final = [t for t in range(llama.n_vocab()) if SENTENCE_END.fullmatch(token_text(t).strip())]
-    return (lambda words: head + words), [after[0], *final]
+    return formatter, [after[0], *final]
 
 
-def end_of_message_probability(llm: "ChatLLM", text: str, wait_s: float = LOCK_WAIT_S) -> float | None:
+def end_of_message_probability(llm: "ChatLLM", text: str, context: "list[Message] | None" = None,
+                               wait_s: float = LOCK_WAIT_S) -> float | None:
     """P(the user's message ends after ``text``) from ``llm``'s end-of-turn token; None when this
-    LLM cannot be scored (a server), the text is empty, or a reply holds the model."""
+    LLM cannot be scored (a server), the text is empty, or a reply holds the model. ``context``:
+    the conversation before it (the reply's own prompt: llama.cpp then evaluates only the new words,
+    and the reply after reuses them)."""
     words = normalize(text)
     locked = getattr(llm, "locked_llama", None)
     if not words or locked is None:
@@ -103,14 +102,17 @@ def end_of_message_probability(llm: "ChatLLM", text: str, wait_s: float = LOCK_W
     with locked(wait_s) as llama:
         if llama is None:
             return None
-        if llama not in _CUTS:
-            _CUTS[llama] = _template_cut(llama)
-        cut = _CUTS[llama]
-        if cut is None:
+        if llama not in _TEMPLATES:
+            _TEMPLATES[llama] = _template(llama)
+        if _TEMPLATES[llama] is None:
             return None
-        prompt, end_tokens = cut
+        formatter, end_tokens = _TEMPLATES[llama]
+        messages = [*llm.fit_messages(list(context or []) + [{"role": "user", "content": words}], 16)]
+        messages[-1] = {"role": "user", "content": PROBE}
+        whole = formatter(messages=messages).prompt
+        prompt = whole[: whole.rfind(PROBE)] + words
         # as llama-cpp-python tokenizes a chat prompt, so a reply after it reuses the cached prefix
-        tokens = llama.tokenize(prompt(words).encode("utf-8"), add_bos=True, special=True)
+        tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         cached = llama.input_ids[: llama.n_tokens]
         same = 0
         for a, b in zip(cached, tokens):
@@ -129,12 +131,15 @@ def end_of_message_probability(llm: "ChatLLM", text: str, wait_s: float = LOCK_W
 class TextTurn:
     """Text evidence for the pauses of a turn (see the module docstring), one transcript per pause.
 
-    ``transcriber()`` and ``llm()`` return the loaded models, or None while they load.
+    ``transcriber()`` and ``llm()`` return the loaded models, or None while they load;
+    ``context()`` the conversation so far as the reply's prompt will begin (system prompt, turns).
     """
 
-    def __init__(self, transcriber: Callable[[], "Transcriber | None"], llm: Callable[[], "ChatLLM | None"]) -> None:
+    def __init__(self, transcriber: Callable[[], "Transcriber | None"], llm: Callable[[], "ChatLLM | None"],
+                 context: Callable[[], "list[Message]"] | None = None) -> None:
         self._transcriber = transcriber
         self._llm = llm
+        self._context = context
         self._lock = threading.Lock()
         self._last: TextEvidence | None = None
         self._early: "EarlyReply | None" = None
@@ -151,7 +156,8 @@ class TextTurn:
         started = time.perf_counter()
         transcript = transcriber.transcribe(audio)
         asr_done = time.perf_counter()
-        probability = end_of_message_probability(llm, transcript.text) if llm is not None else None
+        context = self._context() if self._context is not None else None
+        probability = end_of_message_probability(llm, transcript.text, context) if llm is not None else None
         evidence = TextEvidence(span, transcript, probability, (asr_done - started) * 1000,
                                 (time.perf_counter() - asr_done) * 1000)
         self._last = evidence

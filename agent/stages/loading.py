@@ -58,6 +58,7 @@ class Models:
         self.vad_model = vad_model
         self.vad: VoiceActivityDetector | None = None
         self.text_turn: "TextTurn | None" = None  # the transcript's end-of-turn evidence (smart turn mode)
+        self.chat_context: Callable[[], list[dict]] = list  # the conversation as a reply's prompt begins (think)
         self.watermarker = watermarker
         self.voice: "Segment | None" = None  # the persona's voice clip, pinned first in CSM's context
         self.adapter: str | None = None  # the csm-finetune adapter merged into the loaded generator
@@ -167,7 +168,8 @@ class ModelLoader:
             judge, notice = self._stage("turn", lambda: build_turn_judge(self.settings.turn_settings()))
             if notice:
                 self.ctx.notice("warning", notice)
-            judge.use_text(TextTurn(lambda: self.models.transcriber, lambda: self.models.llm))
+            m = self.models
+            judge.use_text(TextTurn(lambda: m.transcriber, lambda: m.llm, lambda: m.chat_context()))
             self.models.text_turn = judge.text
             self.models.vad = VoiceActivityDetector(VadSettings(end_silence_ms=self.settings.end_silence_ms),
                                                     model=model, end_of_turn=judge)

@@ -46,6 +46,8 @@ class ThinkStage(Stage):
         self.persona = persona
         self.saver = saver
         self.assist: "ThinkAssist | None" = None  # tools and memory (agent.tools.assist), set by the pipeline
+        # what the end-of-turn text evidence is scored after: the replies' prompt, so llama.cpp reuses it
+        models.chat_context = lambda: self.conversation.llm_messages(self.persona.system_prompt)
 
     def use_persona(self, persona: Persona) -> None:
         """From the next reply on, answer as ``persona`` (its system prompt and LLM sampling)."""
