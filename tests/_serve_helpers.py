@@ -104,3 +104,27 @@ def wait_until_answering(process: subprocess.Popen, url: str, name: str, timeout
             pass
         time.sleep(interval_s)
     raise RuntimeError(f"{name} did not answer {url} within {timeout_s} s")
+
+
+class LlamaServer:
+    """``python -m llama_cpp.server`` with the embedded SmolLM2 on 127.0.0.1 (restartable on its port)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self) -> "LlamaServer":
+        from agent.embedded import smollm2_gguf
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--host", "127.0.0.1",
+             "--port", str(self.port), "--n_ctx", "1024", "--n_threads", "2", "--seed", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until_answering(self.process, self.url + "/v1/models", "llama_cpp.server", 60.0, interval_s=0.1)
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

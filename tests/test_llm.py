@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from _serve_helpers import wait_until_answering
+from _serve_helpers import LlamaServer
 from agent.errors import AgentError
 from agent.llm.base import Sampling, make_llm
 from agent.llm.local import LocalLLM
@@ -194,37 +194,6 @@ def test_api_base_url_forms():
 
 
 # ----------------------------------------------------------------------------- llama.cpp's server
-
-
-class LlamaServer:
-    """``python -m llama_cpp.server`` with the embedded SmolLM2 on 127.0.0.1 (restartable on its port)."""
-
-    def __init__(self) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = None
-
-    def start(self) -> "LlamaServer":
-        import subprocess
-        import sys
-
-        from agent.embedded import smollm2_gguf
-
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--host", "127.0.0.1",
-             "--port", str(self.port), "--n_ctx", "1024", "--n_threads", "2", "--seed", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until_answering(self.process, self.url + "/v1/models", "llama_cpp.server", 60.0, interval_s=0.1)
-        return self
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 @pytest.fixture(scope="module")

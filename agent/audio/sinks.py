@@ -3,6 +3,7 @@ silences it within one block, ``pause()`` holds it, and what was actually played
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -15,6 +16,8 @@ import numpy as np
 
 from agent.audio.samples import PLAYBACK_BLOCK_MS, StreamResampler, _as_mono_float32, write_wav
 from agent.errors import AgentError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -268,6 +271,7 @@ class AudioSink(ABC):
             try:
                 listener(view, self.sample_rate, play_time)
             except Exception:  # a broken listener must not silence the speaker
+                log.warning("an audio listener failed and was removed", exc_info=True)
                 self.remove_listener(listener)
 
 

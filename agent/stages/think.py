@@ -70,6 +70,12 @@ class ThinkStage(Stage):
         finally:
             self.ctx.progress.end_input()
 
+    def recover(self, frame: Frame) -> None:
+        """After a failure mid-reply (it is cancelled): close it, so the voice stage records what was said."""
+        reply = self.ctx.replies.current
+        if reply is not None and not reply.done.is_set():
+            self._finish(reply)
+
     def _answer(self, user: UserInput) -> None:
         self.models.wait("llm")
         if self.ctx.stopping.is_set():
@@ -107,8 +113,8 @@ class ThinkStage(Stage):
             if not reply.cancelled:
                 for sentence in splitter.flush():
                     self._send_sentence(reply, sentence)
-        except AgentError as error:
-            self.ctx.notice("error", str(error))
+        except AgentError as error:  # the LLM failed mid-reply: the turn ends with what was said
+            self.ctx.turn_failed(str(error), error)
         self._finish(reply)
         if self.assist is not None:
             self.assist.after_reply(self.conversation, llm)

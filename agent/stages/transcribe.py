@@ -68,6 +68,12 @@ class TranscribeStage(Stage):
             case _:
                 raise TypeError(f"the transcribe stage does not take {type(frame).__name__}")
 
+    def recover(self, frame: Frame) -> None:
+        """After a failure: a turn that was not transcribed is not answered."""
+        self._ahead = None
+        if isinstance(frame, SpeechSegment):
+            self._drop(frame)
+
     def _transcribe(self, speech: SpeechSegment) -> None:
         transcriber = self.models.transcriber
         if transcriber is None:
