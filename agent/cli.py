@@ -19,6 +19,7 @@ Live playback is never marked (it would delay speech).
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -29,6 +30,7 @@ from agent.audio import describe_devices
 from agent.config.file import load_settings
 from agent.conversation.conversation import Conversation
 from agent.errors import AgentError
+from agent.logs import default_log_path, setup_logging
 from agent.events import AgentTurnDone, Event, Notice, ToolUse, TurnLatency, UserTurn
 from agent.config.personas import list_personas, load_persona
 from agent.pipeline import Pipeline
@@ -36,6 +38,8 @@ from agent.speak.replay import replay_conversation
 from agent.config.settings import AgentSettings
 from csm_engine.errors import CSMError
 from csm_engine.precision import PRECISIONS
+
+log = logging.getLogger(__name__)
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -46,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="csm-chat",
         description="Talk with a local voice agent that speaks through Sesame's CSM.",
         epilog="Defaults for every option can be set in config.toml in the user's config directory "
-               "(see --config).",
+               f"(see --config). Warnings and errors, with tracebacks, are logged to {default_log_path()} "
+               "(--log-file for another file): attach it to a bug report.",
     )
     run = p.add_argument_group("what to run")
     run.add_argument("--headless", action="store_true", default=None,
@@ -60,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="play a test sound, measure the echo and what echo cancellation removes, and say "
                           "whether hands-free will work (with --room: in the simulated room)")
     run.add_argument("--config", metavar="PATH", help="config file with defaults (default: the user's config.toml)")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="debug lines on stderr (and in the log file)")
+    run.add_argument("--log-file", metavar="PATH", help=f"where the log goes (default {default_log_path()})")
 
     audio = p.add_argument_group("audio")
     audio.add_argument("--mic-file", metavar="IN.wav", help="use a WAV file as the microphone (any rate, mono or stereo)")
@@ -72,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(office, living-room, office-loud, living-room-loud, or a room file)")
     audio.add_argument("--aec", choices=("on", "off", "auto"),
                        help="echo cancellation (default auto: on where WebRTC's canceller loads)")
-    audio.add_argument("--turn", choices=("smart", "silence"),
-                       help="hands-free end of turn: the end-of-turn model (smart, default) or a fixed pause (silence)")
+    audio.add_argument("--turn", choices=("smart", "audio", "silence"),
+                       help="hands-free end of turn: the transcript's and the audio's end-of-turn models (smart, "
+                            "default), the audio model alone (audio), or a fixed pause (silence)")
     audio.add_argument("--turn-threshold", type=float, metavar="P",
                        help="end-of-turn model probability that ends a turn (default 0.5)")
     pace = audio.add_mutually_exclusive_group()
@@ -142,14 +151,18 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        setup_logging(verbose=args.verbose, log_file=args.log_file, headless=bool(args.headless or args.replay))
+        log.debug("csm-chat %s", " ".join(sys.argv[1:] if argv is None else argv))
         return _run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except AgentError as error:
+        log.debug("exiting on an error", exc_info=True)
         print(f"csm-chat: {error}", file=sys.stderr)
         return EXIT_ERROR
     except CSMError as error:
+        log.debug("exiting on an error", exc_info=True)
         print(f"csm-chat: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_ERROR
 

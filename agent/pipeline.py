@@ -20,6 +20,7 @@ the caller's thread. Without CSM weights the agent answers in text only (one ``N
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -56,6 +57,8 @@ if TYPE_CHECKING:  # torch-heavy: only for annotations
 
 __all__ = ["Pipeline", "default_save_dir"]
 
+log = logging.getLogger(__name__)
+
 STAGE_JOIN_S = 10.0
 LOAD_JOIN_S = 60.0
 
@@ -85,7 +88,8 @@ class Pipeline:
         paced = bool(settings.mic_file or settings.room) and not settings.realtime  # --fast: input waits
         if source is None and (settings.mic_file or settings.room):
             source = _file_or_room(settings)
-        self.ctx = StageContext(emit, headless=settings.headless, max_turns=settings.max_turns, on_fatal=self._fail)
+        self.ctx = StageContext(emit, headless=settings.headless, max_turns=settings.max_turns, on_fatal=self._fail,
+                                on_interrupt=self.interrupt)
         self.models = Models(source=source, sink=sink, generator=generator, llm=llm, transcriber=transcriber,
                              vad_model=vad_model, watermarker=watermarker)
         self.saver = ConversationSaver(self.conversation, self.save_dir, self.models.watermark, self.ctx.notice)
@@ -165,8 +169,8 @@ class Pipeline:
         if source:
             try:
                 source.stop()
-            except Exception:
-                pass
+            except Exception:  # stopping anyway: the rest must still be saved
+                log.warning("could not stop the audio source", exc_info=True)
         for stage in self._stages:
             stage.stop()
         self.models.release_waiters()  # stages waiting for a model wake up and see that we are stopping
@@ -182,7 +186,8 @@ class Pipeline:
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._close_sink()
         if self.services is not None:
-            self.think.assist.remember_conversation(self.conversation)
+            if self.fatal is None:  # a failed run ends at once (its LLM may be what failed): no summary
+                self.think.assist.remember_conversation(self.conversation)
             self.services.close()
         if self.settings.tts_url and self.models.generator is not None:
             self.models.generator.close()  # the csm-serve connection
@@ -330,8 +335,8 @@ class Pipeline:
             return
         try:
             sink.close()
-        except Exception:
-            pass
+        except Exception:  # closing anyway: the speaker file must still be written
+            log.warning("could not close the audio sink", exc_info=True)
         target = self.models.own_sink_file
         if target is None:
             return

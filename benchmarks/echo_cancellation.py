@@ -124,7 +124,7 @@ def main() -> None:
     dt = result["double_talk"]
     for room, barge_in in [(room, b) for room in PRESETS for b in (False, True)]:
         sel = [r for r in dt if r["barge_in"] == barge_in and r["room"] == room]
-        mean = lambda key: sum(r[key] for r in sel) / len(sel)  # noqa: E731
+        mean = lambda key, sel=sel: sum(r[key] for r in sel) / len(sel)  # noqa: E731
         margin = min(r["cleaned_dbfs"] - r["residual_echo_dbfs"] for r in sel)
         print(f"double talk in {room}, {'barge-in' if barge_in else 'full overlap'}: mean word recall raw "
               f"{mean('recall_raw'):.2f}, cleaned {mean('recall_cleaned'):.2f}; "

@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", default="1,2,4", help="comma-separated numbers of concurrent clients")
     p.add_argument("--max-streams", type=int, help="server batch capacity (default: the largest --clients)")
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per N, after the ramp")
-    p.add_argument("--ramp-s", type=float, default=None, help="clients start evenly over this (default 3 s CUDA, 8 s CPU)")
+    p.add_argument("--ramp-s", type=float, default=None,
+                   help="clients start evenly over this (default 3 s CUDA, 8 s CPU)")
     p.add_argument("--frames", type=int, default=40, help="frames per request (80 ms each)")
     p.add_argument("--chunk-frames", type=int, default=1, help="frames per streamed chunk")
     p.add_argument("--context-frames", type=int, default=63, help="frames of the shared voice context (0: none)")
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         context = []
         if args.context_frames:
             codes = rng.integers(0, 2048, size=(args.context_frames, 32)).astype("<i2")
-            context = [{"speaker": 0, "text": " ".join(WORDS[:10]), "codes": base64.b64encode(codes.tobytes()).decode()}]
+            encoded = base64.b64encode(codes.tobytes()).decode()
+            context = [{"speaker": 0, "text": " ".join(WORDS[:10]), "codes": encoded}]
         rows = [run_load(url, n, args, context) for n in counts]
         health = _health(url)
     finally:

@@ -82,16 +82,17 @@ def main() -> None:
         heard = asr.transcribe(load_audio(wav, 16_000)).text
         calls: list[str] = []
         results: list[str] = []
-        events = ToolEvents(on_call=lambda c: calls.append(c.describe()),
-                            on_result=lambda r: results.append(r.for_llm()))
+        events = ToolEvents(on_call=lambda c, calls=calls: calls.append(c.describe()),
+                            on_result=lambda r, results=results: results.append(r.for_llm()))
         messages = [{"role": "system", "content": system_prompt_with_tools(SYSTEM)}, {"role": "user", "content": heard}]
         started = time.perf_counter()
         answer = "".join(stream_with_tools(llm, messages, session, sampling=Sampling(temperature=0.0,
                                                                                       max_tokens=args.max_tokens),
                                            events=events)).strip()
         called = calls[0].split("(")[0] if calls else "none"
+        seconds = round(time.perf_counter() - started, 2)
         rows.append({"request": text, "heard": heard, "expected": expected, "called": calls, "results": results,
-                     "right_tool": called == expected, "answer": answer, "seconds": round(time.perf_counter() - started, 2)})
+                     "right_tool": called == expected, "answer": answer, "seconds": seconds})
         print(f"| {text} | {heard} | {expected} | {'; '.join(calls) or 'none'} | {answer[:90]} |", flush=True)
     right = sum(r["right_tool"] for r in rows)
     info.update({"model": llm.name, "mode": resolve_mode(llm, args.mode), "right_tool": f"{right}/{len(rows)}",

@@ -122,8 +122,10 @@ def judgements(directory: Path) -> dict:
         run = suite.run_stream(np.concatenate([silence(0.5), clip(text), silence(0.5)]), silero, judge)
         bare[text] = [round(p, 3) for p in run.answers]
     d = np.asarray(delays) * 1000
-    return {"questions": questions, "questions_done_at_first_check": sum(q["answers"][0] >= 0.5 for q in questions.values()),
-            "speech_end_to_turn_end_ms": {"median": round(float(np.median(d))), "p25": round(float(np.percentile(d, 25))),
+    done_at_first = sum(q["answers"][0] >= 0.5 for q in questions.values())
+    return {"questions": questions, "questions_done_at_first_check": done_at_first,
+            "speech_end_to_turn_end_ms": {"median": round(float(np.median(d))),
+                                          "p25": round(float(np.percentile(d, 25))),
                                           "p75": round(float(np.percentile(d, 75))), "max": round(float(d.max()))},
             "paused_sentences": paused, "bare_clauses_first_answers": bare}
 

@@ -12,10 +12,9 @@ import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
-from _serve_helpers import wait_until_answering
+from _serve_helpers import LlamaServer
 
 from agent.errors import AgentError
 from agent.llm.base import Sampling, make_llm
@@ -308,44 +307,6 @@ def test_api_base_url_forms():
 
 
 # ----------------------------------------------------------------------------- llama.cpp's server
-
-
-class LlamaServer:
-    """``python -m llama_cpp.server`` with the embedded SmolLM2 on 127.0.0.1 (restartable on its port)."""
-
-    def __init__(self) -> None:
-        import socket
-        import tempfile
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = None
-        self.log_path = Path(tempfile.mkstemp(prefix="llama_server_", suffix=".log")[1])
-
-    def start(self) -> LlamaServer:
-        import subprocess
-        import sys
-
-        from agent.embedded import smollm2_gguf
-
-        # Our launcher of llama-cpp-python's server: the same CPU decision as the in-process model.
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "agent.llm.llama_server", "--model", str(smollm2_gguf()),
-                 "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "1024", "--n_threads", "1", "--seed", "1"],
-                stdout=subprocess.DEVNULL, stderr=log)
-        wait_until_answering(self.process, self.url + "/v1/models", "agent.llm.llama_server", 60.0, interval_s=0.1)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 @pytest.fixture(scope="module")

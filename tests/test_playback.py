@@ -66,7 +66,7 @@ def made(tiny_generator) -> dict:
     for text in TEXTS:
         frames: list = []
         chunks = list(tiny_generator.stream(text, 0, max_audio_length_ms=BUDGET_MS, seed=11,
-                                            on_frame=lambda i, codes: frames.append((i, codes))))
+                                            on_frame=lambda i, codes, frames=frames: frames.append((i, codes))))
         result[text] = (chunks, frames)
     return result
 

@@ -35,7 +35,8 @@ from agent.audio.sinks import AudioSink, FarEndListener, MemorySink, PlayedChunk
 from agent.audio.sources import AudioSource, QueueSource, WavFileSource
 
 __all__ = [
-    "AudioSink", "AudioSource", "BLOCK_MS", "FarEndListener", "MemorySink", "MicrophoneSource", "PIPELINE_RATE", "PLAYBACK_BLOCK_MS",
+    "AudioSink", "AudioSource", "BLOCK_MS", "FarEndListener", "MemorySink", "MicrophoneSource", "PIPELINE_RATE",
+    "PLAYBACK_BLOCK_MS",
     "PlayedChunk", "QueueSource", "SpeakerSink", "StreamResampler", "WavFileSink", "WavFileSource",
     "describe_devices", "list_devices", "load_audio", "open_microphone", "open_speaker", "read_wav", "resample",
     "resolve_device", "rms_dbfs", "write_wav",

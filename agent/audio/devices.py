@@ -5,6 +5,8 @@ Every failure becomes a one-line ``AgentError`` naming the file-backed alternati
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from agent.audio.samples import BLOCK_MS, PIPELINE_RATE, PLAYBACK_BLOCK_MS
@@ -12,6 +14,8 @@ from agent.audio.sinks import AudioSink
 from agent.audio.sources import QueueSource
 from agent.errors import AgentError
 from csm_engine.errors import first_line
+
+log = logging.getLogger(__name__)
 
 NO_MIC_FIX = "use --mic-file IN.wav or plug one in"
 NO_SPEAKER_FIX = "use --speaker-file OUT.wav or plug one in"
@@ -35,7 +39,8 @@ class MicrophoneSource(QueueSource):
             rate = PIPELINE_RATE
             try:
                 sd.check_input_settings(device=self.device, channels=1, samplerate=rate, dtype="float32")
-            except Exception:
+            except Exception:  # 16 kHz not offered: the device's own rate, resampled
+                log.debug("microphone %s: no 16 kHz input", self.device, exc_info=True)
                 rate = int(sd.query_devices(self.device, "input")["default_samplerate"])
             super().__init__(rate, block_ms=block_ms)
             self._stream = sd.InputStream(
@@ -69,7 +74,7 @@ class MicrophoneSource(QueueSource):
                 self._stream.stop()
                 self._stream.close()
             except Exception:  # closing a dead stream must not mask the reason we stop
-                pass
+                log.debug("closing the microphone stream failed", exc_info=True)
 
 
 class SpeakerSink(AudioSink):
@@ -85,7 +90,8 @@ class SpeakerSink(AudioSink):
             rate = 24_000
             try:
                 sd.check_output_settings(device=index, channels=1, samplerate=rate, dtype="float32")
-            except Exception:
+            except Exception:  # 24 kHz not offered: the device's own rate, resampled
+                log.debug("speaker %s: no 24 kHz output", index, exc_info=True)
                 rate = int(sd.query_devices(index, "output")["default_samplerate"])
             super().__init__(rate, block_ms=block_ms)
             self.device = index

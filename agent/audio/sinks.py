@@ -3,9 +3,10 @@ silences it within one block, ``pause()`` holds it, and what was actually played
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from abc import ABC
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ import numpy as np
 
 from agent.audio.samples import PLAYBACK_BLOCK_MS, StreamResampler, _as_mono_float32, write_wav
 from agent.errors import AgentError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,8 +118,9 @@ class AudioSink(ABC):
 
     # -- producer side
 
+    @abstractmethod
     def start(self) -> None:
-        """Open the speaker (idempotent)."""
+        """Open the speaker and start whatever drains the queue (idempotent); without it nothing plays."""
 
     def write(self, chunk: np.ndarray, sample_rate: int) -> None:
         """Queue a float32 mono chunk recorded at ``sample_rate`` Hz for playback."""
@@ -267,6 +271,7 @@ class AudioSink(ABC):
             try:
                 listener(view, self.sample_rate, play_time)
             except Exception:  # a broken listener must not silence the speaker
+                log.warning("an audio listener failed and was removed", exc_info=True)
                 self.remove_listener(listener)
 
 

@@ -264,8 +264,9 @@ class Conversation:
                 **({"summary": {"upto": self.summary[0], "text": self.summary[1]}} if self.summary else {}),
             }
 
-    def save(self, directory: str | Path | None = None, *, watermark: Callable[[np.ndarray, int], np.ndarray] | None = None
-             ) -> Path:
+    def save(
+        self, directory: str | Path | None = None, *, watermark: Callable[[np.ndarray, int], np.ndarray] | None = None
+    ) -> Path:
         """Write the conversation directory: new turns' WAVs, then ``conversation.json`` (all atomic).
 
         ``watermark(audio, sample_rate)`` marks agent audio before it is written (the audio kept
@@ -280,7 +281,9 @@ class Conversation:
             try:
                 target.mkdir(parents=True, exist_ok=True)
             except OSError as error:
-                raise AgentError(f"cannot create {target}: {error.strerror or error} (pass another --save DIR)") from None
+                raise AgentError(
+                    f"cannot create {target}: {error.strerror or error} (pass another --save DIR)"
+                ) from None
             if target != self.directory:
                 if self.directory is None:
                     self.directory = target

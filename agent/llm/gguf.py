@@ -64,7 +64,8 @@ def choose_file(files: list[str], ref: HubGGUF) -> str:
     if not matches:
         raise AgentError(f"{ref.repo_id} has no {quant.upper()} file; choose one of {_listing(ggufs)} "
                          f"(--llm-model {ref.repo_id}:QUANT or :FILE.gguf)")
-    raise AgentError(f"{ref} matches several files ({_listing(matches)}); name one: --llm-model {ref.repo_id}:FILE.gguf")
+    raise AgentError(f"{ref} matches several files ({_listing(matches)}); "
+                     f"name one: --llm-model {ref.repo_id}:FILE.gguf")
 
 
 def _models(ggufs: list[str]) -> list[str]:

@@ -6,7 +6,9 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from agent.errors import AgentError
 from agent.llm.base import ChatLLM, Message, Sampling, check_messages
@@ -75,6 +77,17 @@ class LocalLLM(ChatLLM):
         self._lock = threading.Lock()
         if warmup:  # the first decode sets up llama.cpp's compute graph: pay it while loading
             self.reply([{"role": "user", "content": "Hi"}], sampling=Sampling(max_tokens=1))
+
+    @contextmanager
+    def locked_llama(self, timeout: float = -1) -> Iterator[Any]:
+        """The llama object, held under the reply lock (None if not free within ``timeout`` s): for
+        reading its logits (``agent.listen.text_turn``) without a reply running on it at the same time."""
+        got = self._lock.acquire(timeout=timeout)
+        try:
+            yield self._llama if got else None
+        finally:
+            if got:
+                self._lock.release()
 
     def count_tokens(self, text: str) -> int:
         return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))

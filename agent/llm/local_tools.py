@@ -7,6 +7,7 @@ hands ``tools`` to the template; we parse the calls it writes) and **constrained
 
 from __future__ import annotations
 
+import logging
 import json
 import threading
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ from agent.llm.tool_calling import (
     template_supports_tools,
 )
 from agent.tools.registry import Tool, ToolCall
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from agent.llm.local import LocalLLM
@@ -93,6 +96,7 @@ def _grammar(llm: LocalLLM, source: str, from_schema: bool):
             cache[key] = (LlamaGrammar.from_json_schema(source, verbose=False) if from_schema
                           else LlamaGrammar.from_string(source, verbose=False))
         except Exception:  # a schema llama.cpp's converter cannot read: any JSON object will do
+            log.debug("llama.cpp cannot turn this schema into a grammar; any JSON object will do", exc_info=True)
             from llama_cpp.llama_grammar import JSON_GBNF
 
             cache[key] = LlamaGrammar.from_string(JSON_GBNF, verbose=False)

@@ -9,9 +9,12 @@ silently either way. The summary reaches the LLM as a system message before the 
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from agent.errors import AgentError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from agent.conversation.conversation import Conversation
@@ -60,7 +63,8 @@ def _llm_summary(llm: ChatLLM | None, earlier: str, transcript: str) -> str | No
         text = llm.reply([{"role": "system", "content": "Summarize this conversation in at most three short "
                                                          "sentences. Keep names, numbers and what the user asked for."},
                           {"role": "user", "content": prompt}], sampling=Sampling(temperature=0.0, max_tokens=120))
-    except (AgentError, ValueError):
+    except (AgentError, ValueError):  # no summary this time; the conversation itself is saved
+        log.warning("could not summarize the conversation for memory", exc_info=True)
         return None
     text = " ".join(text.split())
     return text if len(text) > 20 else None

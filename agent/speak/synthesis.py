@@ -4,10 +4,16 @@
 budget the engine leaves: window - the sentence's text rows - its frame budget), checks that the
 engine keeps all of it (never relying on the engine's own silent trimming), streams the audio
 and keeps the Mimi codes so the sentence is never re-encoded when it becomes context.
+
+A reply of any length speaks to its end: its own earlier sentences are trimmed like the rest of
+the context, oldest first and by whole sentences (``recent_sentences``): they may take what the
+conversation leaves of the budget, and at least half of it. A sentence too long for the window
+on its own is cut at a word, with a logged warning (``fit_text``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from agent.conversation.conversation import CSM_RATE, Conversation, ContextReport
+from csm_engine.errors import CSMError
 
 if TYPE_CHECKING:  # torch-heavy: only for annotations
     import torch
@@ -23,8 +30,11 @@ if TYPE_CHECKING:  # torch-heavy: only for annotations
     from csm_engine.generator import Generator, Prompt
     from csm_engine.tokens import Segment
 
+log = logging.getLogger(__name__)
+
 SAMPLES_PER_FRAME = 1920
 FRAME_MS = 80
+EARLIER_SHARE = 0.5  # of the budget left after the voice clip: the least a reply's own sentences may use
 
 
 @dataclass
@@ -83,16 +93,60 @@ class ReplySynthesizer:
         frames = min(max(1, self.options.max_audio_ms // FRAME_MS), text_frame_budget(prepare_text(text)))
         return frames * FRAME_MS / 1000
 
+    def fit_text(self, text: str, speaker: int) -> str:
+        """``text``, cut at a word (logged) when its text rows and frame budget alone overflow the window."""
+        def fits(candidate: str) -> bool:
+            try:
+                self.generator.build_prompt(candidate, speaker, [], self.options.max_audio_ms)
+            except CSMError:
+                return False
+            return True
+
+        if fits(text):
+            return text
+        words = text.split()
+        low, high = 0, len(words)  # the longest prefix of words[:low] fits; words[:high] does not
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(" ".join(words[:middle])) else (low, middle)
+        if low == 0:
+            raise CSMError(f"cannot speak a sentence: its first word alone overflows the {self.window}-row window")
+        log.warning("a sentence of %d words is too long for CSM's %d-row window: speaking its first %d words",
+                    len(words), self.window, low)
+        return " ".join(words[:low])
+
+    def recent_sentences(self, earlier: Sequence["Segment"], budget: int) -> list["Segment"]:
+        """The newest of a reply's ``earlier`` sentences that fit their share of ``budget`` (whole sentences)."""
+        from csm_engine.prompt import trim_context  # imports torch
+
+        earlier = list(earlier)
+        rows = [self.measure(s) for s in earlier]
+        voice_rows = self.measure(self.voice) if self.voice is not None else 0
+        share = budget - voice_rows if voice_rows <= budget else budget
+        floor = int(share * EARLIER_SHARE)
+        if sum(rows) <= floor:
+            return earlier
+        # They may also take whatever the conversation does not use (asking trims nothing it would not).
+        _, report = self.conversation.csm_context(self.voice, budget, self.measure)
+        room = max(floor, budget - report.rows)
+        first = trim_context(rows, room)
+        if first:
+            log.debug("context: %d of a reply's %d earlier sentences kept (%d of %d rows)",
+                      len(earlier) - first, len(earlier), sum(rows[first:]), sum(rows))
+        return earlier[first:]
+
     def context_for(self, text: str, speaker: int, earlier: Sequence["Segment"] = ()) -> tuple[list, ContextReport, "Prompt"]:
         """Context segments for saying ``text`` after ``earlier`` sentences of the same reply."""
         bare = self.generator.build_prompt(text, speaker, [], self.options.max_audio_ms)
         budget = self.window - bare.tokens.shape[0] - bare.max_frames
+        earlier = self.recent_sentences(earlier, budget)
         context, report = self.conversation.csm_context(self.voice, budget, self.measure, extra=earlier)
         prompt = self.generator.build_prompt(text, speaker, context, self.options.max_audio_ms)
         if prompt.context_kept != len(context):
-            # Our budget said it fits; the engine disagrees. Keep what the engine kept, loudly.
-            raise RuntimeError(f"CSM kept {prompt.context_kept} of {len(context)} context segments "
-                               f"({report.rows} rows for a budget of {budget})")
+            # Our budget said it fits; the engine disagrees (a bug): speak with what it kept, loudly.
+            log.warning("CSM kept %d of %d context segments (%d rows for a budget of %d)",
+                        prompt.context_kept, len(context), report.rows, budget)
+            context = context[len(context) - prompt.context_kept:]
         return context, report, prompt
 
     def stream(self, text: str, speaker: int, earlier: Sequence["Segment"] = (), *, cancel: threading.Event | None = None,
@@ -100,6 +154,7 @@ class ReplySynthesizer:
         """Yield 24 kHz float32 chunks of ``text``; afterwards ``result`` holds one SpokenSentence."""
         import torch  # CSM's codes are torch tensors; torch loads only with CSM
 
+        text = self.fit_text(text, speaker)
         context, report, prompt = self.context_for(text, speaker, earlier)
         if self.on_prompt is not None:
             self.on_prompt(context, prompt)

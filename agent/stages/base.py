@@ -9,14 +9,18 @@ Results go to ``downstream``: another stage, or any object with ``put(frame)`` (
 ``StageContext`` is what the stages of one run share: the event callback, the agent's state,
 the stop signal, the reply in flight (``ReplyTracker``) and how many user inputs are still
 being answered (``Progress``).
+
+A stage never dies of an unexpected exception: ``run`` hands it to ``StageContext.stage_failed``
+(the traceback to the log, the reply in flight cancelled, one notice; headless, the run ends
+as failed) and then to the stage's own ``recover`` (end the turn, record what was said), and
+goes on with the next frame.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
-import sys
 import threading
-import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Protocol
@@ -24,6 +28,10 @@ from typing import Protocol
 from agent.errors import AgentError
 from agent.events import AgentState, Event, Notice, StateChanged
 from agent.frames import ControlFrame, Frame, Reply, ReplyFrame, Stop
+from agent.logs import SHOWN
+from csm_engine.errors import first_line
+
+log = logging.getLogger(__name__)
 
 
 class FrameSink(Protocol):
@@ -128,7 +136,8 @@ class StageContext:
     """What the stages of one run share. ``emit`` is the consumer's callback (any thread)."""
 
     def __init__(self, emit: Callable[[Event], None], *, headless: bool = False, max_turns: int | None = None,
-                 on_fatal: Callable[[AgentError], None] | None = None) -> None:
+                 on_fatal: Callable[[AgentError], None] | None = None,
+                 on_interrupt: Callable[[], None] | None = None) -> None:
         self._emit_cb = emit
         self.headless = headless
         self.state = AgentState.LOADING
@@ -136,17 +145,44 @@ class StageContext:
         self.replies = ReplyTracker()
         self.progress = Progress(max_turns)
         self._on_fatal = on_fatal
+        self._on_interrupt = on_interrupt  # cancels the reply in flight and silences the speaker
         self._threads: list[threading.Thread] = []
+        self.failures: list[str] = []  # one line per stage failure, in order
 
     def emit(self, event: Event) -> None:
         try:
             self._emit_cb(event)
         except Exception:  # a consumer's bug must not kill a stage
-            pass
+            log.exception("the event consumer failed on %s", type(event).__name__)
+
+    def stage_failed(self, name: str, error: BaseException) -> None:
+        """An unexpected exception in a stage (a bug, a broken model): see ``turn_failed``."""
+        self.turn_failed(f"the {name} stage failed: {type(error).__name__}: {first_line(error)}", error)
+
+    def turn_failed(self, message: str, error: BaseException | None = None) -> None:
+        """The turn in flight cannot go on: log it (with the traceback), cancel the reply, tell the user once.
+
+        Headless the run then ends as failed (``on_fatal``: non-zero exit, the conversation
+        saved); in the app the conversation goes on with the next turn.
+        """
+        exc_info = (type(error), error, error.__traceback__) if error is not None else None
+        log.error("%s", message, exc_info=exc_info, extra=SHOWN)
+        self.failures.append(message)
+        if self._on_interrupt is not None:
+            self._on_interrupt()
+        else:
+            self.replies.cancel_current()
+        if self.headless and self._on_fatal is not None:
+            self._on_fatal(AgentError(message))
+        else:
+            self.emit(Notice("error", f"{message} (this turn ended; the log has the details)"))
 
     def notice(self, level: str, message: str) -> None:
-        """A one-line message for the user (whitespace collapsed)."""
-        self.emit(Notice(level, " ".join(str(message).split())))
+        """A one-line message for the user (whitespace collapsed); warnings and errors go to the log too."""
+        text = " ".join(str(message).split())
+        if level in ("warning", "error"):
+            log.log(logging.ERROR if level == "error" else logging.WARNING, "%s", text, extra=SHOWN)
+        self.emit(Notice(level, text))
 
     def set_state(self, state: AgentState) -> None:
         if state != self.state:
@@ -164,11 +200,11 @@ class StageContext:
             try:
                 target()
             except AgentError as error:
+                log.debug("fatal error in the %s thread", name, exc_info=True)
                 if self._on_fatal is not None:
                     self._on_fatal(error)
-            except Exception as error:  # a bug: say it in one line, keep the app alive
-                self.notice("error", f"internal error in the {name} stage: {type(error).__name__}: {error}")
-                traceback.print_exc(file=sys.stderr)
+            except Exception as error:  # a bug: log it, end the turn, say it in one line
+                self.stage_failed(name, error)
 
         thread = threading.Thread(target=run, name=f"csm-chat-{name}", daemon=True)
         self._threads.append(thread)
@@ -222,7 +258,14 @@ class Stage(ABC):
                 return
             if self.dropped(frame):
                 continue
-            self.process(frame)
+            try:
+                self.process(frame)
+            except Exception as error:  # never die of it: end the turn, tell the user, take the next frame
+                self.ctx.stage_failed(self.name, error)
+                try:
+                    self.recover(frame)
+                except Exception:
+                    log.exception("the %s stage could not recover from its failure", self.name)
 
     def dropped(self, frame: Frame) -> bool:
         """The interruption rule: data of a cancelled reply, and all data once stopping, is dropped."""
@@ -235,6 +278,9 @@ class Stage(ABC):
     @abstractmethod
     def process(self, frame: Frame) -> None:
         """Handle one frame (runs on the stage's thread)."""
+
+    def recover(self, frame: Frame) -> None:
+        """After ``process(frame)`` raised (the reply in flight is already cancelled): end the turn cleanly."""
 
     def on_stop(self) -> None:
         """Called on the stage's thread when ``Stop`` arrives."""

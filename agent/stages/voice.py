@@ -86,6 +86,18 @@ class VoiceStage(Stage):
         if reply is not None:
             self._finish(reply)  # stopping mid-reply: record what was said
 
+    def recover(self, frame: Frame) -> None:
+        """After a failure (the reply is cancelled): record what was said, and let the think stage go on."""
+        reply = frame.reply if isinstance(frame, (AgentSentence, ReplayAudio, EndOfReply)) else None
+        reply = reply or self.ctx.replies.current
+        if reply is None:
+            return
+        try:
+            self._finish(reply)
+        finally:
+            if not reply.done.is_set():
+                self._close(reply)
+
     # ---- speaking ----------------------------------------------------------------------------
 
     def _speak(self, reply: Reply, shown: str, spoken: str) -> None:

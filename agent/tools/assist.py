@@ -67,6 +67,12 @@ class ThinkAssist:
                 messages.insert(1, {"role": "system", "content": note})
         return messages
 
+    def early_start_fits(self, user_text: str) -> bool:
+        """Whether a reply may start on ``user_text`` before the turn is over: not with tools (the
+        tool loop must see the final words), nor for "remember ..." (memory changes before the reply)."""
+        remembers = self.services.memory is not None and REMEMBER.match(user_text.strip()) is not None
+        return not self.services.tools_on and not remembers
+
     def deltas(self, llm: ChatLLM, messages: list[dict[str, Any]], reply: Reply, persona: Persona,
                user_text: str) -> Iterator[str]:
         self._remember_if_asked(reply, user_text)

@@ -13,6 +13,7 @@ setting says otherwise.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shlex
 import threading
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from typing import Any
 import platformdirs
 
 from agent.tools.registry import NAME_PATTERN, Tool, ToolError, ToolRegistry
+
+logger = logging.getLogger(__name__)  # ``log`` names the servers' log files here
 
 Notice = Callable[[str, str], None]
 CONFIRM_MODES = ("auto", "always", "never")  # auto: tools not marked read-only ask first
@@ -98,7 +101,7 @@ class MCPConnections:
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Wait until every server is up or has failed; True when all are up."""
-        for name, ready in list(self._ready.items()):
+        for ready in list(self._ready.values()):
             ready.wait(timeout_s)
         return all(name in self._clients for name in self._ready)
 
@@ -260,7 +263,7 @@ def _reason(error: BaseException, log: Any) -> str:
             lines = [line.strip() for line in Path(log.name).read_text(encoding="utf-8", errors="replace").splitlines()
                      if line.strip()]
             tail = f" (its last words: {lines[-1][:120]})" if lines else ""
-        except OSError:
-            pass
+        except OSError:  # the reason is still given, without its last words
+            logger.debug("cannot read the MCP server's log %s", log.name, exc_info=True)
     return f"could not be used: {text[:160]}{tail}"
 

@@ -9,6 +9,7 @@ list starts; nothing is deleted.
 
 from __future__ import annotations
 
+import logging
 import json
 import re
 import threading
@@ -23,6 +24,8 @@ import platformdirs
 
 from agent.tools.registry import Tool, ToolError
 from csm_engine.files import write_text_atomic
+
+log = logging.getLogger(__name__)
 
 Notice = Callable[[str, str], None]  # (level, message)
 KEEP_FIRED_S = 24 * 3600  # fired timers stay listed (for "did my timer go off?") this long
@@ -187,7 +190,7 @@ class TimerScheduler:
                 try:
                     self.on_due(timer, late)
                 except Exception:  # the announcer's bug must not stop the other timers
-                    pass
+                    log.exception("announcing timer %s failed", timer.id)
 
 
 # ---------------------------------------------------------------------------------- the tools
@@ -333,6 +336,7 @@ def timer_tools(store: TimerStore, scheduler: TimerScheduler | None = None) -> l
         Tool("list_timers", "List the timers and reminders that are running.",
              {"type": "object", "properties": {}}, list_timers, timeout_s=2.0),
         Tool("cancel_timer", "Cancel a running timer or reminder.",
-             {"type": "object", "properties": {"which": {"type": "string", "description": "its label or number, or all"}}},
+             {"type": "object",
+              "properties": {"which": {"type": "string", "description": "its label or number, or all"}}},
              cancel_timer, timeout_s=2.0),
     ]

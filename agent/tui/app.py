@@ -11,6 +11,7 @@ directly so they take effect at once and in key order.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Callable, Iterable
 
 from textual import on, work
@@ -40,11 +41,13 @@ from agent.events import (
 from agent.config.personas import list_personas
 from agent.pipeline import Pipeline
 from agent.config.settings import AgentSettings
+from agent.tui.logs import NoticeHandler
 from agent.tui.messages import MicLevelChanged, PipelineEvent, PipelineFactory, PipelineLike
 from agent.tui.screens import HelpScreen, SettingsChoice, SettingsScreen
 from agent.tui.text import visible_controls
 from agent.tui.widgets import LatencyPanel, LoadPanel, MicMeter, StateIndicator, Transcript
 
+log = logging.getLogger(__name__)
 MODE_LABELS = {"vad": "hands-free", "ptt": "push-to-talk"}
 SEVERITIES = {"info": "information", "warning": "warning", "error": "error"}
 STOP_TIMEOUT_S = 10.0
@@ -97,6 +100,7 @@ class CsmChatApp(App):
         self.notices: list[Notice] = []  # every Notice received, in order
         self.audio_setup: AudioSetup | None = None  # echo cancellation / room, once the mic is open
         self._handlers = self._event_handlers()
+        self._log_notices: NoticeHandler | None = None
 
     # ---- layout -------------------------------------------------------------------------
 
@@ -117,6 +121,7 @@ class CsmChatApp(App):
         self.sub_title = f"persona: {self.persona}"
         self._show_mode()
         self.query_one("#message", Input).focus()
+        self._log_notices = NoticeHandler(self._emit).install()  # warnings from any thread, as notices
         try:
             self.pipeline = self._pipeline_factory(self.settings, self._emit)
         except AgentError as exc:
@@ -126,12 +131,14 @@ class CsmChatApp(App):
         self._start_pipeline()
 
     async def on_unmount(self) -> None:
+        if self._log_notices is not None:
+            self._log_notices.remove()
         if self.pipeline is not None:
             pipeline, self.pipeline = self.pipeline, None
             try:
                 await asyncio.wait_for(asyncio.to_thread(pipeline.stop), STOP_TIMEOUT_S)
-            except (AgentError, asyncio.TimeoutError):
-                pass  # quitting anyway; a stuck audio thread must not keep the terminal
+            except (AgentError, asyncio.TimeoutError):  # quitting anyway: a stuck thread must not keep the terminal
+                log.warning("the pipeline did not stop cleanly", exc_info=True)
 
     # ---- pipeline -> screen ---------------------------------------------------------------
 

@@ -37,6 +37,8 @@ from csm_engine.errors import CSMError
 from csm_engine.generator import MIMI_CODEBOOK_SIZE, Generator, prompt_attention
 from csm_engine.prompt import Prompt
 
+DEFAULT_STREAM_OPTIONS = StreamOptions()  # frozen: safe to share as submit()'s default
+
 
 class EngineBusy(CSMError):
     """Every stream is busy and the queue is full: try again later (HTTP 429)."""
@@ -65,7 +67,8 @@ class EngineOptions:
         if self.cache_slots is not None and self.cache_slots < self.max_streams:
             raise CSMError(f"cache_slots ({self.cache_slots}) must be at least max_streams ({self.max_streams})")
         if self.batch_sizes is not None and (not self.batch_sizes or max(self.batch_sizes) < self.max_streams):
-            raise CSMError(f"batch_sizes {self.batch_sizes} must include one of at least max_streams ({self.max_streams})")
+            raise CSMError(f"batch_sizes {self.batch_sizes} must include one of at least "
+                           f"max_streams ({self.max_streams})")
         if self.batch_sizes is not None and max(self.batch_sizes) > self.slots:
             raise CSMError(f"batch_sizes {self.batch_sizes} cannot exceed cache_slots ({self.slots})")
         if self.prefill_chunk < BLOCK_ROWS or self.prefill_chunk % BLOCK_ROWS:
@@ -185,9 +188,10 @@ class BatchEngine:
     def queued(self) -> int:
         return len(self._pending)
 
-    def submit(self, prompt: Prompt, options: StreamOptions = StreamOptions(),
+    def submit(self, prompt: Prompt, options: StreamOptions = DEFAULT_STREAM_OPTIONS,
                sink: Callable[[object], None] | None = None) -> Utterance:
-        """Queue an utterance; its events go to ``sink`` (default: the utterance's own queue, see ``Utterance.events``)."""
+        """Queue an utterance; its events go to ``sink`` (default: the utterance's own queue, see
+        ``Utterance.events``)."""
         if not 1 <= options.topk <= self.options.max_topk:
             raise CSMError(f"topk must be between 1 and {self.options.max_topk}, got {options.topk}")
         if options.chunk_frames < 1:

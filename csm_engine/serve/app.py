@@ -273,8 +273,8 @@ async def _speech_stream(queue: asyncio.Queue, utterance: Utterance, body: Speec
                 return
             elif isinstance(event, Failed):
                 if sse:
-                    yield sse_event({"type": ERROR_EVENT, "error": {"message": f"speech generation failed: {event.message}",
-                                                           "type": "server_error"}})
+                    error = {"message": f"speech generation failed: {event.message}", "type": "server_error"}
+                    yield sse_event({"type": ERROR_EVENT, "error": error})
                 return
     finally:
         if not utterance.done.is_set():
