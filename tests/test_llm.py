@@ -182,6 +182,18 @@ def test_the_live_llama_loads_with_the_decision_in_force(smollm2_llm, monkeypatc
     assert llama_cpp.llama_model_default_params().use_extra_bufts is True
 
 
+def test_a_native_crash_while_probing_is_one_clear_failure():
+    """What the smollm2_llm fixture does before loading llama.cpp in-process: a crash in its probe
+    subprocess (here a real SIGSEGV) fails with one line instead of killing pytest."""
+    from conftest import probe_native_load
+
+    crash = "import ctypes; ctypes.string_at(0)"  # reads address 0: SIGSEGV, as the AMX kernels did
+    with pytest.raises(pytest.fail.Exception, match=r"^llama.cpp \(test\) crashed with SIGSEGV on this CPU .*"
+                                                    r"CSM_LLAMA_REPACK=off$"):
+        probe_native_load("llama.cpp (test)", crash)
+    assert probe_native_load("llama.cpp (test)", "print('fine')") == "fine"
+
+
 def test_a_prompt_of_several_dozen_tokens_gets_an_answer(smollm2_llm):
     prompt_tokens = sum(smollm2_llm.count_tokens(m["content"]) for m in LONG_PROMPT)
     assert prompt_tokens >= 40
