@@ -8,6 +8,7 @@ client is the official ``openai`` package in both.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -180,6 +181,16 @@ def test_the_live_llama_loads_with_the_decision_in_force(smollm2_llm, monkeypatc
     assert on._llama.model_params.use_extra_bufts is True and EXTRA_BUFTS_LOG.search(log)
     # Only the constructions saw the setting: llama-cpp-python's defaults are its own again.
     assert llama_cpp.llama_model_default_params().use_extra_bufts is True
+
+
+def test_the_server_launcher_refuses_a_bad_repack_mode_in_one_line():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "agent.llm.llama_server", "--model", "m.gguf"], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, REPACK_ENV: "maybe"})
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"llama_server: unknown llama.cpp repack mode {REPACK_ENV}='maybe': use one of auto, on, off"]
 
 
 def test_a_native_crash_while_probing_is_one_clear_failure():
