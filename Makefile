@@ -54,13 +54,13 @@ system-deps:
 	  else echo "please install:$$missing (PortAudio, espeak-ng, sox) with your package manager"; fi; \
 	fi
 
-$(STAMP): pyproject.toml Makefile $(wildcard $(LOCK))
+$(STAMP): pyproject.toml Makefile $(wildcard $(LOCK)) .ci/lock/build.txt
 	@test -f $(LOCK) || { echo "no lock for $(PLATFORM) ($(LOCK)): run \`make lock\` on a machine with PyPI"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c $(LOCK) pip wheel setuptools
 	$(PIP) install -q -c $(LOCK) torch
-	$(PIP) install -q -c $(LOCK) --no-deps $(NODEPS_PACKAGES)
-	$(PIP) install -q -c $(LOCK) -e ".[dev]"
+	$(PIP) install -q -c $(LOCK) --build-constraint .ci/lock/build.txt --no-deps $(NODEPS_PACKAGES)
+	$(PIP) install -q -c $(LOCK) --build-constraint .ci/lock/build.txt -e ".[dev]"
 	$(PY) .ci/lock/check.py $(LOCK)
 	$(PY) -m csm_engine.kernels
 	touch $(STAMP)
