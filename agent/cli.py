@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(office, living-room, office-loud, living-room-loud, or a room file)")
     audio.add_argument("--aec", choices=("on", "off", "auto"),
                        help="echo cancellation (default auto: on where WebRTC's canceller loads)")
-    audio.add_argument("--turn", choices=("smart", "silence"),
-                       help="hands-free end of turn: the end-of-turn model (smart, default) or a fixed pause (silence)")
+    audio.add_argument("--turn", choices=("smart", "audio", "silence"),
+                       help="hands-free end of turn: the transcript's and the audio's end-of-turn models (smart, "
+                            "default), the audio model alone (audio), or a fixed pause (silence)")
     audio.add_argument("--turn-threshold", type=float, metavar="P",
                        help="end-of-turn model probability that ends a turn (default 0.5)")
     pace = audio.add_mutually_exclusive_group()

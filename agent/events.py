@@ -7,12 +7,11 @@ mode, a test) must hand events over to its own thread before touching UI state.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
-from typing import Union
+from enum import StrEnum
 
 
-class AgentState(str, Enum):
-    """What the agent is doing right now (shown to the user)."""
+class AgentState(StrEnum):
+    """What the agent is doing right now (shown to the user; ``str(state)`` is the shown text)."""
 
     LOADING = "loading"
     LISTENING = "listening"
@@ -129,16 +128,16 @@ class ToolUse:
     ok: bool = True
 
 
-Event = Union[
-    StateChanged,
-    MicLevel,
-    PartialTranscript,
-    UserTurn,
-    AgentText,
-    AgentTurnDone,
-    TurnLatency,
-    LoadProgress,
-    AudioSetup,
-    Notice,
-    ToolUse,
-]
+Event = (
+    StateChanged
+    | MicLevel
+    | PartialTranscript
+    | UserTurn
+    | AgentText
+    | AgentTurnDone
+    | TurnLatency
+    | LoadProgress
+    | AudioSetup
+    | Notice
+    | ToolUse
+)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # the synthesis module pulls in torch types only for annotations
+    from agent.listen.asr import Transcript
     from agent.speak.synthesis import SpokenSentence
 
 
@@ -58,7 +59,7 @@ class Reply:
     first_token_ms: float | None = None
     first_audio_ms: float | None = None
     shown: list[str] = field(default_factory=list)  # the LLM's sentences, as written
-    spoken: list["SpokenSentence"] = field(default_factory=list)  # one per started sentence
+    spoken: list[SpokenSentence] = field(default_factory=list)  # one per started sentence
     sink_start: int = 0  # sink.played_samples when the reply's first chunk was queued
     wrote_audio: bool = False
     underruns_at_start: tuple[int, float] | None = None  # the sink's (underruns, underrun_s) then
@@ -121,10 +122,13 @@ class SpeechSegment(DataFrame):
 
 @dataclass(frozen=True)
 class TentativeSpeech(DataFrame):
-    """The turn as it would end now (a pause has begun): transcribe it ahead, in case it does."""
+    """The turn as it would end now (a pause has begun): transcribe it ahead, in case it does.
+    ``transcript``: already made (by the end-of-turn judge); ``early``: start the reply on it."""
 
     audio: np.ndarray = field(repr=False, compare=False)
     span: tuple[int, int]
+    transcript: "Transcript | None" = None
+    early: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,13 @@ class UserInput(DataFrame):
     transcript_ms: float | None = None
     typed: bool = False
     turn_end_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class EarlyInput(DataFrame):
+    """The user's words at a pause that may not end the turn: the LLM may start on them early."""
+
+    text: str
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import random_csm_model  # noqa: E402
+from provenance import provenance  # noqa: E402
+
 from agent.audio import MemorySink, QueueSource, load_audio  # noqa: E402
+from agent.config.settings import AgentSettings  # noqa: E402
 from agent.events import AgentTurnDone, Event, Notice, TurnLatency  # noqa: E402
 from agent.pipeline import Pipeline  # noqa: E402
-from agent.config.settings import AgentSettings  # noqa: E402
 from csm_engine.codec import MimiCodec  # noqa: E402
 from csm_engine.generator import Generator  # noqa: E402
 from csm_engine.quantize import apply_precision  # noqa: E402
@@ -160,6 +162,7 @@ def main(argv=None) -> dict:
     result["turn_end_stream_ms"] = percentiles([stream for stream, _ in pipeline.turn.turn_end_ms])
     result["underruns"] = sum(e.underruns for e in latencies)
     result["underrun_s"] = round(sum(e.underrun_s for e in latencies), 3)
+    result["provenance"] = provenance()
     print(json.dumps(result, indent=1))
     return result
 

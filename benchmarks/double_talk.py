@@ -27,9 +27,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from _room_helpers import (AGENT_RATE, AGENT_TEXTS, Reply, play_in_room, replies_one_after_another,  # noqa: E402
-                           voice_onset)
+from _room_helpers import AGENT_RATE, AGENT_TEXTS, Reply, play_in_room, replies_one_after_another, voice_onset  # noqa: E402
 from echo_cancellation import espeak, recall, words  # noqa: E402  (this folder: the script's own)
+from provenance import provenance  # noqa: E402
+
 from agent.audio import PIPELINE_RATE  # noqa: E402
 from agent.echo.double_talk import DoubleTalkSettings  # noqa: E402
 from agent.echo.echo_path import fit_echo_path  # noqa: E402
@@ -150,20 +151,23 @@ def main() -> None:
                                                           if args.realtime else []):
         sel = [r for r in result["barge_ins"] if r["room"] == room and r["realtime"] == realtime]
         latencies = [r["detection_ms"] for r in sel if r["detection_ms"] is not None]
-        mean = lambda key: sum(r[key] for r in sel) / len(sel)  # noqa: E731
-        exact = lambda key: sum(r[f"exact_{key}"] for r in sel)  # noqa: E731
+        mean = lambda key, sel=sel: sum(r[key] for r in sel) / len(sel)  # noqa: E731
+        exact = lambda key, sel=sel: sum(r[f"exact_{key}"] for r in sel)  # noqa: E731
+        early = sum(r["early_detections"] for r in sel)
         print(f"{room:17} {'1x   ' if realtime else 'paced'}: detection median {np.median(latencies):.0f} ms, max "
-              f"{max(latencies)} ms, missed {len(sel) - len(latencies)}, early {sum(r['early_detections'] for r in sel)}; "
+              f"{max(latencies)} ms, missed {len(sel) - len(latencies)}, early {early}; "
               f"recall cleaned {mean('recall_cleaned'):.2f} recovered {mean('recall_recovered'):.2f} raw "
               f"{mean('recall_raw'):.2f} alone {mean('recall_alone'):.2f}; every word right: cleaned "
-              f"{exact('cleaned')}/{len(sel)}, recovered {exact('recovered')}/{len(sel)}, raw {exact('raw')}/{len(sel)}, "
-              f"alone {exact('alone')}/{len(sel)}")
+              f"{exact('cleaned')}/{len(sel)}, recovered {exact('recovered')}/{len(sel)}, "
+              f"raw {exact('raw')}/{len(sel)}, alone {exact('alone')}/{len(sel)}")
     rows = result["barge_ins"]
     print(f"costs: DoubleTalk {np.median([r['double_talk_ms_per_block'] for r in rows]):.2f} ms per 32 ms block "
           f"(AEC3 {np.median([r['aec3_ms_per_block'] for r in rows]):.2f} ms); recover() of "
-          f"{np.median([r['recover_s_of_audio'] for r in rows]):.1f} s: median {np.median([r['recover_ms'] for r in rows]):.0f} "
+          f"{np.median([r['recover_s_of_audio'] for r in rows]):.1f} s: "
+          f"median {np.median([r['recover_ms'] for r in rows]):.0f} "
           f"ms, max {max(r['recover_ms'] for r in rows):.0f} ms; first fit {result['first_fit_ms']} ms, refit "
           f"{result['refit_ms']} ms (on the fitting thread); history {result['history_mb']} MB")
+    result["provenance"] = provenance()
     print(json.dumps(result))
 
 

@@ -27,6 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from provenance import provenance  # noqa: E402
+
 from agent.audio import PIPELINE_RATE, load_audio  # noqa: E402
 from agent.echo.check_audio import record_in_room  # noqa: E402
 from agent.echo.measure import erle_db, rms_db  # noqa: E402
@@ -122,11 +124,12 @@ def main() -> None:
     dt = result["double_talk"]
     for room, barge_in in [(room, b) for room in PRESETS for b in (False, True)]:
         sel = [r for r in dt if r["barge_in"] == barge_in and r["room"] == room]
-        mean = lambda key: sum(r[key] for r in sel) / len(sel)  # noqa: E731
+        mean = lambda key, sel=sel: sum(r[key] for r in sel) / len(sel)  # noqa: E731
         margin = min(r["cleaned_dbfs"] - r["residual_echo_dbfs"] for r in sel)
         print(f"double talk in {room}, {'barge-in' if barge_in else 'full overlap'}: mean word recall raw "
               f"{mean('recall_raw'):.2f}, cleaned {mean('recall_cleaned'):.2f}; "
               f"cleaned - residual: min {margin:.1f} dB")
+    result["provenance"] = provenance()
     print(json.dumps(result))
 
 

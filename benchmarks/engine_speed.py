@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import current_rss_mb, n_params, random_csm_model, share_weights  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 from csm_engine.codec import MimiCodec  # noqa: E402
 from csm_engine.config import FRAME_MS, get_flavor  # noqa: E402
@@ -51,7 +52,10 @@ from csm_engine.generator import Generator  # noqa: E402
 from csm_engine.precision import PRECISIONS  # noqa: E402
 from csm_engine.prompt import prepare_text  # noqa: E402
 from csm_engine.quantize import (  # noqa: E402
-    apply_precision, cpu_has_avx512_bf16, resolve_precision, weight_bytes_per_frame,
+    apply_precision,
+    cpu_has_avx512_bf16,
+    resolve_precision,
+    weight_bytes_per_frame,
 )
 from csm_engine.tokens import Segment, TextTokenizer  # noqa: E402
 
@@ -402,6 +406,7 @@ def main(argv=None) -> dict:
     }
     if args.backend == "mlx":
         result["rows"] = mlx_rows(args)
+        result["provenance"] = provenance(args.device)
         print(json.dumps(result, indent=1))
         return result
     on_gpu = torch.device(args.device).type == "cuda"
@@ -469,6 +474,7 @@ def main(argv=None) -> dict:
         fastest["frames_per_s"] / best_hf["frames_per_s"] if best_hf else None)
     result["summary"]["fastest_fraction_of_bandwidth_bound"] = fastest["fraction_of_bandwidth_bound"]
     result["wall_s"] = time.perf_counter() - t_start
+    result["provenance"] = provenance(args.device)
     print(json.dumps(result, indent=1))
     return result
 

@@ -23,11 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import random_csm_model  # noqa: E402
+from provenance import provenance  # noqa: E402
+
 from agent.audio import MemorySink  # noqa: E402
+from agent.config.personas import load_persona  # noqa: E402
 from agent.conversation.conversation import CSM_RATE, Conversation  # noqa: E402
 from agent.events import Event  # noqa: E402
 from agent.frames import AgentSentence, EndOfReply, Reply  # noqa: E402
-from agent.config.personas import load_persona  # noqa: E402
 from agent.speak.playback import PlaybackPlanner, PlaybackPolicy  # noqa: E402
 from agent.stages.base import StageContext  # noqa: E402
 from agent.stages.loading import Models  # noqa: E402
@@ -118,6 +120,7 @@ def main(argv=None) -> dict:
     # Starting every sentence with its first chunk: a planner that expects 0 s sentences.
     result["first_chunk"] = speak_reply(generator, PlaybackPlanner(PlaybackPolicy(lead_s=0.0, chars_per_s=1e9)),
                                         args.max_audio_ms)
+    result["provenance"] = provenance()
     print(json.dumps(result, indent=1))
     return result
 

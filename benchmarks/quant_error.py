@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import random_csm_model, share_weights  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 from csm_engine.precision import PRECISIONS  # noqa: E402
 from csm_engine.quantize import apply_precision, fbgemm_available  # noqa: E402
@@ -88,7 +89,8 @@ def report(flavor: str, precisions: list[str], seed: int = 0, block: int = 32) -
         model = share_weights(ref)
         apply_precision(model, precision)
         model.setup_caches(1)
-        out[precision] = {k: round(v, 5) for k, v in logit_error(reference, probe_logits(model, *inputs, block=block)).items()}
+        errors = logit_error(reference, probe_logits(model, *inputs, block=block))
+        out[precision] = {k: round(v, 5) for k, v in errors.items()}
         del model
         gc.collect()
         print(f"# {flavor} {precision}: {out[precision]}", file=sys.stderr, flush=True)
@@ -105,8 +107,10 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     precisions = [d for d in args.dtype.split(",") if d and (d != "int8-dynamic" or fbgemm_available())]
+    flavors = {f: report(f, precisions, block=args.block) for f in args.flavors.split(",") if f}
     result = {"metric": "logit error vs float32 (rel = divided by the float32 logits' std)",
-              "block": args.block, "flavors": {f: report(f, precisions, block=args.block) for f in args.flavors.split(",") if f}}
+              "block": args.block, "flavors": flavors}
+    result["provenance"] = provenance()
     print(json.dumps(result, indent=1))
     return result
 

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import provenance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,8 +52,8 @@ WORDS = ("so what do you think about the weather today it looks like rain but ma
 def serve(args: argparse.Namespace) -> None:
     import torch
     import uvicorn
-
     from _common import random_csm_model
+
     from csm_engine.batch.engine import BatchEngine, EngineOptions
     from csm_engine.codec import MimiCodec
     from csm_engine.generator import Generator
@@ -201,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", default="1,2,4", help="comma-separated numbers of concurrent clients")
     p.add_argument("--max-streams", type=int, help="server batch capacity (default: the largest --clients)")
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per N, after the ramp")
-    p.add_argument("--ramp-s", type=float, default=None, help="clients start evenly over this (default 3 s CUDA, 8 s CPU)")
+    p.add_argument("--ramp-s", type=float, default=None,
+                   help="clients start evenly over this (default 3 s CUDA, 8 s CPU)")
     p.add_argument("--frames", type=int, default=40, help="frames per request (80 ms each)")
     p.add_argument("--chunk-frames", type=int, default=1, help="frames per streamed chunk")
     p.add_argument("--context-frames", type=int, default=63, help="frames of the shared voice context (0: none)")
@@ -244,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         context = []
         if args.context_frames:
             codes = rng.integers(0, 2048, size=(args.context_frames, 32)).astype("<i2")
-            context = [{"speaker": 0, "text": " ".join(WORDS[:10]), "codes": base64.b64encode(codes.tobytes()).decode()}]
+            encoded = base64.b64encode(codes.tobytes()).decode()
+            context = [{"speaker": 0, "text": " ".join(WORDS[:10]), "codes": encoded}]
         rows = [run_load(url, n, args, context) for n in counts]
         health = _health(url)
     finally:
@@ -276,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             "engine_failures": health["engine_failures"],
         },
     }
+    result["provenance"] = provenance(args.device)
     print(json.dumps(result, indent=1))
     return result
 

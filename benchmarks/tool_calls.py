@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from provenance import provenance  # noqa: E402
 
 from agent.audio import load_audio  # noqa: E402
 from agent.llm.base import Sampling  # noqa: E402
@@ -43,18 +44,6 @@ REQUESTS = [  # (what the user says, the tool that should answer it; "none": jus
     ("How are you today?", "none"),
 ]
 SYSTEM = "You are a helpful voice assistant. Answer in one short sentence."
-
-
-def provenance() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
-    return {"machine": platform.machine(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit, "loadavg_start": os.getloadavg()}
 
 
 def tools(directory: Path) -> list[Tool]:
@@ -81,7 +70,7 @@ def main() -> None:
     from agent.llm.local import LocalLLM
     from agent.llm.local_tools import resolve_mode
 
-    info = provenance()
+    info: dict = {"loadavg_start": os.getloadavg()}
     llm = LocalLLM(args.llm_model, seed=1234)
     asr = FasterWhisperTranscriber()
     work = Path(tempfile.mkdtemp(prefix="tool-calls-"))
@@ -93,20 +82,22 @@ def main() -> None:
         heard = asr.transcribe(load_audio(wav, 16_000)).text
         calls: list[str] = []
         results: list[str] = []
-        events = ToolEvents(on_call=lambda c: calls.append(c.describe()),
-                            on_result=lambda r: results.append(r.for_llm()))
+        events = ToolEvents(on_call=lambda c, calls=calls: calls.append(c.describe()),
+                            on_result=lambda r, results=results: results.append(r.for_llm()))
         messages = [{"role": "system", "content": system_prompt_with_tools(SYSTEM)}, {"role": "user", "content": heard}]
         started = time.perf_counter()
         answer = "".join(stream_with_tools(llm, messages, session, sampling=Sampling(temperature=0.0,
                                                                                       max_tokens=args.max_tokens),
                                            events=events)).strip()
         called = calls[0].split("(")[0] if calls else "none"
+        seconds = round(time.perf_counter() - started, 2)
         rows.append({"request": text, "heard": heard, "expected": expected, "called": calls, "results": results,
-                     "right_tool": called == expected, "answer": answer, "seconds": round(time.perf_counter() - started, 2)})
+                     "right_tool": called == expected, "answer": answer, "seconds": seconds})
         print(f"| {text} | {heard} | {expected} | {'; '.join(calls) or 'none'} | {answer[:90]} |", flush=True)
     right = sum(r["right_tool"] for r in rows)
     info.update({"model": llm.name, "mode": resolve_mode(llm, args.mode), "right_tool": f"{right}/{len(rows)}",
                  "loadavg_end": os.getloadavg(), "rows": rows})
+    info["provenance"] = provenance()
     print(json.dumps(info, indent=1))
 
 

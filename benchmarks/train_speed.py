@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import n_params, peak_rss_mb, random_csm_model  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 from csm_engine.train.lora import LoraSettings, add_lora, mark_trainable  # noqa: E402
 from csm_engine.train.samples import IGNORE, Sample  # noqa: E402
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [run_row(args, mode.strip()) for mode in args.modes.split(",") if mode.strip()]
     result = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "rows": rows}
+    result["provenance"] = provenance(args.device)
     print(json.dumps(result, indent=1))
     return result
 

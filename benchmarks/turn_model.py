@@ -30,6 +30,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from provenance import provenance  # noqa: E402
+
 from agent.audio import PIPELINE_RATE, load_audio  # noqa: E402
 from agent.listen.turn_model import TurnRuntime, load_turn_model, turn_features  # noqa: E402
 
@@ -120,8 +122,10 @@ def judgements(directory: Path) -> dict:
         run = suite.run_stream(np.concatenate([silence(0.5), clip(text), silence(0.5)]), silero, judge)
         bare[text] = [round(p, 3) for p in run.answers]
     d = np.asarray(delays) * 1000
-    return {"questions": questions, "questions_done_at_first_check": sum(q["answers"][0] >= 0.5 for q in questions.values()),
-            "speech_end_to_turn_end_ms": {"median": round(float(np.median(d))), "p25": round(float(np.percentile(d, 25))),
+    done_at_first = sum(q["answers"][0] >= 0.5 for q in questions.values())
+    return {"questions": questions, "questions_done_at_first_check": done_at_first,
+            "speech_end_to_turn_end_ms": {"median": round(float(np.median(d))),
+                                          "p25": round(float(np.percentile(d, 25))),
                                           "p75": round(float(np.percentile(d, 75))), "max": round(float(d.max()))},
             "paused_sentences": paused, "bare_clauses_first_answers": bare}
 
@@ -153,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}}
         if args.judgements:
             result["judgements"] = judgements(directory)
+    result["provenance"] = provenance()
     print(json.dumps(result, indent=1))
     return result
 

@@ -36,11 +36,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from provenance import provenance  # noqa: E402
+
 from agent.embedded import smart_turn_onnx  # noqa: E402
 from agent.listen.end_of_turn import EndOfTurnJudge, TurnSettings  # noqa: E402
 from agent.listen.turn_model import N_FRAMES, N_MELS, TurnRuntime, load_turn_model, session_options  # noqa: E402
 from agent.listen.vad import load_silero_model  # noqa: E402
-
 
 # Multiply-adds of one call (Whisper-tiny encoder on 800 frames: d 384, 4 layers, 6 heads, MLP 1536).
 D, T, LAYERS, MLP = 384, 400, 4, 1536
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "float_graph" not in results:
         result["float_graph"] = {"skipped": "pip install onnx to build the float graph"}
     result["load_average_1min"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
+    result["provenance"] = provenance()
     print(json.dumps(result, indent=1))
     return result
 

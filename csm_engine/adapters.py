@@ -137,7 +137,8 @@ def check_adapter_fits(adapter: Adapter, config: CSMConfig, shapes: Mapping[str,
         raise CSMError(f"{adapter.path / ADAPTER_JSON}: unreadable base model config ({e}); train it again") from None
     base = adapter.info.get("base_model") or "its base model"
     if trained_for != config:
-        raise CSMError(f"adapter {adapter.path} was trained for another model size ({_model_description(trained_for)}), "
+        raise CSMError(f"adapter {adapter.path} was trained for another model size "
+                       f"({_model_description(trained_for)}), "
                        f"not this one ({_model_description(config)}): load it with {base}")
     for module in adapter.lora_modules():
         weight = shapes.get(f"{module}.weight")

@@ -80,7 +80,7 @@ def read_audio(source: str | os.PathLike | bytes, *, label: str | None = None) -
     return mono, int(rate)
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> "Tensor":
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> Tensor:
     """An audio file as a float32 mono tensor (samples,) at ``sample_rate`` (24 kHz); see ``read_audio``."""
     import torch
 
@@ -88,7 +88,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> "Tens
     return torch.from_numpy(resample(samples, rate, sample_rate))
 
 
-def write_wav(path: str | os.PathLike, wav: "Tensor | np.ndarray", sample_rate: int = SAMPLE_RATE) -> Path:
+def write_wav(path: str | os.PathLike, wav: Tensor | np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
     """Write mono float samples in [-1, 1] as a PCM16 WAV, atomically and durably (``csm_engine.files``)."""
     import soundfile
 

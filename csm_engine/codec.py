@@ -22,7 +22,7 @@ NUM_CODEBOOKS = 32
 class StreamingDecoder:
     """Decodes one frame at a time, carrying Mimi's convolution and attention state between calls."""
 
-    def __init__(self, codec: "MimiCodec"):
+    def __init__(self, codec: MimiCodec):
         self._codec = codec
         self.frames_decoded = 0
 
@@ -47,7 +47,7 @@ class MimiCodec:
         self.mimi.eval()
 
     @classmethod
-    def load(cls, path: str | Path | None, device: str | torch.device = "cpu") -> "MimiCodec":
+    def load(cls, path: str | Path | None, device: str | torch.device = "cpu") -> MimiCodec:
         """Mimi from a moshi-layout safetensors file; ``None`` builds a random-init model (tests)."""
         from moshi.models import loaders
 

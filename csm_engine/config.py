@@ -58,7 +58,7 @@ class TransformerConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TransformerConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TransformerConfig:
         d = dict(d)
         rs = d.pop("rope_scaling", {})
         known = {f.name for f in dataclasses.fields(cls)}
@@ -117,7 +117,7 @@ class CSMConfig:
         return d
 
     @classmethod
-    def from_json_dict(cls, d: dict[str, Any]) -> "CSMConfig":
+    def from_json_dict(cls, d: dict[str, Any]) -> CSMConfig:
         """Parse a config.json of the original layout (raises ValueError naming the bad key)."""
         try:
             b_name, d_name = d["backbone_flavor"], d["decoder_flavor"]

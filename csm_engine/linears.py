@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 # ---------------------------------------------------------------------------------------------
 # Int8 Linear modules (drop-in replacements of nn.Linear without bias)
 # ---------------------------------------------------------------------------------------------

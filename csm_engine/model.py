@@ -23,7 +23,6 @@ from torch.utils.checkpoint import checkpoint
 from csm_engine.config import CSMConfig, RopeScaling, TransformerConfig
 from csm_engine.sampling import sample_topk
 
-
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------
@@ -57,7 +56,8 @@ def llama3_inv_freq(head_dim: int, base: float, scaling: RopeScaling | None) -> 
         scaling.high_freq_factor - scaling.low_freq_factor
     )
     mid = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
-    out = torch.where(wavelen < high_wavelen, inv_freq, torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, mid))
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, mid)
+    out = torch.where(wavelen < high_wavelen, inv_freq, scaled)
     return out.float()
 
 
@@ -372,7 +372,8 @@ class CSMModel(nn.Module):
                                 device=h.device).exponential_(1, generator=generator)
 
         def choose(logits: Tensor, i: int) -> Tensor:
-            return sample_topk(logits[..., :n_codes], topk, temperature, generator, None if noise is None else noise[:, i])
+            codebook_noise = None if noise is None else noise[:, i]
+            return sample_topk(logits[..., :n_codes], topk, temperature, generator, codebook_noise)
 
         return self.sample_codebooks(h, choose)
 

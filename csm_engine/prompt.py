@@ -23,7 +23,6 @@ from csm_engine.config import FRAME_MS
 from csm_engine.errors import CSMError
 from csm_engine.tokens import Segment, TextTokenizer, audio_frames, text_frames
 
-
 # ---------------------------------------------------------------------------------------------
 # The new line's text and frame budget; trimming the context to the window
 # ---------------------------------------------------------------------------------------------

@@ -18,8 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from csm_engine.errors import CSMError
-from csm_engine.linears import (INT8_MODULES, BlockInt8AudioHead, DynamicInt8Linear, FoldedRMSNorm, Int8Linear,
-                                fuse_block_linears, quantize_per_channel)
+from csm_engine.linears import (
+    INT8_MODULES,
+    BlockInt8AudioHead,
+    DynamicInt8Linear,
+    FoldedRMSNorm,
+    Int8Linear,
+    fuse_block_linears,
+    quantize_per_channel,
+)
 from csm_engine.precision import DEFAULT_ORDER, SMALL_MODEL_BYTES, Precision, lookup
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ class TextTokenizer:
         self.bos_id, self.eos_id = bos_id, eos_id
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TextTokenizer":
+    def from_file(cls, path: str | Path) -> TextTokenizer:
         from tokenizers import Tokenizer
 
         path = Path(path)
@@ -70,7 +70,7 @@ class TextTokenizer:
         return self._tok.to_str()
 
     @classmethod
-    def from_json(cls, text: str) -> "TextTokenizer":
+    def from_json(cls, text: str) -> TextTokenizer:
         from tokenizers import Tokenizer
 
         try:

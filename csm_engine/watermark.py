@@ -183,7 +183,7 @@ class Watermarker:
                                            phase_shift_decoding=phase_shift_search)
         return _result_from_decode(result, self.key)
 
-    def streaming(self, sample_rate: int = 24000, min_samples: int | None = None) -> "StreamingWatermarker":
+    def streaming(self, sample_rate: int = 24000, min_samples: int | None = None) -> StreamingWatermarker:
         """A ``StreamingWatermarker`` (``csm_engine.watermark_stream``) for PCM chunks at ``sample_rate`` Hz."""
         from csm_engine.watermark_stream import StreamingWatermarker
 

@@ -10,8 +10,14 @@ import numpy as np
 import torch
 
 from csm_engine.errors import CSMError
-from csm_engine.watermark import (MESSAGE_PERIOD_S, STFT_WINDOW, WATERMARK_SAMPLE_RATE, Watermarker, mono_samples,
-                                  check_rate)
+from csm_engine.watermark import (
+    MESSAGE_PERIOD_S,
+    STFT_WINDOW,
+    WATERMARK_SAMPLE_RATE,
+    Watermarker,
+    check_rate,
+    mono_samples,
+)
 
 
 class StreamingWatermarker:

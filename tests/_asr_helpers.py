@@ -83,9 +83,12 @@ def _attention(v: dict, prefix: str, out: dict, dst: str, *, fused_qkv: bool) ->
 
 def _mlp(v: dict, prefix: str, out: dict, dst: str) -> None:
     out.update({
-        f"{dst}.mlp.0.weight": v[f"{prefix}/ffn/linear_0/weight"], f"{dst}.mlp.0.bias": v[f"{prefix}/ffn/linear_0/bias"],
-        f"{dst}.mlp.2.weight": v[f"{prefix}/ffn/linear_1/weight"], f"{dst}.mlp.2.bias": v[f"{prefix}/ffn/linear_1/bias"],
-        f"{dst}.mlp_ln.weight": v[f"{prefix}/ffn/layer_norm/gamma"], f"{dst}.mlp_ln.bias": v[f"{prefix}/ffn/layer_norm/beta"],
+        f"{dst}.mlp.0.weight": v[f"{prefix}/ffn/linear_0/weight"],
+        f"{dst}.mlp.0.bias": v[f"{prefix}/ffn/linear_0/bias"],
+        f"{dst}.mlp.2.weight": v[f"{prefix}/ffn/linear_1/weight"],
+        f"{dst}.mlp.2.bias": v[f"{prefix}/ffn/linear_1/bias"],
+        f"{dst}.mlp_ln.weight": v[f"{prefix}/ffn/layer_norm/gamma"],
+        f"{dst}.mlp_ln.bias": v[f"{prefix}/ffn/layer_norm/beta"],
     })  # fmt: skip
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.audio import PIPELINE_RATE, MemorySink
-from agent.echo.double_talk import DoubleTalk
 from agent.echo.canceller import EchoCanceller, PassThrough
+from agent.echo.double_talk import DoubleTalk
 from agent.echo.room import SimulatedRoom, load_room
 
 AGENT_RATE = 24_000  # CSM's rate: replies are played at it

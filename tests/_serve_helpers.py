@@ -53,7 +53,7 @@ class ServerProcess:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def wait_ready(self, timeout_s: float = 180.0) -> "ServerProcess":
+    def wait_ready(self, timeout_s: float = 180.0) -> ServerProcess:
         wait_until_answering(self.process, self.url + "/health", "csm-serve", timeout_s)
         return self
 
@@ -107,22 +107,33 @@ def wait_until_answering(process: subprocess.Popen, url: str, name: str, timeout
 
 
 class LlamaServer:
-    """``python -m llama_cpp.server`` with the embedded SmolLM2 on 127.0.0.1 (restartable on its port)."""
+    """llama-cpp-python's server with the embedded SmolLM2 on 127.0.0.1 (restartable on its port),
+    started through ``python -m agent.llm.llama_server``: the same llama.cpp CPU decision as the
+    in-process model (no weight repacking on AMX CPUs). Its stderr (llama.cpp's load log and the
+    decision) is kept in ``log()``."""
 
     def __init__(self) -> None:
+        import tempfile
+
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = None
+        self.log_path = Path(tempfile.mkstemp(prefix="llama_server_", suffix=".log")[1])
 
-    def start(self) -> "LlamaServer":
+    def start(self) -> LlamaServer:
         from agent.embedded import smollm2_gguf
 
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--host", "127.0.0.1",
-             "--port", str(self.port), "--n_ctx", "1024", "--n_threads", "2", "--seed", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until_answering(self.process, self.url + "/v1/models", "llama_cpp.server", 60.0, interval_s=0.1)
+        # One thread: two on a busy 2-core machine made every reply about three times slower.
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "agent.llm.llama_server", "--model", str(smollm2_gguf()),
+                 "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "1024", "--n_threads", "1", "--seed", "1"],
+                stdout=subprocess.DEVNULL, stderr=log)
+        wait_until_answering(self.process, self.url + "/v1/models", "agent.llm.llama_server", 60.0, interval_s=0.1)
         return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from agent.listen.asr import Transcriber
 from agent.events import Event, Notice
 from agent.frames import EndOfReply, Frame
+from agent.listen.asr import Transcriber
 from agent.llm.base import ChatLLM, Message, Sampling
 from agent.stages.base import Stage, StageContext
 

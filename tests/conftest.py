@@ -109,9 +109,49 @@ def openai_whisper_tiny_pt(tmp_path_factory) -> Path:
     return convert_ct2_whisper_to_openai(whisper_tiny_en_dir(), tmp_path_factory.mktemp("whisper") / "tiny.en.pt")
 
 
+# A native library that crashes on this CPU (llama.cpp's AMX kernels did: SIGSEGV on the first
+# multi-token prompt) would take the whole pytest process down with it. So before a CPU-sensitive
+# native model is loaded in-process, the same load and a real decode run once in a subprocess:
+# a crash there is one clear failure of the tests that use the model, not a `Fatal Python error`.
+SMOLLM2_PROBE = """
+from agent.llm.base import Sampling
+from agent.llm.local import LocalLLM
+llm = LocalLLM(seed=1234)
+prompt = ("I am planning a picnic in the park next Saturday with my family and two friends. We will bring "
+          "sandwiches, fruit, lemonade and a big blanket. What else should we remember to pack?")
+assert llm.count_tokens(prompt) >= 36
+print(llm.repack.reason, "|", llm.reply([{"role": "user", "content": prompt}], sampling=Sampling(max_tokens=4)))
+"""
+
+
+def probe_native_load(what: str, code: str, timeout_s: float = 120.0) -> str:
+    """Run ``code`` in a fresh Python; ``pytest.fail`` with one line if it dies (signal, error, hang)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)  # this checkout's code, whatever the venv points at
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH")] if p)}
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,
+                                env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{what}: a probe load and decode did not finish in {timeout_s:.0f} s", pytrace=False)
+    if result.returncode < 0:
+        name = signal.Signals(-result.returncode).name
+        pytest.fail(f"{what} crashed with {name} on this CPU (probe subprocess: load + multi-token decode); "
+                    "for llama.cpp try CSM_LLAMA_REPACK=off", pytrace=False)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.fail(f"{what}: the probe subprocess failed: {last}", pytrace=False)
+    return result.stdout.strip()
+
+
 @pytest.fixture(scope="session")
 def smollm2_llm():
-    """The embedded SmolLM2-135M-Instruct on llama.cpp (fixed seed), loaded once."""
+    """The embedded SmolLM2-135M-Instruct on llama.cpp (fixed seed), loaded once (after a probe in a subprocess)."""
+    probe_native_load("llama.cpp (embedded SmolLM2)", SMOLLM2_PROBE)
     from agent.llm.local import LocalLLM
 
     return LocalLLM(seed=1234)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from _stage_helpers import EventLog, converse
+
 from agent.audio import MemorySink, load_audio, write_wav
 from agent.config.settings import AgentSettings
 from agent.conversation.conversation import Conversation
@@ -62,8 +62,8 @@ def weather_mcp() -> dict:
 
 def run_pipeline(config: AgentSettings, models, events=None, **kwargs) -> tuple[Pipeline, EventLog]:
     events = events or EventLog()
-    pipeline = Pipeline(config, events, sink=MemorySink(), generator=models["csm"], llm=kwargs.pop("llm", models["llm"]),
-                        transcriber=models["asr"], **kwargs)
+    pipeline = Pipeline(config, events, sink=MemorySink(), generator=models["csm"],
+                        llm=kwargs.pop("llm", models["llm"]), transcriber=models["asr"], **kwargs)
     converse(pipeline, events, TIMEOUT_S)
     return pipeline, events
 
@@ -197,7 +197,8 @@ def test_remembered_in_one_conversation_in_front_of_the_llm_in_the_next(tmp_path
         events.wait_for(lambda: events.of(AgentTurnDone), "a reply")
     finally:
         first.stop()
-    assert json.loads((tmp_path / "one" / "conversation.json").read_text())["turns"][1]["tools"][0]["name"] == "remember"
+    saved_one = json.loads((tmp_path / "one" / "conversation.json").read_text())
+    assert saved_one["turns"][1]["tools"][0]["name"] == "remember"
     second = settings(tmp_path, persona, save_dir=str(tmp_path / "two"),
                       mic_file=str(mic(tmp_path, espeak_wav, ["What is my sister's name?"], name="b.wav")))
     pipeline, events = run_pipeline(second, models)
@@ -272,7 +273,7 @@ def test_bad_tools_each_give_one_error_result_and_the_conversation_goes_on(tmp_p
         pipeline.services.wait_for_servers(60)
         for i in range(len(script)):
             pipeline.submit_text(f"Question {i}.")
-            events.wait_for(lambda: len(events.of(AgentTurnDone)) > i, f"reply {i}")
+            events.wait_for(lambda i=i: len(events.of(AgentTurnDone)) > i, f"reply {i}")
     finally:
         pipeline.stop()
     results = [e for e in events.of(ToolUse) if e.output is not None]

@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from agent.listen.asr import FasterWhisperTranscriber, OpenAIWhisperTranscriber, make_transcriber
 from agent.audio import load_audio
 from agent.errors import AgentError
+from agent.listen.asr import FasterWhisperTranscriber, OpenAIWhisperTranscriber, make_transcriber
 
 SENTENCE = "I would like to hear a short story about a dragon."
 
@@ -62,7 +62,9 @@ def test_openai_whisper_on_the_converted_checkpoint_hears_the_same_words(
     assert isinstance(transcriber, OpenAIWhisperTranscriber) and transcriber.language == "en"
     heard = transcriber.transcribe(story).text
     assert roughly_same(heard, SENTENCE), heard
-    assert words(heard) == words(faster_whisper_tiny.transcribe(story).text)
+    # The same words as faster-whisper (int8 CTranslate2) but for one: the two runtimes' kernels
+    # differ, and on another CPU one of them may flip a word; a wrong conversion hears nonsense.
+    assert roughly_same(heard, faster_whisper_tiny.transcribe(story).text, allowed_misses=1), heard
 
 
 def test_factory_defaults_to_the_embedded_faster_whisper_model():

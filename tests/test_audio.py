@@ -155,7 +155,11 @@ def test_write_from_another_thread_while_playing():
 
 @pytest.mark.parametrize(
     "content,expected",
-    [(b"", "empty"), (b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk", "cannot read"), (b"not audio at all" * 20, "cannot read")],
+    [
+        (b"", "empty"),
+        (b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk", "cannot read"),
+        (b"not audio at all" * 20, "cannot read"),
+    ],
 )
 def test_bad_wav_files_give_one_line_agent_errors(tmp_path, content, expected):
     path = tmp_path / "bad.wav"

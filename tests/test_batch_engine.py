@@ -17,17 +17,16 @@ import threading
 import numpy as np
 import pytest
 import torch
+from _engine_helpers import random_tiny_model, tiny_generator
 
 from csm_engine.batch.engine import BatchEngine, EngineBusy, EngineOptions
+from csm_engine.batch.events import Admitted, AudioChunk, Finished, FrameSampled, StreamOptions
 from csm_engine.batch.step import SlotCaches, backbone_rows, model_caches
 from csm_engine.codec import MimiCodec
 from csm_engine.errors import CSMError
-from csm_engine.batch.events import Admitted, AudioChunk, Finished, FrameSampled, StreamOptions
 from csm_engine.linears import fuse_linears
 from csm_engine.quantize import apply_precision
 from csm_engine.tokens import Segment
-
-from _engine_helpers import random_tiny_model, tiny_generator
 
 FIXED = dict(silence=None)  # exact frame counts: no silence guard (runaway_guard=False in the Generator)
 TEXTS = ["hello there how are you ?", "fine thanks", "what about the weather today ?", "it is sunny ."]

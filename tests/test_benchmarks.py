@@ -91,3 +91,16 @@ def test_turn_model_routes_benchmark_compares_every_route_with_the_reference():
     assert result["default"]["bit_identical"] and result["default"]["verdicts_flipped"] == 0
     for route in ("enable_all_int8", "enable_all_fp32_fusions", "input_noise_1e-7", "float_graph"):
         assert "skipped" in result[route] or 0 <= result[route]["median_abs_diff"] <= result[route]["max_abs_diff"]
+
+
+def test_llama_repack_prints_on_and_off_for_both_quantizations(capsys):
+    import llama_repack
+
+    result = llama_repack.main(["--repeats", "1", "--prompt-tokens", "16", "--gen-tokens", "2"])
+    rows = result["rows"]
+    assert [(r["model"][:4], r["extra_bufts"]) for r in rows] == [("Q4_1", True), ("Q4_1", False),
+                                                                  ("Q4_0", True), ("Q4_0", False)]
+    assert all(r["prompt_tok_s"] > 0 and r["gen_tok_s"] > 0 for r in rows)
+    assert all(r["repacked_mib"] == 0 for r in rows if not r["extra_bufts"])  # off: nothing repacked
+    assert set(result["provenance"]) >= {"cpu", "date", "commit"}
+    assert "prompt tok/s" in capsys.readouterr().out

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from agent.audio import list_devices
+from agent.config.settings import AgentSettings
 from agent.echo.check_audio import analyse, check_signal, format_report, record_in_room, run_check_audio
 from agent.echo.room import load_room
-from agent.config.settings import AgentSettings
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -87,9 +87,9 @@ def test_list_devices_without_a_sound_card_says_so():
 
 
 def test_write_speaker_file_of_stereo_48k_is_read(tmp_path):
-    from agent.audio import WavFileSource
-
     import soundfile as sf
+
+    from agent.audio import WavFileSource
 
     t = np.arange(48_000) / 48_000
     sf.write(tmp_path / "s.wav", np.stack([np.sin(2 * np.pi * 440 * t)] * 2, axis=1) * 0.5, 48_000)

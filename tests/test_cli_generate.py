@@ -19,8 +19,8 @@ import torch
 
 from csm_engine.audio_io import load_audio, write_wav
 from csm_engine.cli import build_generate_parser, generate_main, run_generate, verify_main
-from csm_engine.console import run_cli
 from csm_engine.config import SAMPLE_RATE, SAMPLES_PER_FRAME
+from csm_engine.console import run_cli
 
 
 def _console_script(name: str) -> list[str]:

@@ -8,13 +8,11 @@ import threading
 import numpy as np
 import pytest
 import torch
+from _engine_helpers import tiny_generator
 
 from csm_engine.codec import MimiCodec
 from csm_engine.cuda_graphs import FrameSteps
 from csm_engine.tokens import Segment
-
-from _engine_helpers import tiny_generator
-
 
 BLOCK = 4  # small prefill blocks: prompts span several, and reuse rounds down to a block start
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _engine_helpers import random_tiny_model, tiny_generator, word_tokenizer
 
 from csm_engine.codec import MimiCodec
 from csm_engine.cuda_graphs import FrameStep, FrameSteps
 from csm_engine.errors import CSMError
 from csm_engine.generator import Generator
 from csm_engine.sampling import sample_topk
-
-from _engine_helpers import random_tiny_model, tiny_generator, word_tokenizer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 N_CODES = 2048

@@ -7,19 +7,21 @@ and the room's microphone blocks go through the canceller: nothing is mocked.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _room_helpers import Reply, play_in_room
 
 from agent.audio import PIPELINE_RATE, MemorySink, load_audio
+from agent.echo.canceller import EchoCanceller, PassThrough, open_echo_canceller
 from agent.echo.check_audio import record_echo, record_in_room
 from agent.echo.measure import erle_db, rms_db
-from agent.echo.canceller import EchoCanceller, PassThrough, open_echo_canceller
-from agent.errors import AgentError
 from agent.echo.room import SimulatedRoom, load_room
+from agent.errors import AgentError
 
 AGENT_TEXT = ("Hello, I am the agent. I will talk for a while so that the echo canceller has time to learn "
               "the room. The quick brown fox jumps over the lazy dog.")
@@ -109,17 +111,23 @@ def _double_talk(room_name: str, agent: np.ndarray, user: np.ndarray | None):
 @pytest.mark.parametrize("room_name", ROOMS)
 def test_double_talk_barge_in_keeps_the_users_words(room_name, agent_speech, user_phrase, faster_whisper_tiny):
     # The user starts talking over the reply; playback stops 300 ms later (a barge-in: the sink
-    # plays nothing more) and the echo dies away in the room. AEC3 suppresses the user while
-    # the agent still talks: the first words ("can you") are lost, more so in the loud rooms;
-    # benchmarks/echo_cancellation.py measures word recall over more phrases and start times.
-    cut = int((USER_AT_S - LEAD_S + 0.3) * 24_000)
-    recording = _double_talk(room_name, agent_speech[:cut], _user_in_room(user_phrase))
-    phrase = slice(int((USER_AT_S - 0.2) * PIPELINE_RATE),
-                   int((USER_AT_S + 0.4) * PIPELINE_RATE) + len(user_phrase))
-    cleaned = faster_whisper_tiny.transcribe(recording.cleaned[phrase]).text
-    print(f"{room_name}: cleaned {cleaned!r}")
-    words = set(cleaned.lower().replace(",", " ").replace(".", " ").replace("?", " ").split())
-    assert {"play", "some", "jazz", "music", "for", "me"} <= words
+    # plays nothing more) and the echo dies away in the room. AEC3 suppresses the user while the
+    # agent still talks (the first words are lost, more so in the loud rooms), so the live agent
+    # transcribes DoubleTalk.recover's audio instead (agent/stages/transcribe.py): the raw mic
+    # minus the echo predicted by a linear echo path. That audio is what this test hears.
+    # benchmarks/echo_cancellation.py and double_talk.py measure word recall over more phrases.
+    reply = Reply(LEAD_S, agent_speech, stop_after_s=USER_AT_S - LEAD_S + 0.3)
+    run = play_in_room(room_name, [reply], _user_in_room(user_phrase), seconds=USER_AT_S + 3.0)
+    lag = run.double_talk.latency_samples
+    start, end = int((USER_AT_S - 0.2) * PIPELINE_RATE) + lag, int((USER_AT_S + 0.4) * PIPELINE_RATE) + len(
+        user_phrase) + lag
+    recovered = faster_whisper_tiny.transcribe(run.double_talk.recover(start, end)).text
+    print(f"{room_name}: recovered {recovered!r}")
+    heard = set(re.findall(r"[a-z']+", recovered.lower()))
+    # Whisper tiny on borderline audio flips a word with the CPU's kernels: every content word,
+    # and all but one of the rest.
+    assert {"play", "jazz", "music"} <= heard, recovered
+    assert len(heard & set(USER_TEXT.lower().split())) >= len(USER_TEXT.split()) - 1, recovered
 
 
 @pytest.mark.parametrize("room_name", ["office-loud", "living-room-loud"])

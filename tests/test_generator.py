@@ -11,8 +11,8 @@ import torch
 from csm_engine.config import SAMPLES_PER_FRAME
 from csm_engine.errors import CSMError
 from csm_engine.generator import Generator, SilenceGuard, load_generator
-from csm_engine.prompt import text_frame_budget, trim_context
 from csm_engine.model import CSMModel
+from csm_engine.prompt import text_frame_budget, trim_context
 from csm_engine.tokens import Segment
 
 

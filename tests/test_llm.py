@@ -8,15 +8,18 @@ client is the official ``openai`` package in both.
 from __future__ import annotations
 
 import json
+import os
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
 from _serve_helpers import LlamaServer
+
 from agent.errors import AgentError
 from agent.llm.base import Sampling, make_llm
+from agent.llm.llama_cpu import REPACK_ENV, RepackDecision, cpu_flags, decide_repack, install_repack_setting
 from agent.llm.local import LocalLLM
 from agent.llm.server import OpenAICompatibleLLM, api_base_url
 from agent.speak.sentences import SentenceSplitter
@@ -74,6 +77,139 @@ def test_corrupt_gguf_is_an_agent_error(tmp_path):
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
     with pytest.raises(AgentError, match="cannot load LLM model"):
         LocalLLM(bad, warmup=False)
+
+
+# ----------------------------------------------------------------------------- llama.cpp on this CPU
+
+# /proc/cpuinfo of a 2-vCPU Intel Xeon Platinum 8573C (Emerald Rapids, AMX) cloud VM, and of the
+# AMD EPYC (Zen 3, AVX2) this suite was written on: the lines the decision reads.
+XEON_AMX_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: INTEL(R) XEON(R) PLATINUM 8573C
+flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ss ht \
+syscall nx pdpe1gb rdtscp lm constant_tsc rep_good nopl xtopology tsc_reliable nonstop_tsc cpuid aperfmperf \
+tsc_known_freq pni pclmulqdq vmx ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe popcnt tsc_deadline_timer aes xsave \
+avx f16c rdrand hypervisor lahf_lm abm 3dnowprefetch tpr_shadow ept vpid ept_ad fsgsbase tsc_adjust bmi1 hle avx2 \
+smep bmi2 erms invpcid rtm avx512f avx512dq rdseed adx smap avx512ifma clflushopt clwb avx512cd sha_ni avx512bw \
+avx512vl xsaveopt xsavec xgetbv1 xsaves user_shstk avx_vnni avx512_bf16 vnmi avx512vbmi umip waitpkg avx512_vbmi2 \
+gfni vaes vpclmulqdq avx512_vnni avx512_bitalg avx512_vpopcntdq la57 rdpid cldemote movdiri movdir64b fsrm \
+serialize tsxldtrk ibt amx_bf16 avx512_fp16 amx_tile amx_int8 arch_capabilities
+"""
+EPYC_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht \
+syscall nx mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl xtopology nonstop_tsc cpuid extd_apicid \
+tsc_known_freq pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe popcnt tsc_deadline_timer aes xsave avx \
+f16c rdrand hypervisor lahf_lm cmp_legacy cr8_legacy abm sse4a misalignsse 3dnowprefetch osvw topoext cpuid_fault \
+vmmcall fsgsbase tsc_adjust bmi1 avx2 smep bmi2 erms invpcid rdseed adx smap clflushopt clwb sha_ni xsaveopt xsavec \
+xgetbv1 xsaves clzero xsaveerptr arat umip vaes vpclmulqdq rdpid fsrm
+bugs\t\t: sysret_ss_attrs null_seg spectre_v1 spectre_v2 spec_store_bypass srso spectre_v2_user tsa
+"""
+# A prompt of several dozen tokens: the AMX crash needs more than one token in a batch.
+LONG_PROMPT = [
+    {"role": "system", "content": "You are a helpful assistant. Answer in one short sentence."},
+    {"role": "user", "content": "I am planning a picnic in the park next Saturday with my family and two friends. "
+                                "We will bring sandwiches, fruit, lemonade and a big blanket. What else should we "
+                                "remember to pack so that the afternoon goes well?"},
+]
+
+
+def test_repack_decision_reads_the_cpu_flags(monkeypatch):
+    monkeypatch.delenv(REPACK_ENV, raising=False)
+    assert "amx_int8" in cpu_flags(XEON_AMX_CPUINFO) and "avx2" in cpu_flags(EPYC_CPUINFO)
+    amx = decide_repack(cpuinfo=XEON_AMX_CPUINFO, machine="x86_64")
+    assert not amx.enabled and "amx_bf16/amx_int8/amx_tile" in amx.reason and "\n" not in amx.reason
+    assert decide_repack(cpuinfo=EPYC_CPUINFO, machine="x86_64").enabled
+    assert decide_repack(cpuinfo="", machine="x86_64").enabled  # no /proc/cpuinfo: nothing says AMX
+    assert decide_repack(cpuinfo=XEON_AMX_CPUINFO, machine="arm64").enabled  # macOS / arm64: no AMX there
+    assert decide_repack(cpuinfo="Features\t: fp asimd aes pmull sha1 sha2 crc32 atomics", machine="aarch64").enabled
+
+
+def test_repack_override_from_the_argument_or_the_environment(monkeypatch):
+    monkeypatch.delenv(REPACK_ENV, raising=False)
+    assert decide_repack("on", cpuinfo=XEON_AMX_CPUINFO, machine="x86_64").enabled
+    assert not decide_repack("OFF", cpuinfo=EPYC_CPUINFO, machine="x86_64").enabled
+    monkeypatch.setenv(REPACK_ENV, "off")
+    decision = decide_repack(cpuinfo=EPYC_CPUINFO, machine="x86_64")
+    assert not decision.enabled and REPACK_ENV in decision.reason
+    monkeypatch.setenv(REPACK_ENV, "sometimes")
+    with pytest.raises(AgentError, match=f"unknown llama.cpp repack mode {REPACK_ENV}='sometimes': use one of auto"):
+        decide_repack()
+
+
+# What llama.cpp logs at load when extra buffer types are in play: the tensors it repacks (or
+# could not repack) for CPU_REPACK / AMX. With use_extra_bufts off it never names them.
+EXTRA_BUFTS_LOG = re.compile(r"buffer type (CPU_REPACK|AMX)|(CPU_REPACK|AMX) model buffer")
+
+
+def load_with_llama_log(build=None, **kwargs):
+    """``build()`` (default: a LocalLLM of the embedded model with ``kwargs``), and what llama.cpp
+    logged while it ran."""
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp._logger as default
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        llm = build() if build else LocalLLM(seed=1, warmup=False, **kwargs)
+    finally:
+        llama_cpp.llama_log_set(default.llama_log_callback, ctypes.c_void_p(0))
+    return llm, "".join(lines)
+
+
+def test_the_live_llama_loads_with_the_decision_in_force(smollm2_llm, monkeypatch):
+    """The embedded model's llama.cpp parameters carry the decision, and llama.cpp itself follows it."""
+    import llama_cpp
+
+    monkeypatch.delenv(REPACK_ENV, raising=False)
+    this_cpu = decide_repack()
+    assert smollm2_llm.repack == this_cpu
+    assert smollm2_llm._llama.model_params.use_extra_bufts is this_cpu.enabled
+    off, log = load_with_llama_log(repack="off")
+    assert off._llama.model_params.use_extra_bufts is False
+    assert "load_tensors" in log and not EXTRA_BUFTS_LOG.search(log)  # no tensor went near a repack buffer
+    assert off.reply(LONG_PROMPT, sampling=Sampling(temperature=0.0, max_tokens=12))
+    on, log = load_with_llama_log(repack="on")
+    assert on._llama.model_params.use_extra_bufts is True and EXTRA_BUFTS_LOG.search(log)
+    # Only the constructions saw the setting: llama-cpp-python's defaults are its own again.
+    assert llama_cpp.llama_model_default_params().use_extra_bufts is True
+
+
+def test_the_server_launcher_refuses_a_bad_repack_mode_in_one_line():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "agent.llm.llama_server", "--model", "m.gguf"], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, REPACK_ENV: "maybe"})
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"llama_server: unknown llama.cpp repack mode {REPACK_ENV}='maybe': use one of auto, on, off"]
+
+
+def test_a_native_crash_while_probing_is_one_clear_failure():
+    """What the smollm2_llm fixture does before loading llama.cpp in-process: a crash in its probe
+    subprocess (here a real SIGSEGV) fails with one line instead of killing pytest."""
+    from conftest import probe_native_load
+
+    crash = "import ctypes; ctypes.string_at(0)"  # reads address 0: SIGSEGV, as the AMX kernels did
+    with pytest.raises(pytest.fail.Exception, match=r"^llama.cpp \(test\) crashed with SIGSEGV on this CPU .*"
+                                                    r"CSM_LLAMA_REPACK=off$"):
+        probe_native_load("llama.cpp (test)", crash)
+    assert probe_native_load("llama.cpp (test)", "print('fine')") == "fine"
+
+
+def test_a_prompt_of_several_dozen_tokens_gets_an_answer(smollm2_llm):
+    prompt_tokens = sum(smollm2_llm.count_tokens(m["content"]) for m in LONG_PROMPT)
+    assert prompt_tokens >= 40
+    answer = smollm2_llm.reply(LONG_PROMPT, sampling=Sampling(temperature=0.0, max_tokens=24))
+    assert len(answer.split()) >= 3
 
 
 # ----------------------------------------------------------------------------- HTTP server
@@ -215,6 +351,30 @@ def test_llama_cpp_server_streams_a_reply(llama_server):
     assert sentences and all(s.strip() for s in sentences)
 
 
+def test_llama_cpp_server_answers_a_long_prompt_with_the_cpu_decision_in_force(llama_server, monkeypatch):
+    monkeypatch.delenv(REPACK_ENV, raising=False)
+    llm = make_llm(url=llama_server.url)
+    assert len(llm.reply(LONG_PROMPT, sampling=Sampling(temperature=0.0, max_tokens=24)).split()) >= 3
+    log, decision = llama_server.log(), decide_repack()
+    assert f"llama.cpp weight repacking: {decision.reason} (use_extra_bufts={decision.enabled})" in log
+    assert bool(EXTRA_BUFTS_LOG.search(log)) is decision.enabled  # the server's llama.cpp followed it
+
+
+def test_the_servers_process_wide_setting_holds_for_every_later_llama(monkeypatch):
+    """What agent.llm.llama_server installs before the server builds its Llama, forced off (the AMX case)."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    from agent.embedded import smollm2_gguf
+
+    monkeypatch.setattr(low, "llama_model_default_params", low.llama_model_default_params)  # undone after
+    install_repack_setting(RepackDecision(False, "off (test)"))
+    install_repack_setting(RepackDecision(False, "off (test)"))  # twice: still one wrap of the real defaults
+    llama, log = load_with_llama_log(lambda: llama_cpp.Llama(str(smollm2_gguf()), n_ctx=256, verbose=False))
+    assert llama.model_params.use_extra_bufts is False
+    assert "load_tensors" in log and not EXTRA_BUFTS_LOG.search(log)
+
+
 def test_llama_cpp_server_killed_mid_reply_gives_one_error_and_keeps_the_text(llama_server):
     llm = OpenAICompatibleLLM(llama_server.url, timeout_s=20)
     said, errors = [], []
@@ -285,7 +445,8 @@ def test_first_sentence_comes_out_before_the_reply_ends():
 
 
 def test_long_sentence_is_cut_at_a_comma():
-    text = "This runs on and on without stopping, listing apples, pears, plums and cherries, and then it goes further still"
+    text = ("This runs on and on without stopping, listing apples, pears, plums and cherries, "
+            "and then it goes further still")
     pieces = split(text, max_chars=60)
     assert len(pieces) > 1 and all(len(p) <= 60 for p in pieces)
     assert pieces[0].endswith(",")

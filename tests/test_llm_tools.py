@@ -8,7 +8,6 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-
 from agent.llm.base import Sampling
 from agent.llm.server import OpenAICompatibleLLM
 from agent.llm.tool_calling import assistant_tool_message, tool_message
@@ -134,8 +133,8 @@ def test_openai_tools_api_fragments_are_joined_and_results_go_back_as_tool_messa
         llm = OpenAICompatibleLLM(server.url if hasattr(server, "url") else f"http://127.0.0.1:{server.server_port}",
                                   model="m", timeout_s=5)
         asked: list[dict] = []
-        answer = "".join(stream_with_tools(llm, ask("Weather in Oslo?"), ToolSession(ToolRegistry([weather_tool(asked)])),
-                                           sampling=GREEDY))
+        session = ToolSession(ToolRegistry([weather_tool(asked)]))
+        answer = "".join(stream_with_tools(llm, ask("Weather in Oslo?"), session, sampling=GREEDY))
     finally:
         server.shutdown()
         server.server_close()

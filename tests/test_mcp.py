@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _serve_helpers import free_port
+
 from agent.errors import AgentError
 from agent.tools.builtin import clock_tool
 from agent.tools.config import parse_mcp_servers
@@ -110,7 +110,8 @@ def test_servers_that_cannot_start_or_hang_give_one_notice_each(tmp_path):
     try:
         assert not connections.wait_ready(30)
         assert time.monotonic() - started < 15
-        by_server = {name: [m for _, m in notices if f"MCP server {name} " in m] for name in ("sleepy", "missing", "exits")}
+        by_server = {name: [m for _, m in notices if f"MCP server {name} " in m]
+                     for name in ("sleepy", "missing", "exits")}
         assert all(len(found) == 1 for found in by_server.values()), notices
         assert "did not start within 2 s" in by_server["sleepy"][0]
         assert "command not found" in by_server["missing"][0]

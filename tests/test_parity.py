@@ -57,6 +57,11 @@ def hf_config(cfg: CSMConfig):
 @pytest.fixture(scope="module")
 def pair():
     """(ours, theirs, config) sharing one random tiny checkpoint, both float32 in eval mode."""
+    return build_pair()
+
+
+def build_pair():
+    """``pair``'s value, made afresh (test_train_loss builds its own from it)."""
     from transformers import CsmForConditionalGeneration
 
     cfg = get_flavor("tiny")
@@ -83,7 +88,8 @@ def _frames(cfg: CSMConfig, n_text: int, n_audio: int, seed: int = 0):
     mask = torch.zeros_like(tokens, dtype=torch.bool)
     tokens[:n_text, -1] = torch.randint(0, cfg.text_vocab_size - 4, (n_text,), generator=g)
     mask[:n_text, -1] = True
-    tokens[n_text:n_text + n_audio - 1, :n_cb] = torch.randint(1, cfg.audio_vocab_size - 3, (n_audio - 1, n_cb), generator=g)
+    audio_codes = torch.randint(1, cfg.audio_vocab_size - 3, (n_audio - 1, n_cb), generator=g)
+    tokens[n_text:n_text + n_audio - 1, :n_cb] = audio_codes
     mask[n_text:, :n_cb] = True
     return tokens[None], mask[None]
 
@@ -112,7 +118,8 @@ def test_decoder_logits_match_transformers(pair):
     ours, theirs, cfg = pair
     tokens, mask = _frames(cfg, n_text=5, n_audio=3, seed=1)
     h = ours.backbone_hidden(tokens, mask, torch.arange(tokens.shape[1]))[:, -1]
-    codes = torch.randint(0, cfg.audio_vocab_size, (1, cfg.audio_num_codebooks), generator=torch.Generator().manual_seed(2))
+    codes = torch.randint(0, cfg.audio_vocab_size, (1, cfg.audio_num_codebooks),
+                          generator=torch.Generator().manual_seed(2))
     # Ours: positions 0..31 = [h, c0, c1, ..., c30], logits for codebook i read at position i.
     n_cb = cfg.audio_num_codebooks
     emb = torch.stack([ours.embed_audio(i, codes[:, i]) for i in range(n_cb - 1)], dim=1)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import AgentError
 from agent.config.personas import BUILTIN_DIR, Persona, list_personas, load_persona
+from agent.errors import AgentError
 
 VALID = """
 name = "Test Bot"
@@ -86,7 +86,8 @@ def test_persona_is_frozen(tmp_path):
         (("max_tokens = 50", "stream = true"), "'llm.stream' is not a persona setting"),
         ((', transcript = "hello this is me"', ""), "'voice.transcript' is missing"),
         (('"clips/me.wav"', '"hf://sesame"'), "'voice.clip' must look like hf://"),
-        (('voice = { clip = "clips/me.wav", transcript = "hello this is me" }', "voice = 3"), "'voice' must be a table"),
+        (('voice = { clip = "clips/me.wav", transcript = "hello this is me" }', "voice = 3"),
+         "'voice' must be a table"),
     ],
 )
 def test_bad_persona_files_name_the_file_and_the_key(tmp_path, change, message):

@@ -11,12 +11,12 @@ import time
 
 import numpy as np
 import pytest
-
 from _stage_helpers import context, run_stage
+
 from agent.audio import MemorySink
+from agent.config.personas import load_persona
 from agent.conversation.conversation import CSM_RATE, Conversation
 from agent.frames import AgentSentence, EndOfReply, Reply
-from agent.config.personas import load_persona
 from agent.speak.playback import GenerationSpeed, PlaybackPlanner, PlaybackPolicy
 from agent.stages.loading import Models
 from agent.stages.voice import VoiceStage
@@ -66,7 +66,7 @@ def made(tiny_generator) -> dict:
     for text in TEXTS:
         frames: list = []
         chunks = list(tiny_generator.stream(text, 0, max_audio_length_ms=BUDGET_MS, seed=11,
-                                            on_frame=lambda i, codes: frames.append((i, codes))))
+                                            on_frame=lambda i, codes, frames=frames: frames.append((i, codes))))
         result[text] = (chunks, frames)
     return result
 

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _engine_helpers import random_tiny_model, tiny_generator
 
 from csm_engine import linears as L
 from csm_engine import quantize as Q
 from csm_engine.errors import CSMError
-
-from _engine_helpers import random_tiny_model, tiny_generator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from quant_error import logit_error, probe_logits  # noqa: E402  (the error diagnostics live with their benchmark)

@@ -134,6 +134,8 @@ def test_headless_chat_through_csm_serve_saves_the_same_turns_as_in_process(tmp_
     runs = {}
     for where, extra in (("remote", ["--tts-url", server.url]), ("local", ["--csm-model", str(tiny_checkpoint)])):
         saved = tmp_path / where
+        # Each run its own data directory: a first run's remembered summary would change the second's prompt.
+        env["XDG_DATA_HOME"] = str(tmp_path / f"{where}-data")
         args = [console_script("csm-chat"), "--headless", "--mic-file", str(mic), "--fast", "--turn", "silence",
                 "--persona", str(chat_persona), "--save", str(saved), "--speaker-file", str(tmp_path / f"{where}.wav"),
                 "--no-watermark", "--seed", "5", "--device", "cpu", *extra]

@@ -54,8 +54,8 @@ def test_replay_command_line_writes_the_wavs(tmp_path, saved_conversation, tiny_
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
     result = subprocess.run(
         [exe, "--replay", str(Path(saved_conversation) / "conversation.json"), "--out", str(tmp_path / "out"),
-         "--csm-model", str(tiny_checkpoint), "--persona", str(chat_persona), "--max-audio-ms", "240", "--no-watermark", "--seed", "2",
-         "--device", "cpu"],
+         "--csm-model", str(tiny_checkpoint), "--persona", str(chat_persona), "--max-audio-ms", "240", "--no-watermark",
+         "--seed", "2", "--device", "cpu"],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert result.returncode == 0, result.stderr

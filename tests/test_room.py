@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from agent.audio import PIPELINE_RATE, MemorySink, load_audio, resample
-from agent.errors import AgentError
-from agent.echo.room import PRESETS, BlockConvolver, RoomSpec, SimulatedRoom, load_room, room_impulse_response
 from agent.audio.timeline import PlayedTimeline
+from agent.echo.room import PRESETS, BlockConvolver, RoomSpec, SimulatedRoom, load_room, room_impulse_response
+from agent.errors import AgentError
 
 
 def tone(freq: float, seconds: float, rate: int, amplitude: float = 0.3) -> np.ndarray:

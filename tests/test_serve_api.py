@@ -16,11 +16,10 @@ import httpx
 import numpy as np
 import pytest
 import soundfile
+from _serve_helpers import ServerProcess, console_script, write_voices
 
 from csm_engine.config import SAMPLES_PER_FRAME
 from csm_engine.tokens import TextTokenizer
-
-from _serve_helpers import ServerProcess, console_script, write_voices
 
 KEY = "test-key-123"
 TEXT = "hello there how are you today."  # ends a sentence as prepare_text would: turns reuse their rows

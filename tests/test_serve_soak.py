@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import soundfile
-
 from _serve_helpers import ServerProcess, write_voices
 
 pytestmark = pytest.mark.slow
@@ -57,7 +56,8 @@ def _one(server: ServerProcess, i: int) -> str:
 def test_soak_leaves_the_server_answering_with_memory_back_near_baseline(tiny_checkpoint, espeak_speech_wav,
                                                                         tmp_path):
     shutil.copy(espeak_speech_wav, tmp_path / "voice.wav")
-    server = ServerProcess("--csm-model", str(tiny_checkpoint), "--voices", str(write_voices(tmp_path, tmp_path / "voice.wav")),
+    voices = write_voices(tmp_path, tmp_path / "voice.wav")
+    server = ServerProcess("--csm-model", str(tiny_checkpoint), "--voices", str(voices),
                            "--max-streams", "4", "--max-queue", "64", api_key="soak", log=tmp_path / "server.log")
     try:
         server.wait_ready()

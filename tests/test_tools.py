@@ -12,10 +12,10 @@ from datetime import datetime
 import pytest
 
 from agent.llm.tool_calling import (
+    assistant_tool_message,
     parse_text_tool_calls,
     results_as_notes,
     split_native_stream,
-    assistant_tool_message,
     tool_message,
 )
 from agent.tools.builtin import calculate, clock_tool, resolve_zone

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _stage_helpers import EventLog
+
 from agent.audio import MemorySink
 from agent.config.file import load_settings
 from agent.config.personas import parse_persona
@@ -182,7 +182,7 @@ def test_a_tool_that_changes_things_waits_for_a_yes(tmp_path, chat_persona, tiny
         pipeline.services.wait_for_servers(60)
         for i, text in enumerate(["Note that I need milk.", "Yes, go ahead.", "Note that I need eggs.", "No."]):
             pipeline.submit_text(text)
-            events.wait_for(lambda: len(events.of(AgentTurnDone)) > i, f"reply {i}", 60)
+            events.wait_for(lambda i=i: len(events.of(AgentTurnDone)) > i, f"reply {i}", 60)
     finally:
         pipeline.stop()
     said = [e.text for e in events.of(AgentTurnDone)]

@@ -32,7 +32,8 @@ def tokenizer(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def conversation_encoded(saved_conversation, codec, tiny_checkpoint, tmp_path_factory):
-    cache = CodesCache(tmp_path_factory.mktemp("codes"), file_key(weights.find_mimi_file(model_path=str(tiny_checkpoint))))
+    mimi_key = file_key(weights.find_mimi_file(model_path=str(tiny_checkpoint)))
+    cache = CodesCache(tmp_path_factory.mktemp("codes"), mimi_key)
     return encode_utterances(find_utterances([saved_conversation]), codec, cache, progress=False)
 
 

@@ -13,6 +13,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from test_parity import build_pair  # noqa: E402
+
 from csm_engine import weights  # noqa: E402
 from csm_engine.testing.checkpoints import build_text_tokenizer  # noqa: E402
 from csm_engine.tokens import TextTokenizer  # noqa: E402
@@ -20,13 +22,18 @@ from csm_engine.train.codes import EncodedUtterance  # noqa: E402
 from csm_engine.train.data import Utterance  # noqa: E402
 from csm_engine.train.loss import choose_decoder_frames, csm_loss  # noqa: E402
 from csm_engine.train.samples import IGNORE, build_samples, collate  # noqa: E402
-from test_parity import pair  # noqa: E402,F401  (the shared ours/theirs fixture: one random tiny checkpoint)
 
 TOL = 1e-5
 
 
 def _utterance(conversation: str, turn: int, speaker: int, text: str, target: bool = True) -> Utterance:
     return Utterance(text, speaker, None, conversation, (float(turn), 0), f"{conversation}@{turn}", target, text)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """test_parity's ours/theirs pair (one random tiny checkpoint), made once for this module."""
+    return build_pair()
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from textual.widgets import Input  # noqa: E402
 
+from agent.config.settings import AgentSettings  # noqa: E402
 from agent.events import (  # noqa: E402
     AgentState,
     AgentText,
@@ -24,7 +25,6 @@ from agent.events import (  # noqa: E402
     TurnLatency,
     UserTurn,
 )
-from agent.config.settings import AgentSettings  # noqa: E402
 from agent.tui.app import CsmChatApp  # noqa: E402
 
 SIZE = (120, 36)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from _clips import audible_span
+
 from agent.audio import PIPELINE_RATE, load_audio
 from agent.errors import AgentError
 from agent.listen.vad import PushToTalk, VadSettings, VoiceActivityDetector, load_silero_model

@@ -22,12 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from csm_engine import weights
-from csm_engine.weights import layouts
 from csm_engine.config import get_flavor
 from csm_engine.errors import CSMError
 from csm_engine.model import CSMModel
 from csm_engine.testing.checkpoints import main as make_checkpoint_main
 from csm_engine.testing.checkpoints import random_state_dict, write_model_weights
+from csm_engine.weights import layouts
 
 TINY = get_flavor("tiny")
 
@@ -145,7 +145,8 @@ def test_original_to_transformers_and_back_is_the_identity():
     sd = random_state_dict(TINY, seed=5)
     hf = weights.original_to_transformers(sd, TINY)
     assert "backbone_model.layers.1.self_attn.q_proj.weight" in hf and "lm_head.weight" in hf
-    assert not torch.equal(hf["backbone_model.layers.0.self_attn.q_proj.weight"], sd["backbone.layers.0.attn.q_proj.weight"])
+    assert not torch.equal(hf["backbone_model.layers.0.self_attn.q_proj.weight"],
+                           sd["backbone.layers.0.attn.q_proj.weight"])
     back = weights.transformers_to_original(hf, TINY)
     assert back.keys() == sd.keys()
     assert all(torch.equal(back[k], sd[k]) for k in sd)
@@ -190,7 +191,8 @@ def test_transformers_layout_model_gives_identical_outputs(tiny_checkpoint, tran
         model.setup_caches(1)
         frames.append(model.generate_frame(tokens, mask, torch.arange(6)[None], temperature=0, topk=1))
     assert torch.equal(frames[0], frames[1])
-    assert torch.equal(a.backbone_hidden(tokens, mask, torch.arange(6)), b.backbone_hidden(tokens, mask, torch.arange(6)))
+    positions = torch.arange(6)
+    assert torch.equal(a.backbone_hidden(tokens, mask, positions), b.backbone_hidden(tokens, mask, positions))
 
 
 def test_transformers_config_maps_to_the_same_flavor():

@@ -11,15 +11,32 @@ path works without a sound card through ``WavFileSource``, ``WavFileSink`` and `
 - ``agent.audio.devices``: the sounddevice microphone and speaker, and device lookup.
 """
 
-from agent.audio.devices import (MicrophoneSource, SpeakerSink, describe_devices, list_devices, open_microphone,
-                                 open_speaker, resolve_device)
-from agent.audio.samples import (BLOCK_MS, PIPELINE_RATE, PLAYBACK_BLOCK_MS, StreamResampler, load_audio, read_wav,
-                                 resample, rms_dbfs, write_wav)
+from agent.audio.devices import (
+                                 MicrophoneSource,
+                                 SpeakerSink,
+                                 describe_devices,
+                                 list_devices,
+                                 open_microphone,
+                                 open_speaker,
+                                 resolve_device,
+)
+from agent.audio.samples import (
+                                 BLOCK_MS,
+                                 PIPELINE_RATE,
+                                 PLAYBACK_BLOCK_MS,
+                                 StreamResampler,
+                                 load_audio,
+                                 read_wav,
+                                 resample,
+                                 rms_dbfs,
+                                 write_wav,
+)
 from agent.audio.sinks import AudioSink, FarEndListener, MemorySink, PlayedChunk, WavFileSink
 from agent.audio.sources import AudioSource, QueueSource, WavFileSource
 
 __all__ = [
-    "AudioSink", "AudioSource", "BLOCK_MS", "FarEndListener", "MemorySink", "MicrophoneSource", "PIPELINE_RATE", "PLAYBACK_BLOCK_MS",
+    "AudioSink", "AudioSource", "BLOCK_MS", "FarEndListener", "MemorySink", "MicrophoneSource", "PIPELINE_RATE",
+    "PLAYBACK_BLOCK_MS",
     "PlayedChunk", "QueueSource", "SpeakerSink", "StreamResampler", "WavFileSink", "WavFileSource",
     "describe_devices", "list_devices", "load_audio", "open_microphone", "open_speaker", "read_wav", "resample",
     "resolve_device", "rms_dbfs", "write_wav",

@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from abc import ABC
+from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -118,8 +118,9 @@ class AudioSink(ABC):
 
     # -- producer side
 
+    @abstractmethod
     def start(self) -> None:
-        """Open the speaker (idempotent)."""
+        """Open the speaker and start whatever drains the queue (idempotent); without it nothing plays."""
 
     def write(self, chunk: np.ndarray, sample_rate: int) -> None:
         """Queue a float32 mono chunk recorded at ``sample_rate`` Hz for playback."""
@@ -212,7 +213,7 @@ class AudioSink(ABC):
         """Seconds of audio handed to the speaker so far."""
         return self._played / self.sample_rate
 
-    def __enter__(self) -> "AudioSink":
+    def __enter__(self) -> AudioSink:
         self.start()
         return self
 

@@ -9,13 +9,12 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from agent.audio.samples import (BLOCK_MS, PIPELINE_RATE, StreamResampler, _as_mono_float32, _Rebuffer,
-                                 load_audio)
+from agent.audio.samples import BLOCK_MS, PIPELINE_RATE, StreamResampler, _as_mono_float32, _Rebuffer, load_audio
 from agent.errors import AgentError
 
 
@@ -47,7 +46,7 @@ class AudioSource(ABC):
         while (block := self.read()) is not None:
             yield block
 
-    def __enter__(self) -> "AudioSource":
+    def __enter__(self) -> AudioSource:
         self.start()
         return self
 

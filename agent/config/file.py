@@ -19,8 +19,8 @@ from typing import Any
 
 import platformdirs
 
-from agent.errors import AgentError
 from agent.config.settings import AgentSettings
+from agent.errors import AgentError
 
 CONFIG_NAME = "config.toml"
 
@@ -63,9 +63,9 @@ def read_config(path: str | Path | None = None) -> tuple[dict[str, Any], Path | 
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:
-        raise AgentError(f"cannot read config file {path}: {error}")
+        raise AgentError(f"cannot read config file {path}: {error}") from None
     except tomllib.TOMLDecodeError as error:
-        raise AgentError(f"config file {path} is not valid TOML ({error}): fix or remove it")
+        raise AgentError(f"config file {path} is not valid TOML ({error}): fix or remove it") from None
     kinds = _expected_types()
     values: dict[str, Any] = {}
     for raw_key, value in data.items():

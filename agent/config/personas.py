@@ -155,7 +155,7 @@ class _Fields:
             raise self.fail(key, f"must be between {low} and {high}, got {value}")
         return value
 
-    def table_of(self, key: str) -> "_Fields | None":
+    def table_of(self, key: str) -> _Fields | None:
         if key not in self.table:
             return None
         value = self.table[key]

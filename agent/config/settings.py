@@ -48,7 +48,7 @@ class AgentSettings:
     realtime: bool = True  # play mic_file in real time (False: as fast as the pipeline takes it)
     mode: str = "vad"  # "vad" (hands-free) | "ptt" (push-to-talk)
     end_silence_ms: int = 600  # pause that ends a user turn (VAD; with turn = "silence" or no model)
-    turn: str = "smart"  # end of a hands-free turn: "smart" (end-of-turn model) | "silence" (fixed pause)
+    turn: str = "smart"  # end of a hands-free turn: "smart" (text + audio models) | "audio" | "silence" (fixed pause)
     turn_threshold: float = 0.5  # P(done) from the end-of-turn model that ends a turn
     turn_max_silence_ms: int = 2000  # smart: a pause this long ends the turn whatever the model says
     room: str | None = None  # a simulated room (preset name or .toml) between speaker and mic

@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from agent.audio import read_wav, write_wav
+from agent.conversation.turns import CSM_RATE, Sentence, Turn, json_int, turn_from_json
 from agent.errors import AgentError
 from csm_engine.files import write_text_atomic
-from agent.conversation.turns import CSM_RATE, Sentence, Turn, json_int, turn_from_json
 
 if TYPE_CHECKING:  # torch-heavy: only for annotations
     from csm_engine.tokens import Segment
@@ -143,8 +143,8 @@ class Conversation:
 
     # ---- CSM context ----------------------------------------------------------------------
 
-    def csm_context(self, voice: "Segment | None", budget: int, measure: Callable[["Segment"], int],
-                    extra: Sequence["Segment"] = ()) -> tuple[list["Segment"], ContextReport]:
+    def csm_context(self, voice: Segment | None, budget: int, measure: Callable[[Segment], int],
+                    extra: Sequence[Segment] = ()) -> tuple[list[Segment], ContextReport]:
         """Segments for the next utterance: the voice clip, the turns that fit, then ``extra``.
 
         ``budget`` is the number of backbone positions the context may take; ``measure(segment)``
@@ -264,8 +264,9 @@ class Conversation:
                 **({"summary": {"upto": self.summary[0], "text": self.summary[1]}} if self.summary else {}),
             }
 
-    def save(self, directory: str | Path | None = None, *, watermark: Callable[[np.ndarray, int], np.ndarray] | None = None
-             ) -> Path:
+    def save(
+        self, directory: str | Path | None = None, *, watermark: Callable[[np.ndarray, int], np.ndarray] | None = None
+    ) -> Path:
         """Write the conversation directory: new turns' WAVs, then ``conversation.json`` (all atomic).
 
         ``watermark(audio, sample_rate)`` marks agent audio before it is written (the audio kept
@@ -280,7 +281,9 @@ class Conversation:
             try:
                 target.mkdir(parents=True, exist_ok=True)
             except OSError as error:
-                raise AgentError(f"cannot create {target}: {error.strerror or error} (pass another --save DIR)") from None
+                raise AgentError(
+                    f"cannot create {target}: {error.strerror or error} (pass another --save DIR)"
+                ) from None
             if target != self.directory:
                 if self.directory is None:
                     self.directory = target
@@ -317,7 +320,7 @@ class Conversation:
         return target
 
     @classmethod
-    def load(cls, path: str | Path, *, with_audio: bool = True) -> "Conversation":
+    def load(cls, path: str | Path, *, with_audio: bool = True) -> Conversation:
         """Read a saved conversation (its directory or its ``conversation.json``); AgentError if broken."""
         path = Path(path).expanduser()
         json_path = path / JSON_NAME if path.is_dir() else path

@@ -30,7 +30,7 @@ class Sentence:
 
     text: str
     samples: int  # length of its audio at the turn's sample rate
-    codes: "torch.Tensor | None" = None  # LongTensor (32, frames): Mimi codes the audio was decoded from
+    codes: torch.Tensor | None = None  # LongTensor (32, frames): Mimi codes the audio was decoded from
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Turn:
     typed: bool = False  # a typed message (no audio by nature)
     timings: dict[str, float | int] = field(default_factory=dict)  # agent turns: latencies (ms), underruns
     tools: list[dict[str, Any]] = field(default_factory=list)  # agent turns: tool calls and results (not spoken)
-    _segments: list["Segment"] | None = field(default=None, repr=False)  # cached CSM segments (same tensors every turn)
+    _segments: list[Segment] | None = field(default=None, repr=False)  # cached CSM segments (same tensors every turn)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -76,7 +76,7 @@ class Turn:
     def default_file_name(self) -> str:
         return f"turn-{self.id:04d}-{self.role}.wav"
 
-    def csm_segments(self, with_audio: bool = True) -> list["Segment"]:
+    def csm_segments(self, with_audio: bool = True) -> list[Segment]:
         """This turn as CSM context segments (one per sentence for agent turns), 24 kHz audio.
 
         The segments are built once and reused, so the context tensors are the same objects
@@ -92,7 +92,7 @@ class Turn:
             return list(self._segments)
         return [Segment(s.speaker, s.text, None) for s in self._segments]
 
-    def _build_segments(self) -> list["Segment"]:
+    def _build_segments(self) -> list[Segment]:
         import torch  # CSM segments hold torch tensors; torch loads only with CSM
 
         from csm_engine.tokens import Segment

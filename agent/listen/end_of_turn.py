@@ -1,34 +1,45 @@
 """When is the user's turn over? The end-of-turn rule, fed pause lengths by the VAD.
 
-``EndOfTurnJudge.update(pause_ms, audio)`` is called for every VAD window of a turn in
-progress with the length of the current pause (0 while the user speaks) and a way to get the
-turn's audio so far. Two modes behind that one call:
+``EndOfTurnJudge.update(pause_ms, audio, tentative)`` is called for every VAD window of a turn
+in progress with the length of the current pause (0 while the user speaks), a way to get the
+turn's audio so far, and a way to get the turn as it would end now (its span and audio). Three
+modes behind that one call:
 
-- ``smart``: at a short pause (``first_check_ms``) ask the end-of-turn model (Smart Turn,
-  ``agent.listen.turn_model``). "Done" ends the turn at once; "not done" keeps listening — the verdict
-  says ``waiting`` so the UI can show that the agent is waiting for the rest — and the model
-  is asked again every ``recheck_ms`` while the pause grows; a pause of ``max_silence_ms``
-  ends the turn whatever the model says. Speech that resumes continues the same turn.
+- ``smart``: at a short pause (``first_check_ms``) the transcript's own evidence is asked first
+  (``agent.listen.text_turn``: Whisper on the turn as it would end now, then the chat LLM's
+  P(end of message)); P(end) >= ``text_done`` ends the turn at once. Otherwise the end-of-turn
+  audio model (Smart Turn, ``agent.listen.turn_model``) is asked: "done" ends the turn;
+  "not done" keeps listening — the verdict says ``waiting`` so the UI can show that the agent is
+  waiting for the rest — and the model is asked again every ``recheck_ms`` while the pause
+  grows. A pause of ``max_silence_ms`` ends the turn whatever the models say, or already
+  ``text_max_silence_ms`` when the text is a likely end (P(end) >= ``text_likely``). Speech
+  that resumes continues the same turn. Without text evidence (no transcriber or no local LLM
+  yet, a server LLM) it is the audio model alone.
+- ``audio``: the audio model alone (as above without the text).
 - ``silence``: a pause of ``end_silence_ms`` ends the turn (the fixed rule; also the fallback
   when the model cannot be loaded).
 
 Pure and thread-free: no clocks but the pause lengths it is given (stream time), no threads.
-The model runs inside ``update`` on the caller's thread.
+The models run inside ``update`` on the caller's thread.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol
+from typing import TYPE_CHECKING, Callable, Literal, Protocol
 
 import numpy as np
 
 from agent.errors import AgentError
 
-TURN_MODES = ("smart", "silence")
+if TYPE_CHECKING:
+    from agent.listen.text_turn import TextEvidence
 
-Reason = Literal["speech", "pause", "unfinished", "model", "max_silence", "silence"]
+TURN_MODES = ("smart", "audio", "silence")
+
+Reason = Literal["speech", "pause", "unfinished", "model", "text", "max_silence", "silence"]
+Tentative = Callable[[], "tuple[tuple[int, int], np.ndarray] | None"]
 
 
 class TurnModel(Protocol):
@@ -36,12 +47,23 @@ class TurnModel(Protocol):
         """P(turn complete), 0..1, for 16 kHz float audio of the turn so far."""
 
 
+class TextJudge(Protocol):
+    def evidence(self, span: tuple[int, int], audio: np.ndarray) -> "TextEvidence | None":
+        """The transcript of the turn as it would end at ``span`` and its P(end of message)."""
+
+    def forget(self) -> None:
+        """A new turn or a new pause: spans seen so far are of no use any more."""
+
+
 @dataclass(frozen=True)
 class TurnSettings:
     """End-of-turn rule (milliseconds of pause, i.e. of stream time since the speech stopped)."""
 
-    mode: str = "smart"  # "smart" (end-of-turn model) | "silence" (fixed pause)
-    threshold: float = 0.5  # P(done) at or above which the model's answer ends the turn
+    mode: str = "smart"  # "smart" (text + audio models) | "audio" (audio model alone) | "silence" (fixed pause)
+    threshold: float = 0.5  # P(done) at or above which the audio model's answer ends the turn
+    text_done: float = 0.2  # P(end of message) from the transcript at or above which the turn ends
+    text_likely: float = 0.05  # ... at or above which a pause of text_max_silence_ms ends it
+    text_max_silence_ms: int = 1200
     first_check_ms: int = 192  # pause before the model is first asked (6 VAD windows of 32 ms)
     recheck_ms: int = 300  # then asked again each time the pause has grown by this much
     max_silence_ms: int = 2000  # a pause this long ends the turn whatever the model says
@@ -49,12 +71,16 @@ class TurnSettings:
 
     def __post_init__(self) -> None:
         if self.mode not in TURN_MODES:
-            raise AgentError(f"unknown turn mode {self.mode!r}: use 'smart' (end-of-turn model) or 'silence'")
+            raise AgentError(f"unknown turn mode {self.mode!r}: use 'smart' (text and audio end-of-turn models), "
+                             "'audio' (the audio model alone) or 'silence'")
         if not 0.0 < self.threshold < 1.0:
             raise AgentError(f"turn threshold must be between 0 and 1, got {self.threshold}")
         if self.end_silence_ms < 32:
             raise AgentError(f"end_silence_ms must be at least 32, got {self.end_silence_ms}")
-        if not 0 < self.first_check_ms <= self.max_silence_ms or self.recheck_ms < 32:
+        if not 0.0 < self.text_likely <= self.text_done <= 1.0:
+            raise AgentError(f"text end-of-turn thresholds need 0 < likely <= done <= 1 (got {self.text_likely}, "
+                             f"{self.text_done})")
+        if not 0 < self.first_check_ms <= min(self.max_silence_ms, self.text_max_silence_ms) or self.recheck_ms < 32:
             raise AgentError(
                 "turn timings: need 0 < first check <= max silence and a re-check of at least 32 ms "
                 f"(got {self.first_check_ms}, {self.max_silence_ms}, {self.recheck_ms})"
@@ -68,26 +94,38 @@ class TurnVerdict:
     ended: bool
     reason: Reason
     waiting: bool = False
-    probability: float | None = None  # the model's latest P(done) in this pause
-    model_ms: float | None = None  # wall time of the model call made by this update, if any
+    probability: float | None = None  # the audio model's latest P(done) in this pause
+    model_ms: float | None = None  # wall time of the audio model call made by this update, if any
+    text_probability: float | None = None  # the transcript's P(end of message) in this pause
+    text_ms: float | None = None  # wall time of the text evidence made by this update (Whisper + LLM), if any
 
 
 class EndOfTurnJudge:
     """Decides, pause by pause, whether the user's turn is over (see the module docstring).
 
-    ``model`` is the end-of-turn model (``SmartTurnModel``) or None; with None, or in
-    ``silence`` mode, the fixed-pause rule applies. Call ``reset()`` when a turn starts.
+    ``model`` is the end-of-turn audio model (``SmartTurnModel``) or None; with None, or in
+    ``silence`` mode, the fixed-pause rule applies. ``text`` (``TextTurn``, smart mode only; also
+    set later with ``use_text``) gives the transcript's evidence. Call ``reset()`` when a turn starts.
     """
 
-    def __init__(self, settings: TurnSettings | None = None, model: TurnModel | None = None) -> None:
+    def __init__(self, settings: TurnSettings | None = None, model: TurnModel | None = None,
+                 text: TextJudge | None = None) -> None:
         self.settings = settings or TurnSettings()
-        self.model = model if self.settings.mode == "smart" else None
+        self.model = model if self.settings.mode != "silence" else None
+        self.text: TextJudge | None = None
+        self.use_text(text)
         self.reset()
+
+    def use_text(self, text: TextJudge | None) -> None:
+        """Judge with the transcript's evidence from ``text`` too (smart mode with an audio model)."""
+        self.text = text if self.settings.mode == "smart" and self.model is not None else None
 
     @property
     def mode(self) -> str:
-        """The rule in force: "smart", or "silence" (chosen, or no model)."""
-        return "smart" if self.model is not None else "silence"
+        """The rule in force: "smart" (text + audio), "audio", or "silence" (chosen, or no model)."""
+        if self.model is None:
+            return "silence"
+        return "smart" if self.text is not None else "audio"
 
     @property
     def waiting(self) -> bool:
@@ -98,45 +136,69 @@ class EndOfTurnJudge:
         """A new turn (or a new pause): forget the model's answers and re-check schedule."""
         self._next_check_ms = float(self.settings.first_check_ms)
         self._probability: float | None = None
+        self._text: float | None = None  # the transcript's P(end of message) in this pause
+        self._asked = False  # a model was asked in this pause
         self._waiting = False
+        if self.text is not None:
+            self.text.forget()
 
-    def update(self, pause_ms: float, audio: Callable[[], np.ndarray]) -> TurnVerdict:
+    def update(self, pause_ms: float, audio: Callable[[], np.ndarray],
+               tentative: Tentative | None = None) -> TurnVerdict:
         """Verdict for a turn whose current pause is ``pause_ms`` long (0 = speaking).
 
-        ``audio()`` returns the turn's 16 kHz audio so far; it is only called when the model
-        is asked.
+        ``audio()`` returns the turn's 16 kHz audio so far; it is only called when the audio
+        model is asked. ``tentative()`` returns (span, audio) of the turn as it would end now
+        (what a ``speech_end`` would carry), or None; it is only called for the text evidence.
         """
         s = self.settings
         if pause_ms <= 0:
-            if self._probability is not None:  # speech resumed: the next pause is judged afresh
+            if self._asked:  # speech resumed: the next pause is judged afresh
                 self.reset()
             return TurnVerdict(False, "speech")
         if self.model is None:
             ended = pause_ms >= s.end_silence_ms
             return TurnVerdict(ended, "silence" if ended else "pause")
-        if pause_ms >= s.max_silence_ms:
-            return TurnVerdict(True, "max_silence", probability=self._probability)
+        likely = self._text is not None and self._text >= s.text_likely
+        if pause_ms >= (s.text_max_silence_ms if likely else s.max_silence_ms):
+            return TurnVerdict(True, "max_silence", probability=self._probability, text_probability=self._text)
         if pause_ms < self._next_check_ms:
-            return TurnVerdict(False, "unfinished" if self._waiting else "pause", self._waiting, self._probability)
+            return TurnVerdict(False, "unfinished" if self._waiting else "pause", self._waiting, self._probability,
+                               text_probability=self._text)
         while self._next_check_ms <= pause_ms:  # the schedule, not the call time, sets the next check
             self._next_check_ms += s.recheck_ms
+        text_ms = self._ask_text(tentative) if not self._asked else None
+        self._asked = True
+        if self._text is not None and self._text >= s.text_done:
+            self._waiting = False
+            return TurnVerdict(True, "text", False, self._probability, None, self._text, text_ms)
         started = time.perf_counter()
         self._probability = self.model.probability(audio())
         model_ms = (time.perf_counter() - started) * 1000
         if self._probability >= s.threshold:
             self._waiting = False
-            return TurnVerdict(True, "model", False, self._probability, model_ms)
+            return TurnVerdict(True, "model", False, self._probability, model_ms, self._text, text_ms)
         self._waiting = True
-        return TurnVerdict(False, "unfinished", True, self._probability, model_ms)
+        return TurnVerdict(False, "unfinished", True, self._probability, model_ms, self._text, text_ms)
+
+    def _ask_text(self, tentative: Tentative | None) -> float | None:
+        """The transcript's P(end) for this pause into ``_text``; returns the wall ms it took (None: not asked)."""
+        pending = tentative() if self.text is not None and tentative is not None else None
+        if pending is None:
+            return None
+        started = time.perf_counter()
+        evidence = self.text.evidence(*pending)
+        self._text = evidence.probability if evidence is not None else None
+        return (time.perf_counter() - started) * 1000
 
 
 def build_turn_judge(settings: TurnSettings | None = None, model_path: str | None = None) -> tuple[EndOfTurnJudge, str | None]:
-    """A judge for ``settings``; in smart mode it loads the model, and when that fails returns a
-    silence-rule judge and the one-line notice to show (``None`` when all is well)."""
+    """A judge for ``settings``; in smart and audio modes it loads the audio model, and when that
+    fails returns a silence-rule judge and the one-line notice to show (``None`` when all is well).
+    The text evidence is attached later (``use_text``), once the transcriber and the LLM exist."""
     from agent.listen.turn_model import try_load_turn_model
 
     settings = settings or TurnSettings()
-    if settings.mode != "smart":
+    if settings.mode == "silence":
         return EndOfTurnJudge(settings), None
     model, notice = try_load_turn_model(model_path)
     return EndOfTurnJudge(settings, model), notice

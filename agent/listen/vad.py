@@ -238,7 +238,7 @@ class VoiceActivityDetector:
         """Whether the current pause (if any) ends the turn: the judge's call, or end_silence_ms."""
         if self.end_of_turn is None:
             return self._silence_from is not None and self._pos - self._silence_from >= self._end_silence
-        self.last_verdict = self.end_of_turn.update(self.pause_ms, self._buffer.audio)
+        self.last_verdict = self.end_of_turn.update(self.pause_ms, self._buffer.audio, self.audio_if_ended_now)
         return self.last_verdict.ended
 
     def _new_turn(self) -> None:

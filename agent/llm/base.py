@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import AgentError
-
 if TYPE_CHECKING:
     from agent.tools.registry import Tool, ToolCall
 
@@ -55,12 +53,12 @@ class ChatLLM(ABC):
     def stream_turn(
         self,
         messages: list[Message],
-        tools: "list[Tool]",
+        tools: list[Tool],
         cancel: threading.Event | None = None,
         *,
         sampling: Sampling | None = None,
         mode: str = "auto",
-    ) -> "Iterator[str | ToolCall]":
+    ) -> Iterator[str | ToolCall]:
         """Like ``stream_reply``, but the model may ask for ``tools``: yields text deltas and ``ToolCall``s.
 
         ``messages`` may hold earlier calls and their results (``agent.llm.tool_calling``); ``mode``
@@ -75,7 +73,7 @@ class ChatLLM(ABC):
         """The whole reply as one string."""
         return "".join(self.stream_reply(messages, sampling=sampling)).strip()
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: a local model has nothing to release
         """Release the model or connection."""
 
 
@@ -85,7 +83,8 @@ def check_messages(messages: list[Message]) -> None:
     for message in messages:
         role, content = message.get("role"), message.get("content")
         calls = role == "assistant" and message.get("tool_calls")
-        if role not in ("system", "user", "assistant", "tool") or not (isinstance(content, str) or calls and content is None):
+        content_ok = isinstance(content, str) or calls and content is None
+        if role not in ("system", "user", "assistant", "tool") or not content_ok:
             raise ValueError(f"bad chat message {message!r}: needs role system/user/assistant/tool and string content")
 
 
@@ -98,7 +97,8 @@ def make_llm(
     model: str | None = None,
     sampling: Sampling | None = None,
 ) -> ChatLLM:
-    """``--llm-url URL`` (with ``--llm-model NAME`` as the server's model name) or ``--llm-model PATH.gguf|OWNER/REPO:QUANT``."""
+    """``--llm-url URL`` (with ``--llm-model NAME`` as the server's model name) or
+    ``--llm-model PATH.gguf|OWNER/REPO:QUANT``."""
     if url:
         from agent.llm.server import OpenAICompatibleLLM
 

@@ -64,7 +64,8 @@ def choose_file(files: list[str], ref: HubGGUF) -> str:
     if not matches:
         raise AgentError(f"{ref.repo_id} has no {quant.upper()} file; choose one of {_listing(ggufs)} "
                          f"(--llm-model {ref.repo_id}:QUANT or :FILE.gguf)")
-    raise AgentError(f"{ref} matches several files ({_listing(matches)}); name one: --llm-model {ref.repo_id}:FILE.gguf")
+    raise AgentError(f"{ref} matches several files ({_listing(matches)}); "
+                     f"name one: --llm-model {ref.repo_id}:FILE.gguf")
 
 
 def _models(ggufs: list[str]) -> list[str]:
@@ -105,8 +106,7 @@ def _cached_files(repo_id: str) -> list[str]:
 
 
 def _hub_files(repo_id: str) -> list[str]:
-    from huggingface_hub import HfApi
-    from huggingface_hub import errors
+    from huggingface_hub import HfApi, errors
 
     from csm_engine.weights import hub_error
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from agent.errors import AgentError
 from agent.llm.base import ChatLLM, Message, Sampling, check_messages
+from agent.llm.llama_cpu import decide_repack, repack_setting
 from csm_engine.errors import first_line as _first_line
+
+log = logging.getLogger(__name__)
 
 
 class LocalLLM(ChatLLM):
@@ -28,6 +34,7 @@ class LocalLLM(ChatLLM):
         seed: int | None = None,
         sampling: Sampling | None = None,
         warmup: bool = True,
+        repack: str | None = None,
     ) -> None:
         super().__init__(sampling)
         from agent.llm.gguf import resolve_gguf
@@ -48,15 +55,20 @@ class LocalLLM(ChatLLM):
         # Half the cores, at most 4: for a small model more threads mostly contend with the
         # other stages (and on a busy 2-core machine two threads are several times slower).
         threads = n_threads or max(1, min(4, (os.cpu_count() or 2) // 2))
+        # Weight repacking off on AMX CPUs, where llama.cpp crashes on multi-token prompts
+        # (agent.llm.llama_cpu; repack: auto | on | off, default $CSM_LLAMA_REPACK or auto).
+        self.repack = decide_repack(repack)
+        log.info("llama.cpp weight repacking for %s: %s", path.name, self.repack.reason)
         try:
-            self._llama = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                verbose=False,  # llama.cpp logs every load to stderr otherwise
-                seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
-                n_threads=threads,
-                n_threads_batch=threads,
-            )
+            with repack_setting(self.repack.enabled):
+                self._llama = llama_cpp.Llama(
+                    model_path=str(path),
+                    n_ctx=n_ctx,
+                    verbose=False,  # llama.cpp logs every load to stderr otherwise
+                    seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                )
         except Exception as error:  # llama-cpp raises ValueError("Failed to load model from file: ...")
             raise AgentError(
                 f"cannot load LLM model {path}: {_first_line(error)} (pass --llm-model with a valid .gguf file)"
@@ -65,6 +77,17 @@ class LocalLLM(ChatLLM):
         self._lock = threading.Lock()
         if warmup:  # the first decode sets up llama.cpp's compute graph: pay it while loading
             self.reply([{"role": "user", "content": "Hi"}], sampling=Sampling(max_tokens=1))
+
+    @contextmanager
+    def locked_llama(self, timeout: float = -1) -> Iterator[Any]:
+        """The llama object, held under the reply lock (None if not free within ``timeout`` s): for
+        reading its logits (``agent.listen.text_turn``) without a reply running on it at the same time."""
+        got = self._lock.acquire(timeout=timeout)
+        try:
+            yield self._llama if got else None
+        finally:
+            if got:
+                self._lock.release()
 
     def count_tokens(self, text: str) -> int:
         return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))

@@ -38,14 +38,14 @@ DECISION_TOKENS = 24
 ARGUMENT_TOKENS = 96
 
 
-def resolve_mode(llm: "LocalLLM", mode: str) -> str:
+def resolve_mode(llm: LocalLLM, mode: str) -> str:
     if mode != "auto":
         return mode
     template = llm._llama.metadata.get("tokenizer.chat_template")
     return "native" if template_supports_tools(template) else "constrained"
 
 
-def stream_turn_local(llm: "LocalLLM", messages: list[dict[str, Any]], tools: list[Tool],
+def stream_turn_local(llm: LocalLLM, messages: list[dict[str, Any]], tools: list[Tool],
                       cancel: threading.Event | None, sampling: Sampling, mode: str) -> Iterator[str | ToolCall]:
     check_messages(messages)
     cancel = cancel or threading.Event()
@@ -68,7 +68,7 @@ def stream_turn_local(llm: "LocalLLM", messages: list[dict[str, Any]], tools: li
         yield call
 
 
-def choose_tool(llm: "LocalLLM", messages: list[dict[str, Any]], tools: list[Tool],
+def choose_tool(llm: LocalLLM, messages: list[dict[str, Any]], tools: list[Tool],
                 cancel: threading.Event) -> ToolCall | None:
     """The constrained passes: a tool name (or none), then its arguments; None when no tool fits."""
     name = _complete(llm, decision_messages(messages, tools), _grammar(llm, name_grammar_text(tools), False),
@@ -84,7 +84,7 @@ def choose_tool(llm: "LocalLLM", messages: list[dict[str, Any]], tools: list[Too
     return ToolCall(new_call_id(), tool.name, arguments, error=error)
 
 
-def _grammar(llm: "LocalLLM", source: str, from_schema: bool):
+def _grammar(llm: LocalLLM, source: str, from_schema: bool):
     from llama_cpp import LlamaGrammar
 
     cache: dict[tuple[str, bool], Any] = llm.__dict__.setdefault("_grammars", {})
@@ -103,14 +103,14 @@ def _grammar(llm: "LocalLLM", source: str, from_schema: bool):
     return cache[key]
 
 
-def _complete(llm: "LocalLLM", messages: list[dict[str, str]], grammar: Any, max_tokens: int) -> str:
+def _complete(llm: LocalLLM, messages: list[dict[str, str]], grammar: Any, max_tokens: int) -> str:
     with llm._lock:
         out = llm._llama.create_chat_completion(messages=llm.fit_messages(messages, max_tokens), grammar=grammar,
                                                 temperature=0.0, max_tokens=max_tokens)
     return out["choices"][0]["message"].get("content") or ""
 
 
-def _stream_native(llm: "LocalLLM", messages: list[dict[str, Any]], tools: list[Tool], cancel: threading.Event,
+def _stream_native(llm: LocalLLM, messages: list[dict[str, Any]], tools: list[Tool], cancel: threading.Event,
                    sampling: Sampling) -> Iterator[str]:
     """The model's own template with the tools in it; its raw text (calls included) as deltas."""
     templated = [_with_dict_arguments(m) for m in messages]

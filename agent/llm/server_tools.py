@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from agent.llm.server import OpenAICompatibleLLM
 
 
-def stream_turn_server(llm: "OpenAICompatibleLLM", messages: list[dict[str, Any]], tools: list[Tool],
+def stream_turn_server(llm: OpenAICompatibleLLM, messages: list[dict[str, Any]], tools: list[Tool],
                        cancel: threading.Event | None, sampling: Sampling, mode: str) -> Iterator[str | ToolCall]:
     check_messages(messages)
     cancel = cancel or threading.Event()
@@ -53,7 +53,7 @@ def stream_turn_server(llm: "OpenAICompatibleLLM", messages: list[dict[str, Any]
         yield from _stream_native(llm, messages, tools, cancel, sampling)
 
 
-def _stream_native(llm: "OpenAICompatibleLLM", messages: list[dict[str, Any]], tools: list[Tool],
+def _stream_native(llm: OpenAICompatibleLLM, messages: list[dict[str, Any]], tools: list[Tool],
                    cancel: threading.Event, sampling: Sampling) -> Iterator[str | ToolCall]:
     try:
         stream = llm._client.chat.completions.create(
@@ -88,7 +88,7 @@ def _stream_native(llm: "OpenAICompatibleLLM", messages: list[dict[str, Any]], t
         yield ToolCall(part["id"] or new_call_id(), part["name"], arguments, error=error)
 
 
-def _complete_json(llm: "OpenAICompatibleLLM", messages: list[dict[str, str]], schema: dict[str, Any],
+def _complete_json(llm: OpenAICompatibleLLM, messages: list[dict[str, str]], schema: dict[str, Any],
                    max_tokens: int) -> str:
     try:
         response = llm._client.chat.completions.create(
@@ -99,7 +99,7 @@ def _complete_json(llm: "OpenAICompatibleLLM", messages: list[dict[str, str]], s
     return (response.choices[0].message.content or "") if response.choices else ""
 
 
-def _choose_tool(llm: "OpenAICompatibleLLM", messages: list[dict[str, Any]], tools: list[Tool]) -> ToolCall | None:
+def _choose_tool(llm: OpenAICompatibleLLM, messages: list[dict[str, Any]], tools: list[Tool]) -> ToolCall | None:
     names = [t.name for t in tools] + [NO_TOOL]
     # A bare JSON string from the list: the same choice the in-process name grammar offers.
     text = _complete_json(llm, decision_messages(messages, tools), {"enum": names}, 16)

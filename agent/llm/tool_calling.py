@@ -116,9 +116,10 @@ def arguments_messages(messages: list[dict[str, Any]], tool: Tool) -> list[dict[
     """The prompt of the second constrained pass: fill in ``tool``'s arguments for the request."""
     request = next((m.get("content") or "" for m in reversed(messages) if m["role"] == "user"), "")
     fields = json.dumps(tool.parameters.get("properties", {}), ensure_ascii=False)
-    return [{"role": "system", "content": f"Call the tool {tool.name} ({' '.join(tool.description.split())}) for "
-                                          f"the user's request. Write its arguments as JSON with these fields: {fields}"},
-            {"role": "user", "content": request}]
+    about = " ".join(tool.description.split())
+    system = (f"Call the tool {tool.name} ({about}) for the user's request. "
+              f"Write its arguments as JSON with these fields: {fields}")
+    return [{"role": "system", "content": system}, {"role": "user", "content": request}]
 
 
 def arguments_schema(tool: Tool) -> dict[str, Any]:

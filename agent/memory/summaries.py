@@ -25,12 +25,12 @@ KEEP_RECENT_CHARS = 2500  # what stays as turns after a fold
 SUMMARY_CHARS = 600
 
 
-def history_chars(conversation: "Conversation") -> int:
+def history_chars(conversation: Conversation) -> int:
     upto = conversation.summary[0] if conversation.summary else 0
     return sum(len(t.text) for t in conversation.turns if t.id > upto)
 
 
-def fold_old_turns(conversation: "Conversation", llm: "ChatLLM | None", fold_at: int = FOLD_AT_CHARS,
+def fold_old_turns(conversation: Conversation, llm: ChatLLM | None, fold_at: int = FOLD_AT_CHARS,
                    keep_recent: int = KEEP_RECENT_CHARS) -> bool:
     """Summarize the oldest turns once the history passes ``fold_at`` characters; True if it folded."""
     if history_chars(conversation) <= fold_at:
@@ -53,7 +53,7 @@ def fold_old_turns(conversation: "Conversation", llm: "ChatLLM | None", fold_at:
     return True
 
 
-def _llm_summary(llm: "ChatLLM | None", earlier: str, transcript: str) -> str | None:
+def _llm_summary(llm: ChatLLM | None, earlier: str, transcript: str) -> str | None:
     if llm is None:
         return None
     from agent.llm.base import Sampling
@@ -75,7 +75,7 @@ def _extractive(earlier: str, turns) -> str:
     return " ".join(f"{earlier} The user said: {said}".split())
 
 
-def conversation_summary(conversation: "Conversation") -> str | None:
+def conversation_summary(conversation: Conversation) -> str | None:
     """One line about a finished conversation for the memory store (None when the user said nothing)."""
     upto = conversation.summary[0] if conversation.summary else 0
     said = [t.text.strip() for t in conversation.turns if t.role == "user" and t.text.strip() and t.id > upto]

@@ -21,6 +21,7 @@ from agent.listen.asr import Transcriber, make_transcriber
 from agent.audio import AudioSink, AudioSource, MemorySink, open_microphone, open_speaker
 from agent.conversation.conversation import CSM_RATE
 from agent.listen.end_of_turn import build_turn_judge
+from agent.listen.text_turn import TextTurn
 from agent.errors import AgentError
 from agent.events import LoadProgress
 from agent.llm.base import ChatLLM, make_llm
@@ -56,6 +57,8 @@ class Models:
         self.transcriber = transcriber
         self.vad_model = vad_model
         self.vad: VoiceActivityDetector | None = None
+        self.text_turn: "TextTurn | None" = None  # the transcript's end-of-turn evidence (smart turn mode)
+        self.chat_context: Callable[[], list[dict]] = list  # the conversation as a reply's prompt begins (think)
         self.watermarker = watermarker
         self.voice: "Segment | None" = None  # the persona's voice clip, pinned first in CSM's context
         self.adapter: str | None = None  # the csm-finetune adapter merged into the loaded generator
@@ -165,6 +168,9 @@ class ModelLoader:
             judge, notice = self._stage("turn", lambda: build_turn_judge(self.settings.turn_settings()))
             if notice:
                 self.ctx.notice("warning", notice)
+            m = self.models
+            judge.use_text(TextTurn(lambda: m.transcriber, lambda: m.llm, lambda: m.chat_context()))
+            self.models.text_turn = judge.text
             self.models.vad = VoiceActivityDetector(VadSettings(end_silence_ms=self.settings.end_silence_ms),
                                                     model=model, end_of_turn=judge)
         finally:

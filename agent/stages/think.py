@@ -5,7 +5,9 @@ one cancel signal of that reply), streams the LLM, splits its deltas into senten
 (``SentenceSplitter``), normalizes each for speech and sends ``AgentSentence`` frames to the
 voice stage as soon as each sentence ends, then ``EndOfReply``. One reply at a time: the next
 input waits until this reply has been spoken or cut off. A ``ReplayRequest`` plays the last
-agent turn's audio again, as a reply that records nothing.
+agent turn's audio again, as a reply that records nothing. An ``EarlyInput`` (the user's words
+at a pause the judge is not sure ends the turn) starts the reply ahead, unspoken
+(``agent.stages.early_reply``); the real input uses it when its prompt is the same.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from agent.audio import read_wav
 from agent.conversation.conversation import Conversation
 from agent.errors import AgentError
 from agent.events import AgentState, UserTurn
-from agent.frames import AgentSentence, Announcement, EndOfReply, Frame, ReplayAudio, ReplayRequest, Reply, UserInput
+from agent.frames import (AgentSentence, Announcement, EarlyInput, EndOfReply, Frame, ReplayAudio, ReplayRequest, Reply,
+                          UserInput)
 from agent.speak.sentences import SentenceSplitter
 from agent.config.personas import Persona
 from agent.conversation.saving import ConversationSaver
 from agent.speak.speech_text import normalize_for_speech
 from agent.stages.base import FrameSink, Stage, StageContext
+from agent.stages.early_reply import EarlyReply, EarlyServed, prompt_with
 from agent.stages.loading import Models
 
 if TYPE_CHECKING:
@@ -42,12 +46,17 @@ class ThinkStage(Stage):
         self.persona = persona
         self.saver = saver
         self.assist: "ThinkAssist | None" = None  # tools and memory (agent.tools.assist), set by the pipeline
+        # what the end-of-turn text evidence is scored after: the replies' prompt, so llama.cpp reuses it
+        models.chat_context = lambda: self.conversation.llm_messages(self.persona.system_prompt)
 
     def use_persona(self, persona: Persona) -> None:
         """From the next reply on, answer as ``persona`` (its system prompt and LLM sampling)."""
         self.persona = persona
 
     def process(self, frame: Frame) -> None:
+        if isinstance(frame, EarlyInput):  # not a user input of its own: nothing to count as answered
+            self._start_early(frame.text)
+            return
         try:
             match frame:
                 case UserInput() as user:
@@ -85,12 +94,14 @@ class ThinkStage(Stage):
         self.ctx.replies.begin(reply)
         self.ctx.set_state(AgentState.THINKING)
         splitter = SentenceSplitter()
+        early = self.models.text_turn.take_early() if self.models.text_turn is not None else None
+        answering = EarlyServed(llm, early) if early is not None else llm  # the early start, if it fits
         if self.assist is not None:
             messages = self.assist.messages(self.conversation, persona, user.text)
-            deltas = self.assist.deltas(llm, messages, reply, persona, user.text)
+            deltas = self.assist.deltas(answering, messages, reply, persona, user.text)
         else:
             messages = self.conversation.llm_messages(persona.system_prompt)
-            deltas = llm.stream_reply(messages, reply.cancel, sampling=persona.llm)
+            deltas = answering.stream_reply(messages, reply.cancel, sampling=persona.llm)
         try:
             for delta in deltas:
                 if reply.first_token_ms is None:
@@ -107,6 +118,22 @@ class ThinkStage(Stage):
         self._finish(reply)
         if self.assist is not None:
             self.assist.after_reply(self.conversation, llm)
+
+    def _start_early(self, text: str) -> None:
+        """Start the reply to ``text`` (the user's words at a pause) before the turn is judged over,
+        when nothing else is being answered and the real reply's prompt can be built now
+        (``agent.stages.early_reply``): not with tools, nor when memory changes with the reply."""
+        llm, text_turn = self.models.llm, self.models.text_turn
+        if llm is None or text_turn is None or self.ctx.replies.current is not None:
+            return
+        persona = self.persona
+        if self.assist is not None:
+            if not self.assist.early_start_fits(text):
+                return
+            messages = self.assist.messages(self.conversation, persona, text)
+        else:
+            messages = self.conversation.llm_messages(persona.system_prompt)
+        text_turn.started_early(EarlyReply.start(llm, prompt_with(messages, text), persona.llm), text)
 
     def _announce(self, text: str) -> None:
         """Say ``text`` unasked (a timer that is due), as a reply of its own."""

@@ -23,7 +23,7 @@ import numpy as np
 from agent.listen.asr import Transcript
 from agent.listen.barge_in import BargeIn
 from agent.events import PartialTranscript
-from agent.frames import Frame, PartialAudio, SpeechSegment, TentativeSpeech, UserInput
+from agent.frames import EarlyInput, Frame, PartialAudio, SpeechSegment, TentativeSpeech, UserInput
 from agent.stages.base import FrameSink, Stage, StageContext
 from agent.stages.loading import Models
 
@@ -56,8 +56,12 @@ class TranscribeStage(Stage):
                     text = transcriber.transcribe(audio).text
                     if text:
                         self.ctx.emit(PartialTranscript(text))
-            case TentativeSpeech(audio=audio, span=span):
-                if transcriber is not None and self.inbox.empty():
+            case TentativeSpeech(audio=audio, span=span, transcript=heard, early=early):
+                if heard is not None:  # the end-of-turn judge has transcribed it already
+                    self._ahead = (span, heard)
+                    if early and not heard.is_empty:
+                        self.push(EarlyInput(heard.text))
+                elif transcriber is not None and self.inbox.empty():
                     self._ahead = (span, transcriber.transcribe(audio))
             case SpeechSegment() as speech:
                 self._transcribe(speech)

@@ -7,7 +7,10 @@ push-to-talk. It sends downstream:
 - ``SpeechSegment`` when a turn is over, with when the speech really ended (``t0``, from the
   blocks' capture times) and how long the turn took to be judged over (``turn_end_ms``);
 - ``TentativeSpeech`` as soon as a pause could end the turn, so transcription starts while the
-  judge still listens (the transcript is ready when the turn ends);
+  judge still listens (the transcript is ready when the turn ends); in smart mode the judge
+  transcribes the pause itself (its text evidence) and the frame carries that transcript, and
+  the think stage may start the reply on it early — discarded (``TextTurn.went_on``) as soon as
+  the user speaks again;
 - ``PartialAudio`` about once a second while the user speaks (for the screen).
 
 The user's voice during a reply goes to ``BargeIn`` (``agent.listen.barge_in``): heard -> playback
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +38,10 @@ from agent.events import AgentState
 from agent.frames import AudioBlock, EndOfAudio, Frame, PartialAudio, SpeechSegment, TentativeSpeech
 from agent.stages.base import FrameSink, Stage, StageContext
 from agent.listen.vad import PushToTalk, VadEvent, VoiceActivityDetector
+
+if TYPE_CHECKING:
+    from agent.listen.end_of_turn import TurnVerdict
+    from agent.listen.text_turn import TextTurn
 
 PARTIAL_INTERVAL_S = 1.0  # partial transcripts while the user speaks (TUI only)
 MIN_TURN_S = 0.25  # shorter "turns" (clicks) are not sent to Whisper
@@ -139,14 +147,34 @@ class TurnStage(Stage):
             verdict = detector.last_verdict
             waiting = verdict is not None and verdict.waiting
             self.ctx.set_state(AgentState.WAITING if waiting else AgentState.HEARING)
-            pending = detector.audio_if_ended_now()
-            if pending is not None and pending[0] != self._tentative:
-                self._tentative = pending[0]
-                self.push(TentativeSpeech(pending[1], self._stream_span(pending[0])))
+            self._tentative_speech(detector, verdict)
         now = self._pos / PIPELINE_RATE
         if self.partials and now - self._last_partial >= PARTIAL_INTERVAL_S:
             self._last_partial = now
             self.push(PartialAudio(detector.current_audio()))
+
+    def _tentative_speech(self, detector: VoiceActivityDetector, verdict: "TurnVerdict | None") -> None:
+        """Send the turn as it would end at this pause, once per pause: with the judge's transcript
+        when it made one (and then the reply may start early on it), else for Whisper to do ahead."""
+        text = self._text_turn()
+        pending = detector.audio_if_ended_now()
+        if pending is None:
+            if self._tentative is not None and detector.pause_ms == 0:  # the user went on after the pause
+                self._tentative = None
+                if text is not None:
+                    text.went_on()
+            return
+        if pending[0] == self._tentative:
+            return
+        heard = text.transcript_for(pending[0]) if text is not None else None
+        if heard is None and text is not None and (verdict is None or verdict.reason == "pause"):
+            return  # the judge transcribes this pause at its first check: wait for its transcript
+        self._tentative = pending[0]
+        self.push(TentativeSpeech(pending[1], self._stream_span(pending[0]), heard, early=heard is not None))
+
+    def _text_turn(self) -> "TextTurn | None":
+        judge = self.vad.end_of_turn if self.vad is not None else None
+        return judge.text if judge is not None and self._mode != "ptt" else None
 
     def _end_of_audio(self) -> None:
         if self._detector is not None:
@@ -165,6 +193,8 @@ class TurnStage(Stage):
             return
         over_agent_from, self._over_agent_from = self._over_agent_from, None
         person, self._person = self._person, False
+        text = self._text_turn()
+        heard = text.transcript_for(event.span) if text is not None and event.span != self._tentative else None
         self._tentative = None
         if not person:  # the agent's voice, left by the echo canceller: no one to answer
             self.echo_turns += 1
@@ -184,6 +214,8 @@ class TurnStage(Stage):
                                  turn_end_ms))
         self.ctx.progress.begin_input()
         self.ctx.set_state(AgentState.TRANSCRIBING)
+        if heard is not None:  # the judge's transcript of exactly this turn: Whisper need not run again
+            self.push(TentativeSpeech(audio, self._stream_span(event.span), heard))
         self.push(SpeechSegment(audio, speech_end, self._speech_started_at, time.time(), turn_end_ms, self._stream_span(event.span),
                                 over_reply, over_agent_from))
 

@@ -46,14 +46,14 @@ class PendingCall:
 class ThinkAssist:
     """See the module docstring. ``say(reply, text)`` speaks a sentence of the reply at once."""
 
-    def __init__(self, ctx: "StageContext", services: "AgentServices", say: Callable[["Reply", str], None]) -> None:
+    def __init__(self, ctx: StageContext, services: AgentServices, say: Callable[[Reply, str], None]) -> None:
         self.ctx = ctx
         self.services = services
         self.say = say
         self.pending: PendingCall | None = None
         self.last_messages: list[dict[str, Any]] = []  # what the LLM was given last (for tests and debugging)
 
-    def messages(self, conversation: "Conversation", persona: "Persona", user_text: str) -> list[dict[str, Any]]:
+    def messages(self, conversation: Conversation, persona: Persona, user_text: str) -> list[dict[str, Any]]:
         system = persona.system_prompt
         if self.services.tools_on:
             system = system_prompt_with_tools(system)
@@ -67,7 +67,13 @@ class ThinkAssist:
                 messages.insert(1, {"role": "system", "content": note})
         return messages
 
-    def deltas(self, llm: "ChatLLM", messages: list[dict[str, Any]], reply: "Reply", persona: "Persona",
+    def early_start_fits(self, user_text: str) -> bool:
+        """Whether a reply may start on ``user_text`` before the turn is over: not with tools (the
+        tool loop must see the final words), nor for "remember ..." (memory changes before the reply)."""
+        remembers = self.services.memory is not None and REMEMBER.match(user_text.strip()) is not None
+        return not self.services.tools_on and not remembers
+
+    def deltas(self, llm: ChatLLM, messages: list[dict[str, Any]], reply: Reply, persona: Persona,
                user_text: str) -> Iterator[str]:
         self._remember_if_asked(reply, user_text)
         session = self.services.session
@@ -87,7 +93,7 @@ class ThinkAssist:
         yield from stream_with_tools(llm, messages, session, reply.cancel, sampling=persona.llm, events=events,
                                      approved=approved)
 
-    def _remember_if_asked(self, reply: "Reply", user_text: str) -> None:
+    def _remember_if_asked(self, reply: Reply, user_text: str) -> None:
         match = REMEMBER.match(user_text.strip())
         if match is None or self.services.memory is None:
             return
@@ -99,14 +105,14 @@ class ThinkAssist:
 
     # ---- what the user sees and what is saved ------------------------------------------------------
 
-    def _called(self, reply: "Reply", call: ToolCall) -> None:
+    def _called(self, reply: Reply, call: ToolCall) -> None:
         self.ctx.emit(ToolUse(reply.turn_id, call.describe()))
 
-    def _finished(self, reply: "Reply", result: ToolResult) -> None:
+    def _finished(self, reply: Reply, result: ToolResult) -> None:
         reply.tools.append(result.to_json())
         self.ctx.emit(ToolUse(reply.turn_id, result.call.describe(), result.output, result.ok))
 
-    def _ask(self, reply: "Reply", tool: Tool, call: ToolCall, so_far: list[dict[str, Any]]) -> str:
+    def _ask(self, reply: Reply, tool: Tool, call: ToolCall, so_far: list[dict[str, Any]]) -> str:
         self.pending = PendingCall(call, list(so_far))
         reply.tools.append({"id": call.id, "name": call.name, "arguments": call.arguments, "output": None,
                             "ok": False, "waiting_for_yes": True})
@@ -116,13 +122,13 @@ class ThinkAssist:
 
     # ---- after a reply, and at the end ---------------------------------------------------------------
 
-    def after_reply(self, conversation: "Conversation", llm: "ChatLLM | None") -> None:
+    def after_reply(self, conversation: Conversation, llm: ChatLLM | None) -> None:
         """Fold the oldest turns into a summary once the history is long (never drop them)."""
         from agent.memory.summaries import fold_old_turns
 
         fold_old_turns(conversation, llm)
 
-    def remember_conversation(self, conversation: "Conversation") -> None:
+    def remember_conversation(self, conversation: Conversation) -> None:
         """Keep a summary of the finished conversation in the memory store (with ``--memory on``)."""
         from agent.memory.summaries import conversation_summary
 

@@ -101,7 +101,7 @@ class MCPConnections:
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Wait until every server is up or has failed; True when all are up."""
-        for name, ready in list(self._ready.items()):
+        for ready in list(self._ready.values()):
             ready.wait(timeout_s)
         return all(name in self._clients for name in self._ready)
 

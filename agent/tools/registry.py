@@ -165,7 +165,7 @@ class ToolRegistry:
     def openai_schemas(self) -> list[dict[str, Any]]:
         return [tool.openai_schema() for tool in self.tools()]
 
-    def view(self, sources: set[str]) -> "RegistryView":
+    def view(self, sources: set[str]) -> RegistryView:
         """The tools of some sources only (a persona's built-ins and its MCP servers)."""
         return RegistryView(self, frozenset(sources))
 
@@ -192,7 +192,7 @@ class ToolRunner:
     call is refused. ``cancel`` (the reply's barge-in signal) abandons a running call at once.
     """
 
-    def __init__(self, registry: "ToolRegistry | RegistryView", limits: ToolLimits | None = None, *,
+    def __init__(self, registry: ToolRegistry | RegistryView, limits: ToolLimits | None = None, *,
                  confirm: Confirm | None = None, cancel: threading.Event | None = None,
                  on_slow: Callable[[ToolCall], None] | None = None, slow_after_s: float = 1.0) -> None:
         self.registry = registry

@@ -28,23 +28,23 @@ Notice = Callable[[str, str], None]
 class AgentServices:
     """See the module docstring; ``close()`` stops the servers and the scheduler."""
 
-    def __init__(self, settings: "AgentSettings", persona: "Persona", notice: Notice,
+    def __init__(self, settings: AgentSettings, persona: Persona, notice: Notice,
                  announce: Callable[[str], None]) -> None:
         self.notice = notice
         self.announce = announce
         self.memory: MemoryStore | None = MemoryStore(notice=notice) if settings.memory == "on" else None
         self.registry = ToolRegistry()
-        self.timers: "TimerStore | None" = None
-        self.scheduler: "TimerScheduler | None" = None
-        self.mcp: "MCPConnections | None" = None
+        self.timers: TimerStore | None = None
+        self.scheduler: TimerScheduler | None = None
+        self.mcp: MCPConnections | None = None
         self.session: ToolSession | None = None
         self._settings = settings
         self.use_persona(persona)
 
-    def use_persona(self, persona: "Persona") -> None:
+    def use_persona(self, persona: Persona) -> None:
         """The tools of ``persona`` (built-ins by group; its MCP servers are started once, on first use)."""
-        from agent.tools.builtin import calculator_tool, clock_tool
         from agent.memory.tools import memory_tools
+        from agent.tools.builtin import calculator_tool, clock_tool
 
         settings = self._settings
         self.registry.remove_source("builtin")

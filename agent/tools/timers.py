@@ -336,6 +336,7 @@ def timer_tools(store: TimerStore, scheduler: TimerScheduler | None = None) -> l
         Tool("list_timers", "List the timers and reminders that are running.",
              {"type": "object", "properties": {}}, list_timers, timeout_s=2.0),
         Tool("cancel_timer", "Cancel a running timer or reminder.",
-             {"type": "object", "properties": {"which": {"type": "string", "description": "its label or number, or all"}}},
+             {"type": "object",
+              "properties": {"which": {"type": "string", "description": "its label or number, or all"}}},
              cancel_timer, timeout_s=2.0),
     ]

@@ -61,8 +61,8 @@ def system_prompt_with_tools(system_prompt: str) -> str:
     return f"{system_prompt.strip()}\n\n{TOOL_RULES}"
 
 
-def stream_with_tools(llm: "ChatLLM", messages: list[dict[str, Any]], session: ToolSession,
-                      cancel: threading.Event | None = None, *, sampling: "Sampling | None" = None,
+def stream_with_tools(llm: ChatLLM, messages: list[dict[str, Any]], session: ToolSession,
+                      cancel: threading.Event | None = None, *, sampling: Sampling | None = None,
                       events: ToolEvents | None = None, approved: ToolCall | None = None) -> Iterator[str]:
     """The reply's text deltas; tool calls in between are run and their results given back.
 

@@ -29,13 +29,15 @@ from dataclasses import dataclass, field
 import torch
 
 from csm_engine.batch.codec import BatchDecoder
+from csm_engine.batch.events import Admitted, AudioChunk, Failed, Finished, FrameSampled, StreamOptions, Utterance
+from csm_engine.batch.slots import BLOCK_ROWS, SlotTable, block_digests
 from csm_engine.batch.step import BatchStep, SlotCaches, batch_buckets, model_caches
 from csm_engine.cuda_graphs import cuda_graphs_available
 from csm_engine.errors import CSMError
-from csm_engine.batch.events import Admitted, AudioChunk, Failed, Finished, FrameSampled, StreamOptions, Utterance
 from csm_engine.generator import MIMI_CODEBOOK_SIZE, Generator, prompt_attention
 from csm_engine.prompt import Prompt
-from csm_engine.batch.slots import BLOCK_ROWS, SlotTable, block_digests
+
+DEFAULT_STREAM_OPTIONS = StreamOptions()  # frozen: safe to share as submit()'s default
 
 
 class EngineBusy(CSMError):
@@ -65,7 +67,8 @@ class EngineOptions:
         if self.cache_slots is not None and self.cache_slots < self.max_streams:
             raise CSMError(f"cache_slots ({self.cache_slots}) must be at least max_streams ({self.max_streams})")
         if self.batch_sizes is not None and (not self.batch_sizes or max(self.batch_sizes) < self.max_streams):
-            raise CSMError(f"batch_sizes {self.batch_sizes} must include one of at least max_streams ({self.max_streams})")
+            raise CSMError(f"batch_sizes {self.batch_sizes} must include one of at least "
+                           f"max_streams ({self.max_streams})")
         if self.batch_sizes is not None and max(self.batch_sizes) > self.slots:
             raise CSMError(f"batch_sizes {self.batch_sizes} cannot exceed cache_slots ({self.slots})")
         if self.prefill_chunk < BLOCK_ROWS or self.prefill_chunk % BLOCK_ROWS:
@@ -76,7 +79,7 @@ class EngineOptions:
         return self.cache_slots or 2 * self.max_streams
 
     @classmethod
-    def for_device(cls, device: str | torch.device, **overrides) -> "EngineOptions":
+    def for_device(cls, device: str | torch.device, **overrides) -> EngineOptions:
         """Defaults for a device, then ``overrides`` (None values ignored).
 
         On a GPU many streams cost little more than one and a block of prompt rows costs its
@@ -142,7 +145,7 @@ class BatchEngine:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> "BatchEngine":
+    def start(self) -> BatchEngine:
         self._thread.start()
         return self
 
@@ -164,7 +167,7 @@ class BatchEngine:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
-    def __enter__(self) -> "BatchEngine":
+    def __enter__(self) -> BatchEngine:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -185,9 +188,10 @@ class BatchEngine:
     def queued(self) -> int:
         return len(self._pending)
 
-    def submit(self, prompt: Prompt, options: StreamOptions = StreamOptions(),
+    def submit(self, prompt: Prompt, options: StreamOptions = DEFAULT_STREAM_OPTIONS,
                sink: Callable[[object], None] | None = None) -> Utterance:
-        """Queue an utterance; its events go to ``sink`` (default: the utterance's own queue, see ``Utterance.events``)."""
+        """Queue an utterance; its events go to ``sink`` (default: the utterance's own queue, see
+        ``Utterance.events``)."""
         if not 1 <= options.topk <= self.options.max_topk:
             raise CSMError(f"topk must be between 1 and {self.options.max_topk}, got {options.topk}")
         if options.chunk_frames < 1:

@@ -106,7 +106,8 @@ def unpack_int8(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 def attend_rows(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, pos: int, n_heads: int) -> torch.Tensor:
-    """Rope + KV-cache write + causal attention for T new rows at ``pos`` from fused [q | k | v] (B, T, W) -> (B, T, H * D)."""
+    """Rope + KV-cache write + causal attention for T new rows at ``pos`` from fused [q | k | v]:
+    (B, T, W) -> (B, T, H * D)."""
     return torch.ops.csm_kernels.attend_rows(qkv, cos, sin, k_cache, v_cache, pos, n_heads)
 
 
@@ -128,4 +129,7 @@ def int8_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor) ->
     return torch.ops.csm_kernels.int8_linear(x, packed, w_scale)
 
 
-__all__ = ["attend_rows", "available", "block_layer", "build_dir", "cpu_supported", "int8_linear", "load", "pack_int8", "unavailable_reason", "unpack_int8"]
+__all__ = [
+    "attend_rows", "available", "block_layer", "build_dir", "cpu_supported", "int8_linear", "load", "pack_int8",
+    "unavailable_reason", "unpack_int8",
+]

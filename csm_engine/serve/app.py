@@ -23,15 +23,27 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from csm_engine.batch.engine import EngineBusy
-from csm_engine.config import FRAME_MS, SAMPLE_RATE
 from csm_engine.batch.events import Admitted, AudioChunk, Failed, Finished, FrameSampled, Utterance
+from csm_engine.config import FRAME_MS, SAMPLE_RATE
 from csm_engine.serve.audio import wav_header
 from csm_engine.serve.errors import APIError, error_response, install_handlers, validation_message
 from csm_engine.serve.schemas import EncodeRequest, SpeechRequest
 from csm_engine.serve.speech import EventBridge, SpeechService
-from csm_engine.serve.wire import (AUDIO_DONE, CONTEXT_KEPT_HEADER, ERROR_EVENT, PROMPT_ROWS_HEADER, RESPONSE_ID_HEADER,
-                                   REUSED_ROWS_HEADER, SAMPLE_RATE_HEADER, SESSION_HEADER, audio_delta, encode_codes,
-                                   from_pcm16, pcm16, sse_event)
+from csm_engine.serve.wire import (
+    AUDIO_DONE,
+    CONTEXT_KEPT_HEADER,
+    ERROR_EVENT,
+    PROMPT_ROWS_HEADER,
+    RESPONSE_ID_HEADER,
+    REUSED_ROWS_HEADER,
+    SAMPLE_RATE_HEADER,
+    SESSION_HEADER,
+    audio_delta,
+    encode_codes,
+    from_pcm16,
+    pcm16,
+    sse_event,
+)
 
 MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm"}
 CREATED = int(time.time())
@@ -50,7 +62,7 @@ def create_app(service: SpeechService) -> FastAPI:
             bridge["loop"] = EventBridge(loop)
         return bridge["loop"]
 
-    expected_authorization = f"Bearer {config.api_key}".encode("utf-8") if config.api_key is not None else b""
+    expected_authorization = f"Bearer {config.api_key}".encode() if config.api_key is not None else b""
 
     async def authorized(request: Request) -> None:
         if config.api_key is None:
@@ -261,8 +273,8 @@ async def _speech_stream(queue: asyncio.Queue, utterance: Utterance, body: Speec
                 return
             elif isinstance(event, Failed):
                 if sse:
-                    yield sse_event({"type": ERROR_EVENT, "error": {"message": f"speech generation failed: {event.message}",
-                                                           "type": "server_error"}})
+                    error = {"message": f"speech generation failed: {event.message}", "type": "server_error"}
+                    yield sse_event({"type": ERROR_EVENT, "error": error})
                 return
     finally:
         if not utterance.done.is_set():

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     add_csm_model_option(m, old_names=("--model",))
     m.add_argument("--mimi-path", metavar="PATH", help="Mimi codec weights (default: next to the model, or the hub)")
-    m.add_argument("--tokenizer-path", metavar="PATH", help="text tokenizer.json (default: next to the model, or the hub)")
+    m.add_argument("--tokenizer-path", metavar="PATH",
+                   help="text tokenizer.json (default: next to the model, or the hub)")
     m.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda when available")
     m.add_argument("--dtype", choices=DTYPES, default="auto", help="precision (default: the fastest for the device)")
     m.add_argument("--model-name", default="csm-1b", help="the `model` name clients send (default csm-1b)")
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-queue", type=int, default=256, help="requests waiting for a stream before 429 (default 256)")
     b.add_argument("--max-sessions", type=int, help="sessions that keep a cache (default: every spare slot)")
     b.add_argument("--session-ttl", type=float, default=3600.0, metavar="S", help="idle session lifetime (default 1 h)")
-    b.add_argument("--prefill-rows", type=int, help="prompt rows prefilled between two frames (default 1024 CUDA, 32 CPU)")
+    b.add_argument("--prefill-rows", type=int,
+                   help="prompt rows prefilled between two frames (default 1024 CUDA, 32 CPU)")
     b.add_argument("--no-cuda-graphs", action="store_true", help="run the frame step eagerly on CUDA")
     b.add_argument("--max-input-chars", type=int, default=4096)
     b.add_argument("--max-audio-ms", type=int, default=60_000, help="cap on one utterance (default 60000)")

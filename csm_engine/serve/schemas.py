@@ -25,7 +25,7 @@ class ContextItem(BaseModel):
     response_id: str | None = Field(None, max_length=64)  # a response of this server (its codes)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ContextItem":
+    def _one_source(self) -> ContextItem:
         given = [name for name in ("audio", "codes", "response_id") if getattr(self, name) is not None]
         if len(given) > 1 and set(given) != {"audio", "codes"}:
             raise ValueError(f"give at most one of audio, codes and response_id (got {', '.join(given)})")

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from csm_engine.batch.engine import BatchEngine
-from csm_engine.errors import CSMError
 from csm_engine.batch.events import StreamOptions, Utterance
+from csm_engine.errors import CSMError
 from csm_engine.prompt import Prompt, assemble_prompt, segment_rows
 from csm_engine.serve.audio import request_audio, request_codes
 from csm_engine.serve.config import ServerConfig
@@ -41,7 +41,8 @@ class VoiceTable:
         self._lock = threading.Lock()
 
     def describe(self) -> list[dict]:
-        listed = [{"id": NO_VOICE, "speaker": 0, "description": "no voice clip: the model picks a voice (it may drift)"}]
+        listed = [{"id": NO_VOICE, "speaker": 0,
+                   "description": "no voice clip: the model picks a voice (it may drift)"}]
         listed += [{"id": v.name, "speaker": v.speaker, "description": v.description, "text": v.text}
                    for v in sorted(self.voices.values(), key=lambda v: v.name)]
         return listed
@@ -153,8 +154,9 @@ class SpeechService:
             elif item.response_id is not None:
                 stored = self.responses.get(item.response_id)
                 if stored is None:
-                    raise APIError(400, f"{param}.response_id {item.response_id!r} is not held by this server (it keeps "
-                                   f"the last {self.responses.capacity} responses); send its audio or codes instead",
+                    raise APIError(400, f"{param}.response_id {item.response_id!r} is not held by this server "
+                                   f"(it keeps the last {self.responses.capacity} responses); "
+                                   "send its audio or codes instead",
                                    param=f"{param}.response_id", code="unknown_response")
                 codes = stored.codes.long()
             if item.audio is not None:
@@ -171,7 +173,8 @@ class SpeechService:
             codes = codes_of.get(id(segment))
             if codes is None:
                 codes = self.generator.segment_codes(segment)  # Mimi, once per distinct clip
-            tokens, mask = segment_rows(self.generator.tokenizer, segment, codes, self.generator.config.audio_num_codebooks)
+            tokens, mask = segment_rows(self.generator.tokenizer, segment, codes,
+                                        self.generator.config.audio_num_codebooks)
             rows.append(tokens.shape[0])
             return tokens, mask
 

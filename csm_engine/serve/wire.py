@@ -60,12 +60,12 @@ def from_pcm16(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
 
 
-def encode_codes(codes: "Tensor") -> str:
+def encode_codes(codes: Tensor) -> str:
     """Mimi codes (32, frames) -> base64 of little-endian int16, frame by frame (frames, 32)."""
     return base64.b64encode(codes.detach().cpu().T.contiguous().numpy().astype("<i2").tobytes()).decode("ascii")
 
 
-def decode_codes(text: str, num_codebooks: int = 32, name: str = "codes") -> "Tensor":
+def decode_codes(text: str, num_codebooks: int = 32, name: str = "codes") -> Tensor:
     """The inverse of ``encode_codes``, checked: (32, frames) long; ``WireError`` naming ``name`` otherwise."""
     import torch
 
@@ -84,7 +84,7 @@ def sse_event(payload: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(payload)}\n\n".encode()
 
 
-def audio_delta(audio: bytes, codes: "Tensor | None" = None) -> dict[str, Any]:
+def audio_delta(audio: bytes, codes: Tensor | None = None) -> dict[str, Any]:
     """A ``speech.audio.delta`` event: PCM16 bytes, and the codes (32, frames) sampled since the last one."""
     payload: dict[str, Any] = {"type": AUDIO_DELTA, "audio": base64.b64encode(audio).decode("ascii")}
     if codes is not None and codes.shape[-1]:

@@ -25,9 +25,20 @@ from torch import Tensor
 from csm_engine.config import CSMConfig, get_flavor
 from csm_engine.errors import CSMError
 from csm_engine.files import write_text_atomic
-from csm_engine.weights import (CONFIG_FILE, MIMI_FILE, MODEL_FILE, ORIGINAL, TOKENIZER_FILE, TRANSFORMERS,
-                                as_dtype, expected_shapes, key_map, original_to_transformers,
-                                transformers_config_dict, write_safetensors)
+from csm_engine.weights import (
+    CONFIG_FILE,
+    MIMI_FILE,
+    MODEL_FILE,
+    ORIGINAL,
+    TOKENIZER_FILE,
+    TRANSFORMERS,
+    as_dtype,
+    expected_shapes,
+    key_map,
+    original_to_transformers,
+    transformers_config_dict,
+    write_safetensors,
+)
 
 WEIGHT_STD = 0.02
 NORM_NOISE = 0.02

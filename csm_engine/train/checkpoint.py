@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from csm_engine.adapters import write_json_atomic
-from csm_engine.weights.checkpoint import save_safetensors
 from csm_engine.errors import CSMError, first_line
+from csm_engine.weights.checkpoint import save_safetensors
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_JSON = "state.json"

@@ -90,7 +90,8 @@ def options_from_args(args: argparse.Namespace):
     from csm_engine.train.trainer import TrainOptions
 
     options = TrainOptions(
-        full=args.full, lora=LoraSettings(args.lora_rank, args.lora_alpha, args.lora_dropout, _names(args.lora_targets)),
+        full=args.full,
+        lora=LoraSettings(args.lora_rank, args.lora_alpha, args.lora_dropout, _names(args.lora_targets)),
         train_also=_names(args.train_also), steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
         warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, dtype=args.dtype,

@@ -21,7 +21,7 @@ from csm_engine.adapters import save_adapter
 from csm_engine.errors import CSMError
 from csm_engine.train.codes import CodesCache, default_cache_dir, encode_utterances, file_key
 from csm_engine.train.data import find_utterances
-from csm_engine.train.lora import add_lora, adapter_tensors, mark_trainable, resolve_train_also
+from csm_engine.train.lora import adapter_tensors, add_lora, mark_trainable, resolve_train_also
 from csm_engine.train.samples import Sample, build_samples, split_eval
 from csm_engine.train.trainer import Progress, Trainer, TrainOptions
 
@@ -109,7 +109,8 @@ def load_samples(data: DataOptions, source: ModelSource, config, device: str
                             max_context_turns=data.max_context_turns, num_codebooks=config.audio_num_codebooks,
                             skip_long=data.skip_long, on_skip=lambda u, why: notes.append(f"left out {why}"))
     if not samples:
-        raise CSMError("no training sample is left (every clip was left out); pass shorter clips or raise --max-seq-len")
+        raise CSMError("no training sample is left (every clip was left out); "
+                       "pass shorter clips or raise --max-seq-len")
     train, evaluation = split_eval(samples, data.eval_fraction, seed=0)
     frames = sum(e.codes.shape[1] for e in encoded if e.codes is not None)
     summary = {"sources": [str(p) for p in data.paths], "utterances": len(utterances), "samples": len(samples),
@@ -158,9 +159,9 @@ def prepare_session(args: argparse.Namespace | None, options: TrainOptions, devi
     config = weights.read_config(model_dir)
     train, evaluation, summary, notes = load_samples(data, source, config, device)
     model, replaced, lora_info = build_trainable_model(source, options, device)
+    local = source.model_path and Path(source.model_path).expanduser().is_dir()
     info = {"kind": "full" if options.full else "lora",
-            "base_model": str(model_dir.resolve()) if source.model_path and Path(source.model_path).expanduser().is_dir()
-            else source.model_path or weights.DEFAULT_CSM_REPO,
+            "base_model": str(model_dir.resolve()) if local else source.model_path or weights.DEFAULT_CSM_REPO,
             "config": config.to_json_dict(), "lora": lora_info, "replaced": replaced,
             "training": {k: v for k, v in options.fingerprint().items() if k != "lora"}, "data": summary}
     return Session(model, train, evaluation, options, info, replaced, log=log, notes=notes)

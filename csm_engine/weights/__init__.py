@@ -14,15 +14,44 @@ index). Tensors are read with ``safetensors`` only: nothing here ever unpickles 
 callers use is importable from here.
 """
 
-from csm_engine.weights.checkpoint import (Checkpoint, load_state_dict, open_checkpoint, save_safetensors,
-                                           write_safetensors)
+from csm_engine.weights.checkpoint import (
+                                           Checkpoint,
+                                           load_state_dict,
+                                           open_checkpoint,
+                                           save_safetensors,
+                                           write_safetensors,
+)
 from csm_engine.weights.config_json import config_from_transformers, read_config, transformers_config_dict
-from csm_engine.weights.hub import (CONFIG_FILE, DEFAULT_CSM_REPO, MIMI_FILE, MIMI_REPO, MODEL_FILE, TOKENIZER_FILE,
-                                    TOKENIZER_REPO, download_file, hub_error, hub_reachable, resolve_model_dir)
-from csm_engine.weights.layouts import (ORIGINAL, TRANSFORMERS, detect_layout, expected_shapes, key_map,
-                                        original_to_transformers, transformers_to_original)
-from csm_engine.weights.loading import (as_dtype, find_mimi_file, find_tokenizer_file, load_csm_model, load_mimi,
-                                        load_text_tokenizer)
+from csm_engine.weights.hub import (
+                                           CONFIG_FILE,
+                                           DEFAULT_CSM_REPO,
+                                           MIMI_FILE,
+                                           MIMI_REPO,
+                                           MODEL_FILE,
+                                           TOKENIZER_FILE,
+                                           TOKENIZER_REPO,
+                                           download_file,
+                                           hub_error,
+                                           hub_reachable,
+                                           resolve_model_dir,
+)
+from csm_engine.weights.layouts import (
+                                           ORIGINAL,
+                                           TRANSFORMERS,
+                                           detect_layout,
+                                           expected_shapes,
+                                           key_map,
+                                           original_to_transformers,
+                                           transformers_to_original,
+)
+from csm_engine.weights.loading import (
+                                           as_dtype,
+                                           find_mimi_file,
+                                           find_tokenizer_file,
+                                           load_csm_model,
+                                           load_mimi,
+                                           load_text_tokenizer,
+)
 
 __all__ = [
     "CONFIG_FILE", "DEFAULT_CSM_REPO", "MIMI_FILE", "MIMI_REPO", "MODEL_FILE", "ORIGINAL", "TOKENIZER_FILE",

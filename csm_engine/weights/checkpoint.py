@@ -18,10 +18,21 @@ from csm_engine.config import CSMConfig
 from csm_engine.errors import CSMError, first_line
 from csm_engine.files import atomic_path, write_bytes_atomic
 from csm_engine.weights.config_json import read_config, read_json
-from csm_engine.weights.hub import (DEFAULT_CSM_REPO, MAKE_CHECKPOINT_HINT, MODEL_FILE, MODEL_INDEX_FILE,
-                                    resolve_model_dir)
-from csm_engine.weights.layouts import (ORIGINAL, TRANSFORMERS, detect_layout, from_transformers,
-                                        transformers_names, validate_shapes)
+from csm_engine.weights.hub import (
+    DEFAULT_CSM_REPO,
+    MAKE_CHECKPOINT_HINT,
+    MODEL_FILE,
+    MODEL_INDEX_FILE,
+    resolve_model_dir,
+)
+from csm_engine.weights.layouts import (
+    ORIGINAL,
+    TRANSFORMERS,
+    detect_layout,
+    from_transformers,
+    transformers_names,
+    validate_shapes,
+)
 
 
 def weight_files(model_dir: Path) -> list[Path]:

@@ -78,7 +78,8 @@ def _is_transport_error(err: BaseException) -> bool:
     if isinstance(err, _client_error_types("TransportError")):
         return True
     try:  # huggingface_hub < 1.0 used requests
-        from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
+        from requests.exceptions import ConnectionError as RequestsConnectionError
+        from requests.exceptions import Timeout
     except ImportError:
         return False
     return isinstance(err, (RequestsConnectionError, Timeout))

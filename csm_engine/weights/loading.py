@@ -10,8 +10,15 @@ from torch.overrides import TorchFunctionMode
 
 from csm_engine.errors import CSMError
 from csm_engine.weights.checkpoint import Checkpoint, open_checkpoint
-from csm_engine.weights.hub import (MIMI_FILE, MIMI_REPO, TOKENIZER_FILE, TOKENIZER_REPO, download_file,
-                                    looks_like_repo_id, resolve_model_dir)
+from csm_engine.weights.hub import (
+    MIMI_FILE,
+    MIMI_REPO,
+    TOKENIZER_FILE,
+    TOKENIZER_REPO,
+    download_file,
+    looks_like_repo_id,
+    resolve_model_dir,
+)
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -1,0 +1,262 @@
+"""Turn end on complete questions and on sentences with a mid-sentence pause, per rule and room.
+
+    python benchmarks/turn_end.py [--rooms none,office-loud,living-room-loud] [--modes silence,audio,smart]
+                                  [--out benchmarks/results-turn-end.json]
+
+The user: espeak-ng in three voices (en-us, en-gb, en-us+f3) at 130-175 words per minute, 40
+complete questions and 20 sentences with a 0.8-1.2 s pause after an unfinished clause ("...
+because", "... or", "um"), each after 0.5 s of silence and followed by 2.5 s. In a room
+(``agent/echo/room.py``, paced) the clip is what the microphone hears (reverberation, the loud
+rooms' -10 dB user gain, pink noise) after WebRTC's echo canceller and the double-talk
+detector, as the capture stage hands it on; "none" is the clean clip. Then the real Silero VAD
+and the end-of-turn judge in each mode: ``silence`` (600 ms), ``audio`` (Smart Turn alone),
+``smart`` (the transcript's P(end) from Whisper tiny.en + SmolLM2, then Smart Turn).
+
+Reported per room and mode: for complete questions, end of speech (the clip's last audible
+sample) -> turn judged over, p50/p90, in stream time (what the judge waited for) and as it would
+land in real time on this machine (stream time plus the judge's compute on the turn thread:
+each model call starts when its check is due or when the previous call ends, whichever is later);
+how many questions were cut in two; for the paused sentences, the share kept whole (no turn
+ended before the rest of the sentence began). Prints a table and writes JSON with provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from agent.audio import PIPELINE_RATE, load_audio  # noqa: E402
+from agent.listen.end_of_turn import EndOfTurnJudge, TurnSettings  # noqa: E402
+from agent.listen.vad import VoiceActivityDetector  # noqa: E402
+
+QUESTIONS = [
+    "What is the capital of France?", "Can you tell me a joke?", "How are you doing today?",
+    "What time is it in Tokyo?", "Who wrote the book Dune?", "Please set a timer for ten minutes.",
+    "Where is the nearest train station?", "Why is the sky blue?", "What's the weather like tomorrow?",
+    "How far away is the moon?", "Can you recommend a good book?", "What should I cook for dinner tonight?",
+    "How do I make a cup of tea?", "Is it going to rain this weekend?", "What is your name?",
+    "Could you play some music for me?", "How many people live in London?", "When does the store close?",
+    "Do you know any good restaurants nearby?", "What is two plus two?",
+    "Which planet is closest to the sun?", "How long should I boil an egg?", "What does a koala eat?",
+    "Can you explain how a rainbow forms?", "Who painted the Mona Lisa?", "How tall is Mount Everest?",
+    "What year did the first person walk on the moon?", "Is a tomato a fruit or a vegetable?",
+    "How do you say thank you in Spanish?", "What is the longest river in the world?",
+    "Could you remind me to call my sister tomorrow?", "Why do cats purr?",
+    "What is the best way to learn to play the guitar?", "How many legs does a spider have?",
+    "Where do penguins live?", "What is the speed of light?", "Tell me something interesting about octopuses.",
+    "How much water should I drink every day?", "Can dogs see colours?", "What time does the sun set today?",
+]
+PAUSED = [
+    ("I stayed at home because", "it was raining all day."), ("I'd like to know, um", "the capital of France."),
+    ("We could go to the beach, or", "we could stay here."),
+    ("I called you because", "I need some help with my car."),
+    ("Can you tell me, um", "how far away the moon is?"), ("I was going to say that", "the movie was great."),
+    ("My plan for tomorrow is, uh", "to visit my parents."),
+    ("The reason I am late is because", "the bus broke down."),
+    ("I want to make a cake with", "chocolate and strawberries."),
+    ("Could you tell me if", "the museum is open today?"),
+    ("My sister lives in", "a small town near the coast."), ("I think we should buy", "a new table for the kitchen."),
+    ("What I really need is, uh", "a good night's sleep."), ("The best thing about summer is", "the long evenings."),
+    ("I was wondering whether", "you could help me with my homework."),
+    ("Tomorrow I have to go to", "the dentist."), ("If it rains this afternoon then", "we will stay inside."),
+    ("Can you find me a recipe for, um", "vegetable soup?"),
+    ("The train to London leaves at", "half past eight."), ("I forgot to tell you that", "the meeting was moved."),
+]
+VOICES = [("en-us", 145), ("en-gb", 160), ("en-us+f3", 130), ("en-us", 175), ("en-gb", 130), ("en-us+f3", 160)]
+PAUSES_S = (0.8, 1.0, 1.2)
+LEAD_S, TAIL_S = 0.5, 2.5
+LOUD = 0.02  # espeak's padding is below this
+
+
+def espeak(text: str, voice: str, wpm: int, directory: Path) -> np.ndarray:
+    path = directory / f"{abs(hash((text, voice, wpm)))}.wav"
+    if not path.exists():
+        subprocess.run(["espeak-ng", "-v", voice, "-s", str(wpm), "-w", str(path), text], check=True)
+    clip = load_audio(path, PIPELINE_RATE)
+    loud = np.flatnonzero(np.abs(clip) > LOUD)
+    return clip[loud[0] : loud[-1] + 1]
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(round(seconds * PIPELINE_RATE)), np.float32)
+
+
+def streams(directory: Path) -> list[dict]:
+    """Each utterance as one clean stream, with where its speech ends (and, paused, where the rest begins)."""
+    out = []
+    for i, text in enumerate(QUESTIONS):
+        voice, wpm = VOICES[i % len(VOICES)]
+        speech = espeak(text, voice, wpm, directory)
+        out.append({"kind": "question", "text": text, "voice": f"{voice} {wpm}",
+                    "audio": np.concatenate([silence(LEAD_S), speech, silence(TAIL_S)]),
+                    "speech_end_s": LEAD_S + len(speech) / PIPELINE_RATE})
+    for i, (clause, rest) in enumerate(PAUSED):
+        voice, wpm = VOICES[(i + 1) % len(VOICES)]
+        first, second = espeak(clause, voice, wpm, directory), espeak(rest, voice, wpm, directory)
+        pause = PAUSES_S[i % len(PAUSES_S)]
+        rest_s = LEAD_S + len(first) / PIPELINE_RATE + pause
+        out.append({"kind": "paused", "text": f"{clause} [{pause} s] {rest}", "voice": f"{voice} {wpm}",
+                    "audio": np.concatenate([silence(LEAD_S), first, silence(pause), second, silence(TAIL_S)]),
+                    "rest_s": rest_s, "speech_end_s": rest_s + len(second) / PIPELINE_RATE})
+    return out
+
+
+def in_room(room: str, audio: np.ndarray) -> np.ndarray:
+    """What the turn stage gets from ``audio`` spoken in ``room`` (no agent voice): mic -> AEC3 -> DoubleTalk."""
+    if room == "none":
+        return audio
+    from _room_helpers import play_in_room
+
+    return play_in_room(room, [], audio, seconds=len(audio) / PIPELINE_RATE).cleaned[: len(audio)]
+
+
+def run(audio: np.ndarray, silero, judge: EndOfTurnJudge | None, end_silence_ms: int = 600) -> dict:
+    """The VAD and ``judge`` over one stream: turns (speech end s, judged over s) and model calls."""
+    from agent.listen.vad import VadSettings
+
+    vad = VoiceActivityDetector(VadSettings(end_silence_ms=end_silence_ms), model=silero, end_of_turn=judge)
+    turns, calls, last = [], [], None
+    for i in range(0, len(audio), 512):
+        for event in vad.feed(audio[i : i + 512]):
+            if event.kind == "speech_end":
+                turns.append((event.t, event.ended_t))
+        verdict = vad.last_verdict
+        if verdict is not None and verdict is not last:
+            last = verdict
+            compute = (verdict.model_ms or 0.0) + (verdict.text_ms or 0.0)
+            if compute:
+                calls.append({"t": vad.time_s, "ms": compute, "p": verdict.probability,
+                              "text_p": verdict.text_probability, "reason": verdict.reason})
+    turns += [(e.t, e.ended_t) for e in vad.flush()]
+    return {"turns": turns, "calls": calls}
+
+
+def real_time_end(ended_t: float, calls: list[dict]) -> float:
+    """When the judge's verdict at stream time ``ended_t`` lands in real time: each call starts when
+    due or when the turn thread is free again, and the blocks that came meanwhile wait for it."""
+    free = 0.0
+    for call in calls:
+        if call["t"] > ended_t + 1e-9:
+            break
+        free = max(free, call["t"]) + call["ms"] / 1000
+    return max(ended_t, free)
+
+
+def measure(stream: dict, result: dict) -> dict:
+    turns = result["turns"]
+    if stream["kind"] == "paused":
+        whole = not any(ended < stream["rest_s"] for _, ended in turns)
+        return {"whole": whole, "turns": len(turns)}
+    after = [(t, ended) for t, ended in turns if ended >= stream["speech_end_s"]]
+    if not after:
+        return {"turn_end_ms": None, "split": True}
+    ended = after[0][1]
+    calls = [c for c in result["calls"] if c["t"] <= ended + 1e-9]
+    return {"turn_end_ms": round((ended - stream["speech_end_s"]) * 1000, 1),
+            "real_time_ms": round((real_time_end(ended, calls) - stream["speech_end_s"]) * 1000, 1),
+            "split": len([1 for _, e in turns if e < stream["speech_end_s"]]) > 0,
+            "ended_by": calls[-1]["reason"] if calls and calls[-1]["t"] >= ended - 0.033 else "limit",
+            "text_p": next((c["text_p"] for c in calls if c["text_p"] is not None), None)}
+
+
+def summary(rows: list[dict]) -> dict:
+    ends = [r["turn_end_ms"] for r in rows if r.get("turn_end_ms") is not None]
+    real = [r["real_time_ms"] for r in rows if r.get("real_time_ms") is not None]
+    whole = [r["whole"] for r in rows if "whole" in r]
+    pct = lambda xs, q: round(float(np.percentile(xs, q))) if xs else None  # noqa: E731
+    return {"questions": len(ends), "p50_ms": pct(ends, 50), "p90_ms": pct(ends, 90),
+            "real_time_p50_ms": pct(real, 50), "real_time_p90_ms": pct(real, 90),
+            "questions_split": sum(bool(r.get("split")) for r in rows if "turn_end_ms" in r),
+            "paused": len(whole), "kept_whole": sum(whole),
+            "kept_whole_share": round(sum(whole) / len(whole), 3) if whole else None}
+
+
+def judge_for(mode: str, turn_model, text_turn) -> EndOfTurnJudge | None:
+    if mode == "silence":
+        return None
+    judge = EndOfTurnJudge(TurnSettings(mode=mode), turn_model)
+    judge.use_text(text_turn)
+    return judge
+
+
+def provenance() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    return {"machine": platform.node(), "cpu": cpu, "cores": len(__import__("os").sched_getaffinity(0)),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
+            "python": platform.python_version(), "load_before": __import__("os").getloadavg()[0]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rooms", default="none,office-loud,living-room-loud")
+    parser.add_argument("--modes", default="silence,audio,smart")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results-turn-end.json"))
+    parser.add_argument("--limit", type=int, default=None, help="only the first N questions and N paused sentences")
+    args = parser.parse_args(argv)
+    modes = args.modes.split(",")
+    if unknown := set(modes) - {"silence", "audio", "smart"}:
+        parser.error(f"unknown modes {sorted(unknown)}: use silence, audio, smart")
+    for tool in ("espeak-ng",):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is not installed (apt-get install {tool})")
+    from agent.listen.asr import FasterWhisperTranscriber
+    from agent.listen.text_turn import TextTurn
+    from agent.listen.turn_model import load_turn_model
+    from agent.listen.vad import load_silero_model
+    from agent.llm.local import LocalLLM
+
+    prov = provenance()
+    silero, turn_model = load_silero_model(), load_turn_model()
+    transcriber, llm = FasterWhisperTranscriber(), LocalLLM(seed=1234)
+    text_turn = TextTurn(lambda: transcriber, lambda: llm)
+    results: dict = {"provenance": prov, "settings": TurnSettings().__dict__, "rooms": {}}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        items = streams(Path(tmp))
+    if args.limit:
+        qs = [s for s in items if s["kind"] == "question"][: args.limit]
+        items = qs + [s for s in items if s["kind"] == "paused"][: args.limit]
+    for room in args.rooms.split(","):
+        heard = [in_room(room, s["audio"]) for s in items]
+        results["rooms"][room] = {}
+        for mode in modes:
+            rows = []
+            for stream, audio in zip(items, heard):
+                row = measure(stream, run(audio, silero, judge_for(mode, turn_model, text_turn)))
+                rows.append({"text": stream["text"], "voice": stream["voice"], **row})
+            results["rooms"][room][mode] = {"summary": summary(rows), "items": rows}
+            print(f"{room:18s} {mode:8s} {json.dumps(summary(rows))}", file=sys.stderr, flush=True)
+    results["elapsed_s"] = round(time.perf_counter() - started, 1)
+    results["provenance"]["load_after"] = __import__("os").getloadavg()[0]
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    print("| room | rule | questions p50 / p90 (stream) | p50 / p90 (real time, this CPU) | questions cut | "
+          "paused kept whole |")
+    print("|---|---|---|---|---|---|")
+    for room, by_mode in results["rooms"].items():
+        for mode, r in by_mode.items():
+            s = r["summary"]
+            print(f"| {room} | {mode} | {s['p50_ms']} / {s['p90_ms']} ms | {s['real_time_p50_ms']} / "
+                  f"{s['real_time_p90_ms']} ms | {s['questions_split']} of {s['questions']} | "
+                  f"{s['kept_whole']} of {s['paused']} ({s['kept_whole_share']:.0%}) |")
+    return results
+
+
+if __name__ == "__main__":
+    main()
