@@ -59,7 +59,8 @@ def setup_logging(*, verbose: bool = False, log_file: str | Path | None = None, 
         path.parent.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(path, encoding="utf-8", delay=False)
     except OSError as error:
-        raise AgentError(f"cannot write the log file {path}: {error.strerror or error} (pass --log-file PATH)") from None
+        raise AgentError(f"cannot write the log file {path}: {error.strerror or error} "
+                         "(pass --log-file PATH)") from None
     file_handler.setFormatter(logging.Formatter(FILE_FORMAT))
     file_handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
     handlers: list[logging.Handler] = [file_handler]

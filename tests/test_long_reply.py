@@ -22,14 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _serve_helpers import ServerProcess
 
 from agent.audio import load_audio
 from agent.conversation.conversation import Conversation
 from agent.speak.remote_voice import RemoteSynthesizer
 from agent.speak.synthesis import SAMPLES_PER_FRAME, ReplySynthesizer, SynthesisOptions
 from csm_engine.tokens import Segment
-
-from _serve_helpers import ServerProcess
 
 KEY = "long-reply-key"
 SHORT_WINDOW = 256  # rows: a voice clip, one 8 s sentence and the one being said
@@ -158,7 +157,8 @@ def _story_persona(tmp_path: Path, espeak_wav) -> Path:
 
 def _run_story(tmp_path: Path, checkpoint: Path, espeak_wav, *extra: str) -> Conversation:
     csm_chat = str(Path(sys.executable).with_name("csm-chat"))
-    args = [csm_chat, "--headless", "--csm-model", str(checkpoint), "--persona", str(_story_persona(tmp_path, espeak_wav)),
+    persona = _story_persona(tmp_path, espeak_wav)
+    args = [csm_chat, "--headless", "--csm-model", str(checkpoint), "--persona", str(persona),
             "--mic-file", str(espeak_wav(STORY, "en-us", 145)), "--max-audio-ms", "8000", "--fast",
             "--speaker-file", str(tmp_path / "agent.wav"), "--save", str(tmp_path / "saved"), "--no-watermark",
             "--seed", "5", "--device", "cpu", "--turn", "silence", *extra]

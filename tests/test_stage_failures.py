@@ -16,17 +16,17 @@ import json
 import logging
 import os
 import subprocess
-import threading
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from textual.widgets import Input
-
 from _serve_helpers import LlamaServer
 from _stage_helpers import EventLog
+from textual.widgets import Input
+
 from agent.audio import MemorySink, QueueSource, load_audio
 from agent.config.settings import AgentSettings
 from agent.conversation.conversation import Conversation
@@ -61,7 +61,7 @@ def _speak_into(source: QueueSource, audio: np.ndarray) -> None:
 
 
 def _until_it_fails(pipeline: Pipeline, timeout: float = TIMEOUT_S) -> float:
-    """Wait for the run's first stage failure; stop the pipeline as the CLI does; seconds from the failure to stopped."""
+    """Wait for the run's first stage failure, stop the pipeline as the CLI does; seconds from failure to stopped."""
     deadline = time.monotonic() + timeout
     while not pipeline.ctx.failures:
         assert time.monotonic() < deadline, "no stage failed"

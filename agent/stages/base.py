@@ -286,7 +286,7 @@ class Stage(ABC):
     def process(self, frame: Frame) -> None:
         """Handle one frame (runs on the stage's thread)."""
 
-    def recover(self, frame: Frame) -> None:
+    def recover(self, frame: Frame) -> None:  # noqa: B027 (a hook: most stages have nothing to end)
         """After ``process(frame)`` raised (the reply in flight is already cancelled): end the turn cleanly."""
 
     def on_stop(self) -> None:

@@ -31,7 +31,7 @@ class NoticeHandler(logging.Handler):
         except Exception:  # logging must never raise into the caller
             self.handleError(record)
 
-    def install(self) -> "NoticeHandler":
+    def install(self) -> NoticeHandler:
         logging.getLogger().addHandler(self)
         return self
 
