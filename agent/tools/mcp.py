@@ -219,7 +219,8 @@ class MCPConnections:
         for task in self._tasks.values():
             try:
                 task.result(timeout=5)
-            except BaseException:
+            except BaseException:  # closing anyway: a server that does not stop in time is cancelled
+                logger.debug("an MCP server task did not end cleanly", exc_info=True)
                 task.cancel()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
