@@ -257,6 +257,7 @@ def run_headless(settings: AgentSettings) -> int:
             pipeline.stop()
         finally:
             signal.signal(signal.SIGINT, previous)
+        log.debug("stopped; the conversation is saved in %s", pipeline.save_dir)
     if pipeline.fatal is not None:
         raise pipeline.fatal
     if pipeline.conversation.turns:

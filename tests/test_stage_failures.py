@@ -12,6 +12,7 @@ mid-run, so for transcribe the real transcriber is subclassed to raise once.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import os
@@ -199,6 +200,7 @@ def test_voice_failure_exits_non_zero_with_the_conversation_saved_and_the_traceb
             "--seed", "5", "--device", "cpu", "--turn", "silence", "--log-file", str(log_file)]
     env = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_DATA_HOME": str(tmp_path / "data")}
     result = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    exited = datetime.datetime.now()
     assert result.returncode == 2, result.stderr[-3000:]
     error_lines = [line for line in result.stderr.splitlines() if "voice stage failed" in line]
     assert len(error_lines) == 1 and error_lines[0].startswith("csm-chat: "), result.stderr[-3000:]
@@ -206,6 +208,11 @@ def test_voice_failure_exits_non_zero_with_the_conversation_saved_and_the_traceb
     assert [t.role for t in saved.turns] == ["user", "agent"] and "capital" in saved.turns[0].text.lower()
     logged = log_file.read_text(encoding="utf-8")
     assert "the voice stage failed" in logged and "Traceback (most recent call last)" in logged
+    failed_line = next(line for line in logged.splitlines() if "the voice stage failed" in line)
+    failed = datetime.datetime.strptime(failed_line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    seconds = (exited - failed).total_seconds()
+    print(f"csm-chat exited {seconds:.2f} s after the voice stage failed")
+    assert seconds < 3.0, f"csm-chat exited {seconds:.2f} s after the failure"
 
 
 # ---- in the app: one notice, and the next turn is answered ---------------------------------------
