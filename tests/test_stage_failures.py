@@ -84,7 +84,9 @@ def _check_headless_failure(pipeline: Pipeline, stage: str, seconds: float) -> C
     if stage != "think":  # the LLM's own error says what happened
         assert f"the {stage} stage failed" in str(pipeline.fatal), pipeline.fatal
     assert len(pipeline.ctx.failures) == 1, pipeline.ctx.failures
-    assert seconds < 1.0, f"{seconds:.2f} s from the failure to a stopped, saved pipeline"
+    print(f"the {stage} stage failed; {seconds:.2f} s later the pipeline had stopped and saved")
+    # Well under a second on a quiet machine; the margin is for 2 cores shared with other test runs.
+    assert seconds < 2.0, f"{seconds:.2f} s from the failure to a stopped, saved pipeline"
     return _saved(pipeline)
 
 
@@ -256,6 +258,40 @@ async def _app_failure_then_next_turn(tmp_path, tiny_generator, faster_whisper_t
             assert len(events.of(UserTurn)) == 2 and len(_errors(app)) == 1
     finally:
         server.kill()
+
+
+def test_app_shows_a_transcribe_failure_and_answers_the_next_spoken_turn(tmp_path, chat_persona, espeak_wav,
+                                                                         tiny_generator, smollm2_llm):
+    asyncio.run(_app_transcribe_failure(tmp_path, chat_persona, espeak_wav, tiny_generator, smollm2_llm))
+
+
+async def _app_transcribe_failure(tmp_path, chat_persona, espeak_wav, tiny_generator, smollm2_llm) -> None:
+    source, events = QueueSource(16_000), EventLog()
+
+    def pipeline(settings, emit):
+        def both(event):
+            events(event)
+            emit(event)
+        return Pipeline(settings, both, source=source, sink=MemorySink(24_000, speed=None), generator=tiny_generator,
+                        llm=smollm2_llm, transcriber=_TranscriberThatFailsOnce())
+
+    app = CsmChatApp(_settings(tmp_path, chat_persona, headless=False), pipeline_factory=pipeline, personas=lambda: [])
+    async with app.run_test(size=(120, 36)) as pilot:
+        await _until(pilot, lambda: app.query_one(StateIndicator).state == AgentState.LISTENING, "loading")
+        _speak_into(source, _spoken(espeak_wav))  # Whisper fails on this turn
+        await _until(pilot, lambda: _errors(app), "the failure's notice")
+        await pilot.pause(0.5)
+        errors = _errors(app)
+        assert len(errors) == 1, [n.message for n in app.notices]
+        assert "the transcribe stage failed: RuntimeError: CTranslate2: out of memory" in errors[0].message
+        # The failed transcription may be the turn's or a partial one's (then the turn is still answered).
+        await _until(pilot, lambda: app.pipeline.ctx.replies.current is None and not app.pipeline.ctx.progress.busy
+                     and app.query_one(StateIndicator).state == AgentState.LISTENING, "listening again")
+        _speak_into(source, _spoken(espeak_wav, "tell me about the weather today"))
+        await _until(pilot, lambda: any("weather" in u.text.lower() for u in events.of(UserTurn))
+                     and len(events.of(AgentTurnDone)) == len(events.of(UserTurn)), "the answer to the next turn")
+        assert events.of(AgentTurnDone)[-1].text and not events.of(AgentTurnDone)[-1].interrupted
+        assert len(_errors(app)) == 1
 
 
 def _errors(app) -> list:

@@ -12,7 +12,7 @@ being answered (``Progress``).
 
 A stage never dies of an unexpected exception: ``run`` hands it to ``StageContext.stage_failed``
 (the traceback to the log, the reply in flight cancelled, one notice; headless, the run ends
-as failed) and then to the stage's own ``recover`` (end the turn, record what was said), and
+as failed) and then to the stage's own ``after_failure`` (end the turn, record what was said), and
 goes on with the next frame.
 """
 
@@ -270,7 +270,7 @@ class Stage(ABC):
             except Exception as error:  # never die of it: end the turn, tell the user, take the next frame
                 self.ctx.stage_failed(self.name, error)
                 try:
-                    self.recover(frame)
+                    self.after_failure(frame)
                 except Exception:
                     log.exception("the %s stage could not recover from its failure", self.name)
 
@@ -286,7 +286,7 @@ class Stage(ABC):
     def process(self, frame: Frame) -> None:
         """Handle one frame (runs on the stage's thread)."""
 
-    def recover(self, frame: Frame) -> None:  # noqa: B027 (a hook: most stages have nothing to end)
+    def after_failure(self, frame: Frame) -> None:  # noqa: B027 (a hook: most stages have nothing to end)
         """After ``process(frame)`` raised (the reply in flight is already cancelled): end the turn cleanly."""
 
     def on_stop(self) -> None:

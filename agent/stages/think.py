@@ -70,7 +70,7 @@ class ThinkStage(Stage):
         finally:
             self.ctx.progress.end_input()
 
-    def recover(self, frame: Frame) -> None:
+    def after_failure(self, frame: Frame) -> None:
         """After a failure mid-reply (it is cancelled): close it, so the voice stage records what was said."""
         reply = self.ctx.replies.current
         if reply is not None and not reply.done.is_set():

@@ -68,7 +68,7 @@ class TranscribeStage(Stage):
             case _:
                 raise TypeError(f"the transcribe stage does not take {type(frame).__name__}")
 
-    def recover(self, frame: Frame) -> None:
+    def after_failure(self, frame: Frame) -> None:
         """After a failure: a turn that was not transcribed is not answered."""
         self._ahead = None
         if isinstance(frame, SpeechSegment):

@@ -86,7 +86,7 @@ class VoiceStage(Stage):
         if reply is not None:
             self._finish(reply)  # stopping mid-reply: record what was said
 
-    def recover(self, frame: Frame) -> None:
+    def after_failure(self, frame: Frame) -> None:
         """After a failure (the reply is cancelled): record what was said, and let the think stage go on."""
         reply = frame.reply if isinstance(frame, (AgentSentence, ReplayAudio, EndOfReply)) else None
         reply = reply or self.ctx.replies.current
