@@ -11,8 +11,11 @@ modes behind that one call:
   audio model (Smart Turn, ``agent.listen.turn_model``) is asked: "done" ends the turn;
   "not done" keeps listening — the verdict says ``waiting`` so the UI can show that the agent is
   waiting for the rest — and the model is asked again every ``recheck_ms`` while the pause
-  grows. A pause of ``max_silence_ms`` ends the turn whatever the models say, or already
-  ``text_max_silence_ms`` when the text is a likely end (P(end) >= ``text_likely``). Speech
+  grows. Where the words are an unlikely end (P(end) < ``text_likely``: "... because") the audio
+  model's "done" does not end the turn: the models disagree, so the turn ends at a pause of
+  ``disputed_max_silence_ms`` (a mid-sentence pause is rarely that long). A pause of
+  ``max_silence_ms`` ends the turn whatever the models say, or already ``text_max_silence_ms``
+  when the text is a likely end (P(end) >= ``text_likely``). Speech
   that resumes continues the same turn. Without text evidence (no transcriber or no local LLM
   yet, a server LLM) it is the audio model alone.
 - ``audio``: the audio model alone (as above without the text).
@@ -64,6 +67,7 @@ class TurnSettings:
     text_done: float = 0.2  # P(end of message) from the transcript at or above which the turn ends
     text_likely: float = 0.05  # ... at or above which a pause of text_max_silence_ms ends it
     text_max_silence_ms: int = 1200
+    disputed_max_silence_ms: int = 1500  # the audio model said "done", the words an unlikely end
     first_check_ms: int = 192  # pause before the model is first asked (6 VAD windows of 32 ms)
     recheck_ms: int = 300  # then asked again each time the pause has grown by this much
     max_silence_ms: int = 2000  # a pause this long ends the turn whatever the model says
@@ -80,7 +84,8 @@ class TurnSettings:
         if not 0.0 < self.text_likely <= self.text_done <= 1.0:
             raise AgentError(f"text end-of-turn thresholds need 0 < likely <= done <= 1 (got {self.text_likely}, "
                              f"{self.text_done})")
-        if not 0 < self.first_check_ms <= min(self.max_silence_ms, self.text_max_silence_ms) or self.recheck_ms < 32:
+        shortest = min(self.max_silence_ms, self.text_max_silence_ms, self.disputed_max_silence_ms)
+        if not 0 < self.first_check_ms <= shortest or self.recheck_ms < 32:
             raise AgentError(
                 "turn timings: need 0 < first check <= max silence and a re-check of at least 32 ms "
                 f"(got {self.first_check_ms}, {self.max_silence_ms}, {self.recheck_ms})"
@@ -138,6 +143,7 @@ class EndOfTurnJudge:
         self._probability: float | None = None
         self._text: float | None = None  # the transcript's P(end of message) in this pause
         self._asked = False  # a model was asked in this pause
+        self._audio_done = False  # the audio model said "done" in this pause, the words did not
         self._waiting = False
         if self.text is not None:
             self.text.forget()
@@ -158,8 +164,7 @@ class EndOfTurnJudge:
         if self.model is None:
             ended = pause_ms >= s.end_silence_ms
             return TurnVerdict(ended, "silence" if ended else "pause")
-        likely = self._text is not None and self._text >= s.text_likely
-        if pause_ms >= (s.text_max_silence_ms if likely else s.max_silence_ms):
+        if pause_ms >= self._limit_ms():
             return TurnVerdict(True, "max_silence", probability=self._probability, text_probability=self._text)
         if pause_ms < self._next_check_ms:
             return TurnVerdict(False, "unfinished" if self._waiting else "pause", self._waiting, self._probability,
@@ -174,11 +179,20 @@ class EndOfTurnJudge:
         started = time.perf_counter()
         self._probability = self.model.probability(audio())
         model_ms = (time.perf_counter() - started) * 1000
-        if self._probability >= s.threshold:
+        if self._probability >= s.threshold and (self._text is None or self._text >= s.text_likely):
             self._waiting = False
             return TurnVerdict(True, "model", False, self._probability, model_ms, self._text, text_ms)
+        self._audio_done = self._audio_done or self._probability >= s.threshold
         self._waiting = True
         return TurnVerdict(False, "unfinished", True, self._probability, model_ms, self._text, text_ms)
+
+    def _limit_ms(self) -> float:
+        """The pause that ends the turn whatever the models say now: shorter where the text is a
+        likely end, or where the audio model said "done" but the words did not (they disagree)."""
+        s = self.settings
+        if self._text is not None and self._text >= s.text_likely:
+            return s.text_max_silence_ms
+        return s.disputed_max_silence_ms if self._audio_done else s.max_silence_ms
 
     def _ask_text(self, tentative: Tentative | None) -> float | None:
         """The transcript's P(end) for this pause into ``_text``; returns the wall ms it took (None: not asked)."""
