@@ -135,7 +135,8 @@ class ReplySynthesizer:
                       len(earlier) - first, len(earlier), sum(rows[first:]), sum(rows))
         return earlier[first:]
 
-    def context_for(self, text: str, speaker: int, earlier: Sequence["Segment"] = ()) -> tuple[list, ContextReport, "Prompt"]:
+    def context_for(self, text: str, speaker: int, earlier: Sequence["Segment"] = ()
+                    ) -> tuple[list, ContextReport, "Prompt"]:
         """Context segments for saying ``text`` after ``earlier`` sentences of the same reply."""
         bare = self.generator.build_prompt(text, speaker, [], self.options.max_audio_ms)
         budget = self.window - bare.tokens.shape[0] - bare.max_frames
@@ -149,8 +150,9 @@ class ReplySynthesizer:
             context = context[len(context) - prompt.context_kept:]
         return context, report, prompt
 
-    def stream(self, text: str, speaker: int, earlier: Sequence["Segment"] = (), *, cancel: threading.Event | None = None,
-               seed: int | None = None, result: list | None = None) -> Iterator[np.ndarray]:
+    def stream(self, text: str, speaker: int, earlier: Sequence["Segment"] = (), *,
+               cancel: threading.Event | None = None, seed: int | None = None, result: list | None = None
+               ) -> Iterator[np.ndarray]:
         """Yield 24 kHz float32 chunks of ``text``; afterwards ``result`` holds one SpokenSentence."""
         import torch  # CSM's codes are torch tensors; torch loads only with CSM
 
