@@ -32,6 +32,13 @@ def available() -> bool:
     return importlib.util.find_spec("moshi_mlx") is not None
 
 
+def _released_name(name: str) -> str:
+    """A torch moshi parameter name as in the released Mimi file (moshi >= 0.2.5 keeps attention
+    projections in lists: ``in_projs.0.weight``), which ``load_pytorch_weights`` expects."""
+    return name.replace(".self_attn.in_projs.0.weight", ".self_attn.in_proj_weight").replace(
+        ".self_attn.out_projs.0.weight", ".self_attn.out_proj.weight")
+
+
 def _mlx_mimi_from(codec: MimiCodec):
     """moshi_mlx's Mimi with the torch codec's weights (through a temporary safetensors file)."""
     from safetensors.torch import save_file
@@ -39,7 +46,7 @@ def _mlx_mimi_from(codec: MimiCodec):
     from moshi_mlx.models.mimi import Mimi, mimi_202407
 
     model = Mimi(mimi_202407(NUM_CODEBOOKS))
-    state = {k: v.detach().float().cpu().contiguous() for k, v in codec.mimi.state_dict().items()}
+    state = {_released_name(k): v.detach().float().cpu().contiguous() for k, v in codec.mimi.state_dict().items()}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mimi.safetensors"
         save_file(state, str(path))
