@@ -51,8 +51,30 @@ def _mlx_mimi_from(codec: MimiCodec):
         path = Path(tmp) / "mimi.safetensors"
         save_file(state, str(path))
         model.load_pytorch_weights(str(path), strict=True)
-    mx.eval(model.parameters())
+    materialize(model)
     return model
+
+
+def _arrays(obj, seen: set[int]) -> list[mx.array]:
+    """Every MLX array reachable from ``obj`` (modules, caches, lists, dicts, plain objects)."""
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, mx.array):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        items = list(obj)
+    else:
+        items = list(obj.values()) if isinstance(obj, dict) else []  # an mlx.nn.Module is a dict too
+        if hasattr(obj, "__dict__") and type(obj).__module__.startswith(("moshi_mlx", "mlx")):
+            items += list(vars(obj).values())
+    return [a for item in items for a in _arrays(item, seen)]
+
+
+def materialize(model) -> None:
+    """Evaluate all of Mimi's state now: a lazy array can only be evaluated on the thread that
+    made it, and the agent loads on one thread and speaks on another."""
+    mx.eval(_arrays(model, set()))
 
 
 class MLXStreamingDecoder:
@@ -100,6 +122,7 @@ class MLXMimiCodec:
             yield MLXStreamingDecoder(self.mimi)
         finally:
             self.mimi.reset_all()
+            materialize(self.mimi)
 
 
 __all__ = ["INSTALL", "MIMI_ENGINES", "MLXMimiCodec", "MLXStreamingDecoder", "available"]
