@@ -50,7 +50,7 @@ from csm_engine.mlx.convert import build_model  # noqa: E402
 from csm_engine.mlx.generator import MLXGenerator  # noqa: E402
 from csm_engine.mlx.model import MLXCSMModel  # noqa: E402
 from csm_engine.mlx.precisions import (  # noqa: E402
-    APPLE_CHIPS, MARGIN, MLX_PRECISION_NAMES, REALTIME_FPS, bound_fps, needed_precision, quant_bits,
+    APPLE_CHIPS, MARGIN, MLX_PRECISION_NAMES, REALTIME_FPS, bound_fps, needed_precision, quant_bits, resolve,
     weights_read_per_frame,
 )
 from csm_engine.precision import lookup  # noqa: E402
@@ -213,7 +213,8 @@ def main(argv=None) -> dict:
     p.add_argument("--context-tokens", type=int, default=1500, help="the long conversation (rows)")
     p.add_argument("--short-context-tokens", type=int, default=150, help="the short conversation (rows)")
     p.add_argument("--reply-frames", type=int, default=8, help="the agent's reply kept in the cache before turn 2")
-    p.add_argument("--long-precision", default="int8", help="the precision timed after the long conversation too")
+    p.add_argument("--long-precision", default="auto",
+                   help="the precision also timed after the long conversation (auto: this machine's default)")
     p.add_argument("--torch-dtype", default="auto", help="the torch row's precision (auto: the CPU default)")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-error", action="store_true", help="skip the logit error")
@@ -221,6 +222,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     precisions = [lookup(x.strip(), "mlx").name for x in args.precisions.split(",") if x.strip()]
+    args.long_precision = resolve(args.long_precision).name
     config = get_flavor(args.flavor)
     result: dict = {"provenance": provenance(), "flavor": args.flavor, "frames": args.frames,
                     "context_tokens": args.context_tokens, "short_context_tokens": args.short_context_tokens,
