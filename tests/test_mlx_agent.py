@@ -111,3 +111,17 @@ def test_barge_in_cancels_an_mlx_reply_and_keeps_only_what_played(tiny_checkpoin
     assert turn.role == "agent" and turn.interrupted and turn.text.startswith(texts[0])
     assert 0 < len(turn.audio) <= played + sink.block_samples
     sink.close()
+
+
+def test_the_engine_comes_from_the_config_file_and_the_flag_wins(tmp_path):
+    from agent.cli import build_parser, settings_from_args
+    from agent.errors import AgentError
+
+    config = tmp_path / "config.toml"
+    config.write_text('engine = "mlx"\ncsm-dtype = "int4"\n')
+    assert settings_from_args(build_parser().parse_args(["--config", str(config)])).engine == "mlx"
+    flag = settings_from_args(build_parser().parse_args(["--config", str(config), "--engine", "torch"]))
+    assert flag.engine == "torch" and flag.csm_dtype == "int4"
+    config.write_text('engine = "tpu"\n')
+    with pytest.raises(AgentError, match="unknown engine 'tpu': use torch, mlx or auto"):
+        settings_from_args(build_parser().parse_args(["--config", str(config)]))
