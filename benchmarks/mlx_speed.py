@@ -69,10 +69,14 @@ def random_weights(config: CSMConfig, seed: int = 0) -> dict[str, mx.array]:
     return out
 
 
-def mlx_model(config: CSMConfig, weights: dict[str, mx.array], precision: str) -> MLXCSMModel:
+def mlx_model(config: CSMConfig, weights: dict[str, mx.array], precision: str,
+              activations: str | None = None) -> MLXCSMModel:
+    """The model at ``precision``; ``activations`` "float32" keeps quantized layers' scales and
+    activations float32 (MLX's CPU backend runs bf16 quantized matmuls ~9x slower than float32)."""
     p = lookup(precision, "mlx")
-    target = mx.float32 if p.dtype == "float32" else mx.bfloat16
-    return build_model(config, {k: v.astype(target) for k, v in weights.items()}, quantize_bits=quant_bits(p))
+    target = mx.float32 if (activations or p.dtype) == "float32" else mx.bfloat16
+    cast = weights if target == mx.float32 else {k: v.astype(target) for k, v in weights.items()}
+    return build_model(config, cast, quantize_bits=quant_bits(p))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,14 +104,15 @@ def probe_logits(model: MLXCSMModel, tokens: torch.Tensor, mask: torch.Tensor, c
     return torch.from_numpy(np.array(logits0)), torch.from_numpy(np.array(out))
 
 
-def error_rows(config: CSMConfig, weights: dict[str, mx.array], precisions: list[str]) -> dict:
+def error_rows(config: CSMConfig, weights: dict[str, mx.array], precisions: list[str],
+               activations: str | None = None) -> dict:
     inputs = probe_inputs(config)
     reference = probe_logits(mlx_model(config, weights, "float32"), *inputs)
     out = {}
     for name in precisions:
         if name == "float32":
             continue
-        model = mlx_model(config, weights, name)
+        model = mlx_model(config, weights, name, activations if lookup(name, "mlx").quantized else None)
         out[name] = {k: round(v, 5) for k, v in logit_error(reference, probe_logits(model, *inputs)).items()}
         del model
         gc.collect()
@@ -218,6 +223,9 @@ def main(argv=None) -> dict:
     p.add_argument("--torch-dtype", default="auto", help="the torch row's precision (auto: the CPU default)")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-error", action="store_true", help="skip the logit error")
+    p.add_argument("--no-speed", action="store_true", help="only the logit error and the chip table")
+    p.add_argument("--error-activations", choices=("float32",), default=None,
+                   help="quantized rows of the logit error with float32 scales and activations (weights' error only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
@@ -236,11 +244,13 @@ def main(argv=None) -> dict:
     weights = random_weights(config, args.seed)
     if not args.no_error:
         result["logit_error"] = {"metric": "vs the MLX float32 model, quant_error.py's method",
-                                 "rows": error_rows(config, weights, precisions)}
-    result["rows"] = [mlx_speed_row(config, weights, name, codec, tokenizer, args) for name in precisions]
+                                 "quantized_activations": args.error_activations or "bfloat16",
+                                 "rows": error_rows(config, weights, precisions, args.error_activations)}
+    result["rows"] = [] if args.no_speed else [mlx_speed_row(config, weights, name, codec, tokenizer, args)
+                                               for name in precisions]
     del weights
     gc.collect()
-    if not args.no_torch:
+    if not args.no_torch and not args.no_speed:
         result["rows"].append(torch_speed_row(config, args.torch_dtype, codec, tokenizer, args))
     result["apple_chips"] = chip_table(get_flavor("1B"))
     result["seconds"] = time.perf_counter() - t0
