@@ -38,7 +38,8 @@ system-deps:
 	if [ -n "$$missing" ]; then \
 	  if command -v brew >/dev/null 2>&1; then echo "installing with Homebrew:$$missing"; brew install $$missing; \
 	  else echo "please install Homebrew (https://brew.sh), then: brew install$$missing"; exit 1; fi; \
-	fi; xcode-select -p >/dev/null 2>&1 || { echo "please install Xcode's command line tools: xcode-select --install"; exit 1; }
+	fi; xcode-select -p >/dev/null 2>&1 || \
+	  { echo "please install Xcode's command line tools: xcode-select --install"; exit 1; }
 else
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 SETTING_FLAGS = (
     "headless", "mic_file", "speaker_file", "input_device", "output_device", "mode", "turn", "turn_threshold",
     "realtime", "csm_model", "mimi_path", "tokenizer_path", "csm_dtype", "adapter", "llm_model", "llm_url", "tts_url",
-    "asr", "asr_model", "device", "engine", "persona", "save_dir", "max_turns", "max_audio_ms", "seed", "watermark", "room",
-    "aec", "tools", "tool_mode", "memory",
+    "asr", "asr_model", "device", "engine", "persona", "save_dir", "max_turns", "max_audio_ms", "seed", "watermark",
+    "room", "aec", "tools", "tool_mode", "memory",
 )
 
 

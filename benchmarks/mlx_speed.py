@@ -135,7 +135,8 @@ def speed_row(gen, args, long_context: bool) -> dict:
         warm = first_chunk_ms(gen, conv, args.context_tokens, warm=True, reply_frames=args.reply_frames)
         cold = first_chunk_ms(gen, conv, args.context_tokens, warm=False, reply_frames=args.reply_frames)
         row.update(first_chunk_long_ms=warm["first_chunk_ms"], first_chunk_long_prefill_rows=warm["prefill_rows"],
-                   first_chunk_long_prompt_rows=warm["prompt_rows"], first_chunk_long_no_cache_ms=cold["first_chunk_ms"])
+                   first_chunk_long_prompt_rows=warm["prompt_rows"],
+                   first_chunk_long_no_cache_ms=cold["first_chunk_ms"])
         row["long_over_short"] = warm["first_chunk_ms"] / short["first_chunk_ms"]
     return row
 
@@ -197,7 +198,8 @@ def provenance() -> dict:
         commit = None
     cpu = platform.processor() or platform.machine()
     if platform.system() == "Darwin":
-        cpu = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout.strip()
+        cpu = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                             text=True).stdout.strip()
     elif Path("/proc/cpuinfo").is_file():
         names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                  if ln.startswith("model name")]
