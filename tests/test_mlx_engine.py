@@ -204,3 +204,23 @@ def test_default_precision_follows_the_chips_bandwidth():
     picks = {name: default_precision(chips[name]) for name in ("M1", "M2", "M3 Pro", "M2 Pro", "M4 Max")}
     assert picks == {"M1": "int4", "M2": "int8", "M3 Pro": "int8", "M2 Pro": "bfloat16", "M4 Max": "bfloat16"}
     assert default_precision(None) in ("float32", "bfloat16", "int8", "int4")
+
+
+@pytest.mark.slow
+def test_mlx_speed_benchmark_reports_errors_chips_and_provenance(tmp_path):
+    """benchmarks/mlx_speed.py's structure on tiny shapes (no timing is looked at)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mlx_speed
+
+    out = tmp_path / "mlx.json"
+    result = mlx_speed.main(["--flavor", "tiny", "--no-speed", "--no-torch", "--precisions", "float32,int8,int4",
+                             "--error-activations", "float32", "--out", str(out)])
+    errors = result["logit_error"]["rows"]
+    assert set(errors) == {"int8", "int4"}
+    assert 0 < errors["int8"]["decoder_rel_rms"] < errors["int4"]["decoder_rel_rms"] < 0.5
+    assert [c["chip"] for c in result["apple_chips"]][:2] == ["M1", "M1 Pro"]
+    assert result["apple_chips"][0]["precision_for_real_time"] == "int4"
+    assert {"cpu", "date_utc", "git_commit", "mlx"} <= set(result["provenance"]) and out.is_file()
