@@ -44,6 +44,18 @@ test: system-deps $(STAMP)
 
 install: system-deps $(STAMP)
 
+ifeq ($(shell uname -s),Darwin)
+# macOS: Homebrew's PortAudio, espeak-ng and sox; Xcode's command line tools build llama-cpp-python
+# (with Metal, llama.cpp's default on Apple Silicon).
+BREW_PACKAGES := portaudio espeak-ng sox
+system-deps:
+	@missing=""; for p in $(BREW_PACKAGES); do brew list --versions $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v brew >/dev/null 2>&1; then echo "installing with Homebrew:$$missing"; brew install $$missing; \
+	  else echo "please install Homebrew (https://brew.sh), then: brew install$$missing"; exit 1; fi; \
+	fi; xcode-select -p >/dev/null 2>&1 || \
+	  { echo "please install Xcode's command line tools: xcode-select --install"; exit 1; }
+else
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -53,6 +65,7 @@ system-deps:
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "please install:$$missing (PortAudio, espeak-ng, sox) with your package manager"; fi; \
 	fi
+endif
 
 $(STAMP): pyproject.toml Makefile $(wildcard $(LOCK)) .ci/lock/build.txt
 	@test -f $(LOCK) || { echo "no lock for $(PLATFORM) ($(LOCK)): run \`make lock\` on a machine with PyPI"; exit 1; }

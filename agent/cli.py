@@ -37,7 +37,9 @@ from agent.pipeline import Pipeline
 from agent.speak.replay import replay_conversation
 from agent.config.settings import AgentSettings
 from csm_engine.errors import CSMError
+from csm_engine.mlx.precisions import MLX_PRECISION_NAMES
 from csm_engine.precision import PRECISIONS
+from csm_engine.speech import ENGINES
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--csm-model", metavar="DIR|REPO", help="CSM checkpoint dir or hub repo (default sesame/csm-1b)")
     models.add_argument("--mimi-path", metavar="PATH", help="Mimi codec weights (default: next to the model, or the hub)")
     models.add_argument("--tokenizer-path", metavar="PATH", help="text tokenizer.json (default: next to the model, or the hub)")
-    models.add_argument("--csm-dtype", choices=("auto", *PRECISIONS),
-                        help="CSM precision (default: the fastest for the device)")
+    models.add_argument("--csm-dtype", choices=("auto", *dict.fromkeys((*PRECISIONS, *MLX_PRECISION_NAMES))),
+                        help="CSM precision (default: the fastest for the device; on MLX: float32, bfloat16, "
+                             "int8, int4, by default chosen by the Apple chip's memory bandwidth)")
+    models.add_argument("--engine", choices=ENGINES,
+                        help="what runs CSM: torch, mlx (Apple Silicon; mlx[cpu] on Linux) or auto (default: "
+                             "MLX on Apple Silicon, torch elsewhere)")
     models.add_argument("--adapter", metavar="DIR", help="CSM adapter from csm-finetune (default: the persona's)")
     models.add_argument("--llm-model", metavar="PATH.gguf|REPO:QUANT",
                         help="GGUF chat model: a file, or a hub repo and quant such as "
@@ -133,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 SETTING_FLAGS = (
     "headless", "mic_file", "speaker_file", "input_device", "output_device", "mode", "turn", "turn_threshold",
     "realtime", "csm_model", "mimi_path", "tokenizer_path", "csm_dtype", "adapter", "llm_model", "llm_url", "tts_url",
-    "asr", "asr_model", "device", "persona", "save_dir", "max_turns", "max_audio_ms", "seed", "watermark", "room",
-    "aec", "tools", "tool_mode", "memory",
+    "asr", "asr_model", "device", "engine", "persona", "save_dir", "max_turns", "max_audio_ms", "seed", "watermark",
+    "room", "aec", "tools", "tool_mode", "memory",
 )
 
 
@@ -288,14 +294,14 @@ def run_replay(args: argparse.Namespace, settings: AgentSettings) -> int:
     saved = Conversation.load(args.replay, with_audio=False)  # validate before loading CSM
     persona = load_persona(args.persona or saved.persona or None) if (args.persona or saved.persona) else None
     from csm_engine.device import resolve_device  # torch-heavy: loaded only to replay
-    from csm_engine.generator import load_generator
+    from csm_engine.speech import load_speech_generator
 
     device = resolve_device(settings.device)
     started = time.monotonic()
     adapter = settings.adapter or (persona.adapter_path() if persona is not None else None)
-    generator = load_generator(settings.csm_model, mimi_path=settings.mimi_path,
-                               tokenizer_path=settings.tokenizer_path, device=device, dtype=settings.csm_dtype,
-                               adapter=adapter)
+    generator = load_speech_generator(settings.engine, settings.csm_model, mimi_path=settings.mimi_path,
+                                      tokenizer_path=settings.tokenizer_path, device=device, dtype=settings.csm_dtype,
+                                      adapter=adapter)
     voice = None
     if persona is not None and persona.voice is not None:
         from csm_engine.voices import load_voice_segment  # imports torch

@@ -15,6 +15,8 @@ from pathlib import Path
 from csm_engine.console import DTYPES, EXIT_USAGE, add_csm_model_option, optional_module, run_cli
 from csm_engine.device import DEVICES, resolve_device
 from csm_engine.errors import CSMError
+from csm_engine.mlx.precisions import MLX_PRECISION_NAMES
+from csm_engine.speech import ENGINES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,8 +47,12 @@ def build_generate_parser(prog: str = "csm-generate") -> argparse.ArgumentParser
     p.add_argument("--topk", type=int, default=50, help="sample among the k most likely codes (default 50)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible audio")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (default auto)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="weight precision (default auto: the device's fastest)")
+    p.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="what runs the model: torch, mlx (Apple Silicon; mlx[cpu] on Linux) or auto "
+                        "(default: MLX on Apple Silicon, torch elsewhere)")
+    p.add_argument("--dtype", default="auto", choices=tuple(dict.fromkeys((*DTYPES, *MLX_PRECISION_NAMES))),
+                   help="weight precision (default auto: the device's fastest; on MLX by the chip's bandwidth); "
+                        "int4 is MLX only, the int8-* kernels torch only")
     add_csm_model_option(p, old_names=("--model-path",))
     p.add_argument("--mimi-path", default=None, help="Mimi codec safetensors (default: from the model dir or hub)")
     p.add_argument("--tokenizer-path", default=None,
@@ -164,17 +170,19 @@ def run_generate(args: argparse.Namespace, generator_or_loader) -> int:
     return 0
 
 
-def _load_torch_generator(args: argparse.Namespace, device: str):
-    from csm_engine.generator import load_generator
+def load_generator_for(args: argparse.Namespace, device: str):
+    """The engine --engine names (csm_engine.speech's one factory), with --dtype as its precision."""
+    from csm_engine.speech import load_speech_generator
 
-    return load_generator(args.csm_model, mimi_path=args.mimi_path, tokenizer_path=args.tokenizer_path,
-                          device=device, dtype=None if args.dtype == "auto" else args.dtype, adapter=args.adapter)
+    return load_speech_generator(args.engine, args.csm_model, mimi_path=args.mimi_path,
+                                 tokenizer_path=args.tokenizer_path, device=device,
+                                 dtype=None if args.dtype == "auto" else args.dtype, adapter=args.adapter)
 
 
 def generate_main(argv: Sequence[str] | None = None) -> int:
     """``csm-generate``: text (+ context) -> a 24 kHz mono WAV."""
     args = build_generate_parser().parse_args(argv)
-    return run_cli("csm-generate", lambda: run_generate(args, _load_torch_generator))
+    return run_cli("csm-generate", lambda: run_generate(args, load_generator_for))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,6 +89,7 @@ class ConversationCache:
 
 class Generator(PromptBuilder):
     sample_rate = 24_000
+    engine = "torch"  # which backend runs the model (csm_engine.speech.ENGINES)
     # Prompt rows are prefilled in blocks of this many positions (see _prefill). 32 rows per
     # call already run fbgemm's int8 matmul at its per-row efficiency (measured: 0.50 ms/row at
     # 32 and 0.43 at 256 for an 8192x2048 weight), and a warm turn redoes at most 31 rows.
@@ -218,6 +219,12 @@ class Generator(PromptBuilder):
             self._feed(tokens[a:b], mask[a:b], a, temperature, topk, None, sample=False)
         return self._feed(tokens[head:], mask[head:], head, temperature, topk, gen)
 
+    def _random(self, seed: int | None) -> torch.Generator:
+        """The random stream of one utterance (what ``_feed`` samples with); another backend has its own."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        return gen
+
     @torch.inference_mode()
     def frames(self, prompt: Prompt, *, temperature: float = 0.9, topk: int = 50, seed: int | None = None,
                cancel: threading.Event | None = None) -> Iterator[Tensor]:
@@ -227,9 +234,7 @@ class Generator(PromptBuilder):
         flushes the codec's tail; see ``stream``) when the model emits one. Only the prompt rows
         the backbone cache does not already hold are prefilled (the conversation cache).
         """
-        device = self.device
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        gen = self._random(seed)
         n_cb = self.config.audio_num_codebooks
         if cancel is not None and cancel.is_set():
             return

@@ -17,6 +17,7 @@ from agent.echo.room_spec import load_room
 
 DEFAULT_CSM_MODEL = "sesame/csm-1b"
 ASR_ENGINES = ("faster-whisper", "openai-whisper")
+ENGINES = ("auto", "torch", "mlx")  # csm_engine.speech.ENGINES (not imported: it would load numpy first)
 MODES = ("vad", "ptt")
 
 
@@ -36,6 +37,7 @@ class AgentSettings:
     asr: str = "faster-whisper"
     asr_model: str | None = None  # None = embedded tiny.en (faster-whisper) / base.en (openai-whisper)
     device: str = "auto"  # torch device for CSM (and Whisper on CUDA): auto | cpu | cuda[:N] | mps
+    engine: str = "auto"  # what runs CSM: torch | mlx | auto (MLX on Apple Silicon, torch elsewhere)
     # who the agent is
     persona: str = "default"  # name of a persona file or a path to one
     seed: int | None = None
@@ -80,6 +82,9 @@ class AgentSettings:
             raise AgentError(f"max audio length must be at least 80 ms (one frame), got {self.max_audio_ms}")
         if self.tts_url is not None and not self.tts_url.strip().startswith(("http://", "https://")):
             raise AgentError(f"--tts-url must start with http:// or https://, got {self.tts_url!r}")
+        if self.engine not in ENGINES:
+            raise AgentError(f"unknown engine {self.engine!r}: use torch, mlx or auto (MLX on Apple Silicon, "
+                             "torch elsewhere)")
         if self.end_silence_ms < 32:
             raise AgentError(f"end_silence_ms must be at least 32, got {self.end_silence_ms}")
         if self.aec != "auto":

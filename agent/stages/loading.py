@@ -34,7 +34,7 @@ from csm_engine.errors import CSMError
 
 if TYPE_CHECKING:  # torch-heavy: imported only when CSM loads
     from agent.speak.remote_voice import RemoteCSM
-    from csm_engine.generator import Generator
+    from csm_engine.speech import LocalSpeechGenerator, SpeechGenerator
     from csm_engine.tokens import Segment
     from csm_engine.watermark import Watermarker
 
@@ -46,7 +46,7 @@ class Models:
     """The loaded parts of one run, each with a ready signal (set also when it failed to load)."""
 
     def __init__(self, *, source: AudioSource | Literal[False] | None = None, sink: AudioSink | None = None,
-                 generator: "Generator | RemoteCSM | None" = None, llm: ChatLLM | None = None,
+                 generator: "SpeechGenerator | None" = None, llm: ChatLLM | None = None,
                  transcriber: Transcriber | None = None, vad_model: SileroModel | None = None,
                  watermarker: "Watermarker | None" = None) -> None:
         self.source = source  # False: told not to listen (typed messages only)
@@ -221,13 +221,14 @@ class ModelLoader:
         """The adapter CSM speaks with for ``persona``: --adapter / config first, else the persona's."""
         return self.settings.adapter or persona.adapter_path()
 
-    def _make_generator(self, persona: Persona) -> "Generator":
-        from csm_engine.generator import load_generator  # imports torch
+    def _make_generator(self, persona: Persona) -> "LocalSpeechGenerator":
+        from csm_engine.speech import load_speech_generator  # imports torch (and MLX with --engine mlx)
 
         s = self.settings
         adapter = self.adapter_for(persona)
-        generator = load_generator(s.csm_model, mimi_path=s.mimi_path, tokenizer_path=s.tokenizer_path,
-                                   device=self.models.device, dtype=s.csm_dtype, adapter=adapter)
+        generator = load_speech_generator(s.engine, s.csm_model, mimi_path=s.mimi_path,
+                                          tokenizer_path=s.tokenizer_path, device=self.models.device,
+                                          dtype=s.csm_dtype, adapter=adapter)
         # On CUDA: capture the frame's graph now rather than in the first reply.
         generator.prepare(persona.temperature, persona.topk)
         self.models.adapter = adapter

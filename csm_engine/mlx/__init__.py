@@ -59,15 +59,18 @@ def __getattr__(name: str) -> Any:
 
 
 def load_generator(model_path: str | os.PathLike | None = None, *, mimi_path: str | None = None,
-                   tokenizer_path: str | None = None, quantize_bits: int | None = None,
-                   dtype: str | None = None, device: str = "cpu",
-                   adapter: str | os.PathLike | None = None) -> "MLXGenerator":
+                   tokenizer_path: str | None = None, precision: str | None = None,
+                   quantize_bits: int | None = None, dtype: str | None = None, device: str = "cpu",
+                   adapter: str | os.PathLike | None = None, mimi: str | None = None) -> "MLXGenerator":
     """An ``MLXGenerator`` from a checkpoint dir or hub id, as ``csm_engine.generator.load_generator``.
 
-    ``quantize_bits`` (4 or 8) quantizes the transformer weights with ``mlx.nn.quantize``;
-    ``dtype`` (float32 default, bfloat16, float16) is the MLX weight dtype; ``device`` is where
-    the torch Mimi codec runs. ``adapter``: a csm-finetune output merged into the weights before
-    conversion (a merged checkpoint from ``csm-finetune --merge`` loads like any other).
+    ``precision``: an MLX precision (``csm_engine.mlx.precisions``: float32, bfloat16, int8, int4);
+    None or "auto" is this machine's default (by the Apple chip's bandwidth; float32 elsewhere).
+    ``quantize_bits`` (4 or 8) and ``dtype`` (float32, bfloat16, float16) are csm-generate-mlx's
+    older spelling and win when given. ``device`` is where the torch Mimi codec runs.
+    ``adapter``: a csm-finetune output merged into the weights before conversion. ``mimi``:
+    where frames are decoded while streaming, "mlx" (moshi_mlx's Mimi) or "torch"; None is
+    ``$CSM_MLX_MIMI``, else MLX where moshi_mlx is installed (clips are encoded by torch's Mimi).
     """
     require_mlx()
     if quantize_bits is not None and quantize_bits not in (4, 8):
@@ -75,11 +78,24 @@ def load_generator(model_path: str | os.PathLike | None = None, *, mimi_path: st
     from csm_engine import weights
     from csm_engine.mlx.convert import load_mlx_model
     from csm_engine.mlx.generator import MLXGenerator
+    from csm_engine.mlx.precisions import quant_bits, resolve
 
+    if quantize_bits is None and dtype is None:
+        chosen = resolve(precision)
+        name, dtype, quantize_bits = chosen.name, chosen.dtype, quant_bits(chosen)
+    else:
+        name = f"{dtype or 'float32'}" + (f"+{quantize_bits}-bit" if quantize_bits else "")
     model = load_mlx_model(model_path, dtype=dtype, quantize_bits=quantize_bits, adapter=adapter)
     codec = weights.load_mimi(mimi_path, model_path=model_path, device=device)
+    from csm_engine.mlx import mimi as mlx_mimi
+
+    mimi = mimi or os.environ.get("CSM_MLX_MIMI") or ("mlx" if mlx_mimi.available() else "torch")
+    if mimi not in mlx_mimi.MIMI_ENGINES:
+        raise CSMError(f"unknown Mimi engine {mimi!r}: use mlx or torch")
+    if mimi == "mlx":
+        codec = mlx_mimi.MLXMimiCodec(codec)
     tokenizer = weights.load_text_tokenizer(tokenizer_path, model_path=model_path)
-    return MLXGenerator(model, codec, tokenizer)
+    return MLXGenerator(model, codec, tokenizer, precision=name)
 
 
 __all__ = ["NOT_AVAILABLE", "is_available", "load_generator", "require_mlx", *_LAZY]

@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.build_generate_parser()
     parser.prog = "csm-generate-mlx"
     parser.description = "Generate speech with CSM on MLX (Apple Silicon; mlx[cpu] on Linux)."
+    parser.set_defaults(engine="mlx")
     parser.add_argument("--quantize", type=int, choices=(4, 8), default=None,
                         help="quantize the transformer weights to 4 or 8 bits with mlx.nn.quantize")
     parser.add_argument("--mlx-dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -26,11 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_mlx_generator(args: argparse.Namespace, device: str = "cpu"):
-    """The MLXGenerator named by csm-generate's loading options; ``device`` is where Mimi runs."""
+    """The MLXGenerator named by csm-generate's loading options; ``device`` is where Mimi runs.
+
+    ``--quantize``/``--mlx-dtype`` when given, else ``--dtype`` as an MLX precision (auto: the chip's).
+    """
+    from csm_engine import cli
+
+    if args.quantize is None and args.mlx_dtype is None:
+        args.engine = "mlx"
+        return cli.load_generator_for(args, device)
     from csm_engine.mlx import load_generator
 
     return load_generator(args.csm_model, mimi_path=args.mimi_path, tokenizer_path=args.tokenizer_path,
-                          quantize_bits=args.quantize, dtype=args.mlx_dtype, device=device, adapter=args.adapter)
+                          quantize_bits=args.quantize, dtype=args.mlx_dtype,
+                          device=device if str(device).startswith("cuda") else "cpu", adapter=args.adapter)
 
 
 def generate_main(argv: list[str] | None = None) -> int:

@@ -1,16 +1,18 @@
-"""MLXGenerator: the torch ``Generator`` with its frame loop running on the MLX model.
+"""MLXGenerator: the torch ``Generator`` with its backbone and frames on the MLX model.
 
 Everything that is not model math is the torch engine's own code: prompt building and context
-trimming (``Generator.build_prompt``), the streaming decode, silence guard and chunking
-(``Generator.stream``), and Mimi decoding through ``MimiCodec.streaming()`` — so for the same
-frames the PCM is the torch path's PCM. Only ``frames`` is replaced.
+trimming, the conversation cache's bookkeeping (``ConversationCache``: a new turn prefills only
+the rows the KV cache does not hold, in the same position-aligned blocks either way; rows of a
+cancelled or cut turn are overwritten by the next prompt), the frame loop, streaming decode,
+silence guard, chunking, and Mimi through ``MimiCodec.streaming()``. So for the same frames the
+PCM is the torch path's PCM. Only three hooks differ: the random stream (an MLX PRNG key split
+once per sampled frame, so a seed gives the same frames with or without the cache), feeding
+rows to the model, and what identifies the KV cache buffers.
 """
 
 from __future__ import annotations
 
 import random
-import threading
-from collections.abc import Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -18,48 +20,67 @@ import torch
 from torch import Tensor
 
 from csm_engine.codec import MimiCodec
-from csm_engine.generator import Generator, Prompt
+from csm_engine.generator import Generator
 from csm_engine.mlx.model import MLXCSMModel
 from csm_engine.tokens import TextTokenizer
 
 
-class MLXGenerator(Generator):
-    """``generate`` / ``stream`` with the options of ``csm_engine.generator.Generator``."""
+class FrameKeys:
+    """The PRNG keys of one utterance: each sampled frame takes the next (prefill blocks take none)."""
 
-    def __init__(self, model: MLXCSMModel, codec: MimiCodec, tokenizer: TextTokenizer):
+    def __init__(self, seed: int):
+        self.key = mx.random.key(seed)
+
+    def next(self) -> mx.array:
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+
+class MLXGenerator(Generator):
+    """``frames`` / ``stream`` / ``generate`` with the options of ``csm_engine.generator.Generator``."""
+
+    # Prompt rows per prefill call. On the CPU 32 rows already run the matmuls near their per-row
+    # best; on a GPU a call costs its launches, so bigger blocks.
+    prefill_block = 32
+    gpu_prefill_block = 256
+    engine = "mlx"
+
+    def __init__(self, model: MLXCSMModel, codec: MimiCodec, tokenizer: TextTokenizer, *,
+                 precision: str | None = None):
         # The base class only needs config / eval() / caches_are_setup() / setup_caches() of the model.
-        super().__init__(model, codec, tokenizer)  # type: ignore[arg-type]
+        super().__init__(model, codec, tokenizer, cuda_graphs=False)  # type: ignore[arg-type]
+        self.precision = precision or "float32"
+        if mx.default_device() == mx.gpu:
+            self.prefill_block = self.gpu_prefill_block
 
     @property
     def device(self) -> torch.device:
         # Codes and PCM cross into torch on the CPU; the model itself lives on MLX's default device.
         return torch.device("cpu")
 
-    def frames(self, prompt: Prompt, *, temperature: float = 0.9, topk: int = 50, seed: int | None = None,
-               cancel: threading.Event | None = None) -> Iterator[Tensor]:
-        """Yield sampled audio frames (32,) long until the all-zero end frame, the budget or ``cancel``.
+    def _backbone_caches(self) -> tuple:
+        return tuple(layer.attn.kv_cache for layer in self.model.backbone.layers)
 
-        Same contract as ``Generator.frames``; the random stream differs from torch's (an MLX
-        PRNG key seeded with ``seed``), greedy decoding (``topk=1`` or ``temperature=0``) is equal.
-        """
+    def _random(self, seed: int | None) -> FrameKeys:  # type: ignore[override]
+        return FrameKeys(seed if seed is not None else random.getrandbits(62))
+
+    def _feed(self, tokens: Tensor, mask: Tensor, start: int, temperature: float, topk: int,
+              gen: FrameKeys | None, sample: bool = True) -> Tensor | None:
+        """Run rows at ``start`` through the MLX backbone (and sample a frame); keep the cache record true."""
+        self.conversation_cache.truncate(start)
         model: MLXCSMModel = self.model  # type: ignore[assignment]
-        key = mx.random.key(seed if seed is not None else random.getrandbits(62))
-        n_cb = self.config.audio_num_codebooks
-        tokens = mx.array(prompt.tokens.numpy().astype(np.int32))[None]
-        mask = mx.array(prompt.mask.numpy())[None]
-        start = 0
-        step_mask = mx.array(np.arange(n_cb + 1) < n_cb)[None, None]  # codes counted, text column not
-        text_col = mx.zeros((1, 1, 1), dtype=mx.int32)
-        for _ in range(prompt.max_frames):
-            if cancel is not None and cancel.is_set():
-                return
-            key, frame_key = mx.random.split(key)
-            frame_mx = model.generate_frame(tokens, mask, start, temperature, topk, frame_key)
-            mx.eval(frame_mx)
-            frame = torch.from_numpy(np.array(frame_mx[0], dtype=np.int64))
-            yield frame
-            if not frame.any():
-                return
-            start += tokens.shape[1]
-            tokens = mx.concatenate([frame_mx[:, None, :], text_col], axis=-1)
-            mask = step_mask
+        t = mx.array(tokens.numpy().astype(np.int32))[None]
+        m = mx.array(mask.numpy())[None]
+        frame = None
+        if sample:
+            out = model.generate_frame(t, m, start, temperature, topk, gen.next() if gen is not None else None)
+            mx.eval(out)
+            frame = torch.from_numpy(np.array(out[0], dtype=np.int64))
+        else:
+            model.backbone_hidden(t, m, start)
+            mx.eval([(layer.attn.kv_cache.k, layer.attn.kv_cache.v) for layer in model.backbone.layers])
+        self.conversation_cache.record(start, tokens, mask)
+        return frame
+
+
+__all__ = ["FrameKeys", "MLXGenerator"]

@@ -33,6 +33,9 @@ class KVCache:
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.k = mx.zeros(shape, dtype=dtype)
         self.v = mx.zeros(shape, dtype=dtype)
+        # Evaluated now: a lazy array can only be evaluated on the thread that made it, and the
+        # agent loads the model on one thread and speaks on another.
+        mx.eval(self.k, self.v)
         self.max_seq_len = max_seq_len
 
     def update(self, start: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
