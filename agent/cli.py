@@ -24,18 +24,18 @@ import signal
 import sys
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from agent.audio import describe_devices
 from agent.config.file import load_settings
+from agent.config.personas import list_personas, load_persona
+from agent.config.settings import AgentSettings
 from agent.conversation.conversation import Conversation
 from agent.errors import AgentError
-from agent.logs import default_log_path, setup_logging
 from agent.events import AgentTurnDone, Event, Notice, ToolUse, TurnLatency, UserTurn
-from agent.config.personas import list_personas, load_persona
+from agent.logs import default_log_path, setup_logging
 from agent.pipeline import Pipeline
 from agent.speak.replay import replay_conversation
-from agent.config.settings import AgentSettings
 from csm_engine.errors import CSMError
 from csm_engine.mlx.precisions import MLX_PRECISION_NAMES
 from csm_engine.precision import PRECISIONS
@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-file", metavar="PATH", help=f"where the log goes (default {default_log_path()})")
 
     audio = p.add_argument_group("audio")
-    audio.add_argument("--mic-file", metavar="IN.wav", help="use a WAV file as the microphone (any rate, mono or stereo)")
+    audio.add_argument("--mic-file", metavar="IN.wav",
+                       help="use a WAV file as the microphone (any rate, mono or stereo)")
     audio.add_argument("--speaker-file", metavar="OUT.wav", help="write everything the agent says to this WAV")
     audio.add_argument("--input-device", metavar="INDEX|NAME", help="microphone (see --list-devices)")
     audio.add_argument("--output-device", metavar="INDEX|NAME", help="speaker (see --list-devices)")
@@ -94,9 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="play --mic-file as fast as the agent takes it: each turn waits for the previous reply")
 
     models = p.add_argument_group("models")
-    models.add_argument("--csm-model", metavar="DIR|REPO", help="CSM checkpoint dir or hub repo (default sesame/csm-1b)")
-    models.add_argument("--mimi-path", metavar="PATH", help="Mimi codec weights (default: next to the model, or the hub)")
-    models.add_argument("--tokenizer-path", metavar="PATH", help="text tokenizer.json (default: next to the model, or the hub)")
+    models.add_argument("--csm-model", metavar="DIR|REPO",
+                        help="CSM checkpoint dir or hub repo (default sesame/csm-1b)")
+    models.add_argument("--mimi-path", metavar="PATH",
+                        help="Mimi codec weights (default: next to the model, or the hub)")
+    models.add_argument("--tokenizer-path", metavar="PATH",
+                        help="text tokenizer.json (default: next to the model, or the hub)")
     models.add_argument("--csm-dtype", choices=("auto", *dict.fromkeys((*PRECISIONS, *MLX_PRECISION_NAMES))),
                         help="CSM precision (default: the fastest for the device; on MLX: float32, bfloat16, "
                              "int8, int4, by default chosen by the Apple chip's memory bandwidth)")

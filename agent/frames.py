@@ -127,7 +127,7 @@ class TentativeSpeech(DataFrame):
 
     audio: np.ndarray = field(repr=False, compare=False)
     span: tuple[int, int]
-    transcript: "Transcript | None" = None
+    transcript: Transcript | None = None
     early: bool = False
 
 

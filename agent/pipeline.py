@@ -27,28 +27,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from agent.listen.asr import Transcriber
 from agent.audio import AudioSink, AudioSource, WavFileSource, write_wav
+from agent.config.personas import Persona, load_persona
+from agent.config.settings import MODES, AgentSettings
 from agent.conversation.conversation import Conversation
-from agent.errors import AgentError
-from agent.listen.barge_in import BargeIn
-from agent.echo.double_talk import DoubleTalk
+from agent.conversation.saving import ConversationSaver, default_save_dir
 from agent.echo.canceller import open_echo_canceller
+from agent.echo.double_talk import DoubleTalk
+from agent.echo.room import SimulatedRoom, open_room
+from agent.errors import AgentError
 from agent.events import AgentState, AudioSetup, Event
 from agent.frames import Announcement, ReplayRequest, UserInput
+from agent.listen.asr import Transcriber
+from agent.listen.barge_in import BargeIn
+from agent.listen.vad import SileroModel
 from agent.llm.base import ChatLLM
-from agent.config.personas import Persona, load_persona
-from agent.conversation.saving import ConversationSaver, default_save_dir
-from agent.config.settings import MODES, AgentSettings
 from agent.stages.base import StageContext
 from agent.stages.capture import CancelledEcho, CaptureStage, EchoRemover, NoEchoRemoval
-from agent.stages.turn import TurnStage
 from agent.stages.loading import ModelLoader, Models
 from agent.stages.think import ThinkStage
 from agent.stages.transcribe import TranscribeStage
+from agent.stages.turn import TurnStage
 from agent.stages.voice import PromptHook, VoiceStage
-from agent.echo.room import SimulatedRoom, open_room
-from agent.listen.vad import SileroModel
 
 if TYPE_CHECKING:  # torch-heavy: only for annotations
     from agent.tools.services import AgentServices
@@ -73,11 +73,11 @@ class Pipeline:
         *,
         source: AudioSource | Literal[False] | None = None,  # None: --mic-file or the mic; False: no input
         sink: AudioSink | None = None,  # None: --speaker-file or the speaker
-        generator: "Generator | None" = None,
+        generator: Generator | None = None,
         llm: ChatLLM | None = None,
         transcriber: Transcriber | None = None,
         vad_model: SileroModel | None = None,
-        watermarker: "Watermarker | None" = None,
+        watermarker: Watermarker | None = None,
         on_prompt: PromptHook | None = None,
     ) -> None:
         self.settings = settings
@@ -105,7 +105,7 @@ class Pipeline:
                               paced=paced, barge_in=self.barge_in)
         self.capture = CaptureStage(self.ctx, self.turn, paced=paced)
         self._stages = (self.capture, self.turn, self.transcribe, self.think, self.voice)
-        self.services: "AgentServices | None" = None  # tools, memory, timers: opened by start()
+        self.services: AgentServices | None = None  # tools, memory, timers: opened by start()
         self._detach_echo: Callable[[], None] | None = None
         self._detach_room: Callable[[], None] | None = None
         self._started = self._stopped = False
@@ -182,7 +182,8 @@ class Pipeline:
         deadline = time.monotonic() + LOAD_JOIN_S
         stage_threads = {f"csm-chat-{stage.name}" for stage in self._stages}
         for thread in self.ctx.threads():
-            if thread.name not in stage_threads | {"csm-chat-voice-download"} and thread is not threading.current_thread():
+            ours = stage_threads | {"csm-chat-voice-download"}
+            if thread.name not in ours and thread is not threading.current_thread():
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._close_sink()
         if self.services is not None:

@@ -39,9 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
-
 from engine_speed import Conversation, PeakRSS, first_chunk_ms, frame_loop_speed, streamed_rtf  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 from quant_error import logit_error, probe_inputs  # noqa: E402
 
 from csm_engine.codec import MimiCodec  # noqa: E402
@@ -50,7 +49,14 @@ from csm_engine.mlx.convert import build_model  # noqa: E402
 from csm_engine.mlx.generator import MLXGenerator  # noqa: E402
 from csm_engine.mlx.model import MLXCSMModel  # noqa: E402
 from csm_engine.mlx.precisions import (  # noqa: E402
-    APPLE_CHIPS, MARGIN, MLX_PRECISION_NAMES, REALTIME_FPS, bound_fps, needed_precision, quant_bits, resolve,
+    APPLE_CHIPS,
+    MARGIN,
+    MLX_PRECISION_NAMES,
+    REALTIME_FPS,
+    bound_fps,
+    needed_precision,
+    quant_bits,
+    resolve,
     weights_read_per_frame,
 )
 from csm_engine.precision import lookup  # noqa: E402

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -199,7 +199,7 @@ def provenance() -> dict:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     return {"machine": platform.node(), "cpu": cpu, "cores": len(__import__("os").sched_getaffinity(0)),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
+            "date": datetime.now(UTC).isoformat(timespec="seconds"), "git_commit": commit,
             "python": platform.python_version(), "load_before": __import__("os").getloadavg()[0]}
 
 

@@ -27,6 +27,9 @@ class SilenceGuard:
         return float(pcm.float().pow(2).mean().sqrt()) < self.rms_threshold
 
 
+DEFAULT_SILENCE_GUARD = SilenceGuard()  # frozen: one shared default
+
+
 class ChunkAssembler:
     """Collects each frame's PCM (1920 samples at 24 kHz) and hands out chunks of ``chunk_frames`` frames.
 
@@ -35,7 +38,7 @@ class ChunkAssembler:
     ``final=True``.
     """
 
-    def __init__(self, chunk_frames: int = 2, silence: SilenceGuard | None = SilenceGuard()):
+    def __init__(self, chunk_frames: int = 2, silence: SilenceGuard | None = DEFAULT_SILENCE_GUARD):
         self.chunk_frames = chunk_frames
         self.silence = silence
         self._pending: list[Tensor] = []  # decoded, not yet handed out
@@ -77,4 +80,4 @@ class ChunkAssembler:
         return chunk
 
 
-__all__ = ["ChunkAssembler", "SilenceGuard"]
+__all__ = ["DEFAULT_SILENCE_GUARD", "ChunkAssembler", "SilenceGuard"]

@@ -18,7 +18,6 @@ from csm_engine.errors import CSMError
 from csm_engine.mlx.precisions import MLX_PRECISION_NAMES
 from csm_engine.speech import ENGINES
 
-
 # ---------------------------------------------------------------------------------------------
 # csm-generate
 # ---------------------------------------------------------------------------------------------

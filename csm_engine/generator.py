@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from csm_engine.adapters import merge_into_model, read_adapter
-from csm_engine.chunking import ChunkAssembler, SilenceGuard
+from csm_engine.chunking import DEFAULT_SILENCE_GUARD, ChunkAssembler, SilenceGuard
 from csm_engine.codec import MimiCodec
 from csm_engine.config import SAMPLES_PER_FRAME
 from csm_engine.cuda_graphs import FrameStep, FrameSteps, cuda_graphs_available
@@ -48,7 +48,7 @@ class ConversationCache:
     owner: tuple | None = None
 
     @classmethod
-    def empty(cls, max_seq_len: int, width: int) -> "ConversationCache":
+    def empty(cls, max_seq_len: int, width: int) -> ConversationCache:
         return cls(torch.zeros(max_seq_len, width, dtype=torch.long), torch.zeros(max_seq_len, width, dtype=torch.bool))
 
     def reset(self) -> None:
@@ -268,7 +268,7 @@ class Generator(PromptBuilder):
         cancel: threading.Event | None = None,
         on_frame: FrameCallback | None = None,
         runaway_guard: bool = True,
-        silence: SilenceGuard | None = SilenceGuard(),
+        silence: SilenceGuard | None = DEFAULT_SILENCE_GUARD,
     ) -> Iterator[np.ndarray]:
         """Yield float32 PCM chunks (24 kHz) of ``chunk_frames`` frames each as they are decoded.
 

@@ -28,7 +28,6 @@ from csm_engine.errors import CSMError
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from csm_engine.chunking import SilenceGuard
     from csm_engine.generator import FrameCallback
     from csm_engine.prompt import Prompt
     from csm_engine.tokens import Segment
@@ -43,17 +42,17 @@ class SpeechGenerator(Protocol):
     sample_rate: int
     config: Any  # max_seq_len, audio_num_codebooks, frame_width
 
-    def build_prompt(self, text: str, speaker: int, context: Sequence["Segment"], max_audio_length_ms: int,
-                     runaway_guard: bool = True) -> "Prompt": ...
+    def build_prompt(self, text: str, speaker: int, context: Sequence[Segment], max_audio_length_ms: int,
+                     runaway_guard: bool = True) -> Prompt: ...
 
-    def segment_frames(self, segment: "Segment") -> tuple["Tensor", "Tensor"]: ...
+    def segment_frames(self, segment: Segment) -> tuple[Tensor, Tensor]: ...
 
-    def stream(self, text: str, speaker: int, context: Sequence["Segment"] = (), *, max_audio_length_ms: int = ...,
+    def stream(self, text: str, speaker: int, context: Sequence[Segment] = (), *, max_audio_length_ms: int = ...,
                temperature: float = ..., topk: int = ..., seed: int | None = None, chunk_frames: int = ...,
-               cancel: threading.Event | None = None, on_frame: "FrameCallback | None" = None,
+               cancel: threading.Event | None = None, on_frame: FrameCallback | None = None,
                **options: Any) -> Iterator[np.ndarray]: ...
 
-    def remember_codes(self, audio: "Tensor", codes: "Tensor") -> None: ...
+    def remember_codes(self, audio: Tensor, codes: Tensor) -> None: ...
 
 
 @runtime_checkable
@@ -63,10 +62,10 @@ class LocalSpeechGenerator(SpeechGenerator, Protocol):
     engine: str  # "torch" | "mlx"
     last_prefill_rows: int  # prompt rows the last utterance ran through the backbone (the rest were cached)
 
-    def frames(self, prompt: "Prompt", *, temperature: float = 0.9, topk: int = 50, seed: int | None = None,
-               cancel: threading.Event | None = None) -> Iterator["Tensor"]: ...
+    def frames(self, prompt: Prompt, *, temperature: float = 0.9, topk: int = 50, seed: int | None = None,
+               cancel: threading.Event | None = None) -> Iterator[Tensor]: ...
 
-    def generate(self, text: str, speaker: int, context: Sequence["Segment"] = (), **kwargs: Any) -> "Tensor": ...
+    def generate(self, text: str, speaker: int, context: Sequence[Segment] = (), **kwargs: Any) -> Tensor: ...
 
     def forget_cache(self) -> None: ...
 

@@ -103,8 +103,9 @@ def faster_whisper_tiny():
 @pytest.fixture(scope="session")
 def openai_whisper_tiny_pt(tmp_path_factory) -> Path:
     """The embedded CTranslate2 tiny.en converted to an openai-whisper checkpoint (.pt), once."""
-    from agent.embedded import whisper_tiny_en_dir
     from _asr_helpers import convert_ct2_whisper_to_openai
+
+    from agent.embedded import whisper_tiny_en_dir
 
     return convert_ct2_whisper_to_openai(whisper_tiny_en_dir(), tmp_path_factory.mktemp("whisper") / "tiny.en.pt")
 

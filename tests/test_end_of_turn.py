@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-
 from _clips import speech_only
+
 from agent.audio import PIPELINE_RATE, load_audio
 from agent.cli import build_parser, settings_from_args
-from agent.listen.end_of_turn import EndOfTurnJudge, TurnSettings, TurnVerdict
 from agent.errors import AgentError
+from agent.listen.end_of_turn import EndOfTurnJudge, TurnSettings, TurnVerdict
 from agent.listen.turn_model import load_turn_model
 from agent.listen.vad import VadEvent, VadSettings, VoiceActivityDetector, load_silero_model
 

@@ -18,11 +18,10 @@ import termios
 from pathlib import Path
 
 import pytest
+from _fake_hub import FakeHub
 
 from agent.errors import AgentError
 from agent.llm.gguf import HubGGUF, choose_file, parse_model_spec
-
-from _fake_hub import FakeHub
 
 REPO = "fake/SmolLM2-135M-Instruct-GGUF"
 

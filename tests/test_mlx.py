@@ -86,7 +86,8 @@ def _context_frames(cfg: CSMConfig, n_text: int, n_audio: int, n_prompt: int, se
     text_rows = list(range(n_text)) + list(range(n_text + n_audio, total))
     tokens[text_rows, -1] = torch.randint(0, cfg.text_vocab_size, (len(text_rows),), generator=g)
     mask[text_rows, -1] = True
-    tokens[n_text:n_text + n_audio - 1, :n_cb] = torch.randint(1, cfg.audio_vocab_size, (n_audio - 1, n_cb), generator=g)
+    tokens[n_text:n_text + n_audio - 1, :n_cb] = torch.randint(1, cfg.audio_vocab_size, (n_audio - 1, n_cb),
+                                                               generator=g)
     mask[n_text:n_text + n_audio, :n_cb] = True
     return tokens[None], mask[None]
 
@@ -306,8 +307,9 @@ def test_load_generator_quantized(tiny_checkpoint):
 
 def test_csm_generate_mlx_writes_a_24khz_wav(tiny_checkpoint, tmp_path):
     """The real console script: csm-generate's options and output path with the model on MLX."""
-    import soundfile as sf
     from pathlib import Path
+
+    import soundfile as sf
 
     script = Path(sys.executable).with_name("csm-generate-mlx")
     assert script.is_file(), "csm-generate-mlx is not installed; run `make test` (pip install -e .)"

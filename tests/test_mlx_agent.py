@@ -70,6 +70,7 @@ def test_an_unknown_engine_is_one_line(tmp_path):
 def test_barge_in_cancels_an_mlx_reply_and_keeps_only_what_played(tiny_checkpoint, tiny_generator, chat_persona):
     """The voice stage's own barge-in test, with the MLX engine speaking."""
     from _stage_helpers import RecordingGenerator, context, run_stage
+
     from agent.audio import MemorySink
     from agent.config.personas import load_persona
     from agent.events import AgentTurnDone

@@ -187,8 +187,7 @@ def test_the_factory_loads_mlx_at_each_precision_and_refuses_torch_only_ones(tin
 
 def test_default_precision_follows_the_chips_bandwidth():
     from csm_engine.config import get_flavor
-    from csm_engine.mlx.precisions import (APPLE_CHIPS, bound_fps, chip_named, default_precision,
-                                           weights_read_per_frame)
+    from csm_engine.mlx.precisions import APPLE_CHIPS, bound_fps, chip_named, default_precision, weights_read_per_frame
     from csm_engine.precision import lookup
 
     one_b = get_flavor("1B")

@@ -9,13 +9,13 @@ import time
 
 import numpy as np
 import pytest
-
 from _stage_helpers import EventLog as Events
 from _stage_helpers import RecordingGenerator
+
 from agent.audio import MemorySink, QueueSource, load_audio
+from agent.config.settings import AgentSettings
 from agent.events import AgentState, AgentText, AgentTurnDone, Notice, StateChanged, TurnLatency, UserTurn
 from agent.pipeline import Pipeline
-from agent.config.settings import AgentSettings
 
 pytestmark = pytest.mark.e2e
 TIMEOUT_S = 240.0
@@ -72,13 +72,13 @@ def test_spoken_turns_are_answered_with_earlier_turns_and_their_audio_as_context
     assert all(a.audio is b.audio for a, b in zip(first_calls[1]["context"], first_calls[2]["context"]))
 
     # Streaming: each reply's first audio was playing before CSM finished that sentence.
-    for turn, call in zip(turns[1::2], first_calls):
+    for call in first_calls:
         heard = [c.started_at for c in sink.chunks if call["started"] <= c.started_at]
         assert heard and heard[0] < call["ended"], "audio reached the speaker only after generation ended"
 
     latencies = events.of(TurnLatency)
-    assert len(latencies) == 3 and all(l.transcript_ms and l.first_token_ms and l.first_audio_ms for l in latencies)
-    assert all(l.transcript_ms <= l.first_token_ms <= l.first_audio_ms for l in latencies)
+    assert len(latencies) == 3 and all(t.transcript_ms and t.first_token_ms and t.first_audio_ms for t in latencies)
+    assert all(t.transcript_ms <= t.first_token_ms <= t.first_audio_ms for t in latencies)
 
     saved = json.loads((tmp_path / "saved" / "conversation.json").read_text())
     assert [t["role"] for t in saved["turns"]] == ["user", "agent"] * 3
@@ -194,7 +194,8 @@ def test_forty_turns_stay_within_the_window_with_bounded_memory(tmp_path, chat_p
     pipeline = Pipeline(_settings(tmp_path, chat_persona, max_audio_ms=240), events, source=False,
                         sink=MemorySink(24_000, speed=None), generator=generator, llm=smollm2_llm,
                         transcriber=object(),
-                        on_prompt=lambda context, prompt: prompt_rows.append(prompt.tokens.shape[0] + prompt.max_frames))
+                        on_prompt=lambda context, prompt: prompt_rows.append(
+                            prompt.tokens.shape[0] + prompt.max_frames))
     try:
         pipeline.start()
         pipeline.wait_ready(TIMEOUT_S)

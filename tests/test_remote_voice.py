@@ -17,20 +17,19 @@ import time
 import numpy as np
 import pytest
 import torch
+from _serve_helpers import ServerProcess, console_script, write_voices
+from _stage_helpers import EventLog
 
 from agent.audio import MemorySink, load_audio
+from agent.config.settings import AgentSettings
 from agent.conversation.conversation import Conversation
 from agent.errors import AgentError
 from agent.events import AgentTurnDone
 from agent.pipeline import Pipeline
 from agent.speak.remote_voice import RemoteSynthesizer, server_root
-from agent.config.settings import AgentSettings
 from agent.speak.synthesis import ReplySynthesizer, SynthesisOptions
 from csm_engine.errors import CSMError
 from csm_engine.tokens import Segment
-
-from _serve_helpers import ServerProcess, console_script, write_voices
-from _stage_helpers import EventLog
 
 KEY = "voice-key"
 
@@ -39,7 +38,8 @@ KEY = "voice-key"
 def server(tiny_checkpoint, espeak_speech_wav, tmp_path_factory):
     directory = tmp_path_factory.mktemp("remote_voice")
     shutil.copy(espeak_speech_wav, directory / "voice.wav")
-    proc = ServerProcess("--csm-model", str(tiny_checkpoint), "--voices", str(write_voices(directory, directory / "voice.wav")),
+    voices = write_voices(directory, directory / "voice.wav")
+    proc = ServerProcess("--csm-model", str(tiny_checkpoint), "--voices", str(voices),
                          "--max-streams", "2", "--dtype", "float32", api_key=KEY, log=directory / "server.log")
     try:
         yield proc.wait_ready()
@@ -56,7 +56,8 @@ def voice(espeak_speech_wav) -> Segment:
 @pytest.fixture(scope="module")
 def conversation(espeak_wav) -> Conversation:
     conv = Conversation(agent_speaker=0)
-    conv.add_user_turn("what is the weather like today", load_audio(espeak_wav("what is the weather like today"), 16_000))
+    question = "what is the weather like today"
+    conv.add_user_turn(question, load_audio(espeak_wav(question), 16_000))
     return conv
 
 

@@ -10,23 +10,33 @@ import time
 
 import numpy as np
 import pytest
-
 from _stage_helpers import Collector, RecordingGenerator, ScriptedLLM, ScriptedTranscriber, context, run_stage
+
 from agent.audio import MemorySink, QueueSource, load_audio
-from agent.conversation.conversation import Conversation
-from agent.events import AgentTurnDone, PartialTranscript, UserTurn
-from agent.listen.barge_in import BargeIn
-from agent.events import MicLevel
-from agent.frames import (AgentSentence, AudioBlock, EndOfAudio, EndOfReply, PartialAudio, ReplayRequest, Reply,
-                          SpeechSegment, Stop, TentativeSpeech, UserInput)
 from agent.config.personas import load_persona
+from agent.conversation.conversation import Conversation
+from agent.events import AgentTurnDone, MicLevel, PartialTranscript, UserTurn
+from agent.frames import (
+    AgentSentence,
+    AudioBlock,
+    EndOfAudio,
+    EndOfReply,
+    PartialAudio,
+    ReplayRequest,
+    Reply,
+    SpeechSegment,
+    Stop,
+    TentativeSpeech,
+    UserInput,
+)
+from agent.listen.barge_in import BargeIn
+from agent.listen.vad import VadSettings, VoiceActivityDetector, load_silero_model
 from agent.stages.capture import CaptureStage
 from agent.stages.loading import Models
 from agent.stages.think import ThinkStage
-from agent.stages.turn import TurnStage
 from agent.stages.transcribe import TranscribeStage
+from agent.stages.turn import TurnStage
 from agent.stages.voice import VoiceStage
-from agent.listen.vad import VadSettings, VoiceActivityDetector, load_silero_model
 
 SILENCE_S = 1.0
 
@@ -161,7 +171,8 @@ def test_spans_count_the_capture_stream_across_a_mode_switch(espeak_wav, silero)
     silence = np.zeros(int(SILENCE_S * 16_000), np.float32)
     (spoken,) = _spoken(espeak_wav, "thank you very much")
     before = np.zeros(32_000, np.float32)
-    blocks = lambda samples: [AudioBlock(samples[i:i + 512], time.monotonic()) for i in range(0, len(samples), 512)]
+    def blocks(samples):
+        return [AudioBlock(samples[i:i + 512], time.monotonic()) for i in range(0, len(samples), 512)]
     for block in blocks(before):
         stage.process(block)
     stage.set_mode("vad")

@@ -13,11 +13,11 @@ import pytest
 from rich.text import Text
 from textual.widgets import Input
 
-from agent.errors import AgentError  # noqa: E402
 from agent.config.settings import AgentSettings  # noqa: E402
+from agent.errors import AgentError  # noqa: E402
+from agent.events import AgentState, AgentText, AgentTurnDone  # noqa: E402
 from agent.tui.app import CsmChatApp  # noqa: E402
 from agent.tui.text import literal, visible_controls  # noqa: E402
-from agent.events import AgentState, AgentText, AgentTurnDone  # noqa: E402
 from agent.tui.widgets import LatencyPanel, MicMeter, StateIndicator, Transcript, TurnView  # noqa: E402
 
 INJECTION = "[bold red]x[/] \x1b[31m"

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from _clips import speech_only
 from _room_helpers import play_in_room
 from _stage_helpers import EventLog, converse
 from test_end_of_turn import run_stream, silence
+
 from agent.audio import MemorySink, load_audio, write_wav
 from agent.config.settings import AgentSettings
 from agent.events import UserTurn

@@ -7,19 +7,26 @@ import shutil
 
 import numpy as np
 import pytest
-
-from agent.audio import PIPELINE_RATE, load_audio
-from agent.embedded import smart_turn_onnx
-from agent.listen.end_of_turn import EndOfTurnJudge, TurnSettings, build_turn_judge
-from agent.errors import AgentError
-from agent.listen.turn_model import (WINDOW_SAMPLES, TurnRuntime, last_window, load_turn_model, try_load_turn_model,
-                               turn_features)
-from agent.listen.vad import load_silero_model
 from _clips import speech_only
 from test_end_of_turn import LEAD_S, PAUSED_SENTENCES, QUESTIONS, paused_stream, question_stream, run_stream, silence
 
+from agent.audio import PIPELINE_RATE, load_audio
+from agent.embedded import smart_turn_onnx
+from agent.errors import AgentError
+from agent.listen.end_of_turn import EndOfTurnJudge, TurnSettings, build_turn_judge
+from agent.listen.turn_model import (
+    WINDOW_SAMPLES,
+    TurnRuntime,
+    last_window,
+    load_turn_model,
+    try_load_turn_model,
+    turn_features,
+)
+from agent.listen.vad import load_silero_model
+
 # Unfinished clauses said alone (espeak gives each a sentence-final fall in pitch).
-UNFINISHED_CLAUSES = ["I'd like to know", "What is the capital of", "Could you please remind me to", "My favourite colour is"]
+UNFINISHED_CLAUSES = ["I'd like to know", "What is the capital of", "Could you please remind me to",
+                      "My favourite colour is"]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +112,8 @@ def test_folded_weights_and_two_threads_answer_like_the_reference_bit_for_bit(qu
     two_threads = load_turn_model(runtime=TurnRuntime(threads=2))
     x = turn_features(np.concatenate([question, silence(0.192)]))
     assert model.runtime == TurnRuntime()  # the default is the folded one
-    assert model.probability_of_features(x) == reference.probability_of_features(x) == two_threads.probability_of_features(x)
+    p = model.probability_of_features(x)
+    assert p == reference.probability_of_features(x) == two_threads.probability_of_features(x)
 
 
 class RecordingModel:

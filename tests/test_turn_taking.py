@@ -12,15 +12,16 @@ import time
 
 import numpy as np
 import pytest
-
 from _clips import speech_only
-from _stage_helpers import EventLog as Events, converse
+from _stage_helpers import EventLog as Events
+from _stage_helpers import converse
 from _voice_helpers import EspeakVoice
 from test_end_of_turn import QUESTIONS  # the 20 complete questions the judge's own tests use
+
 from agent.audio import MemorySink, QueueSource, load_audio, write_wav
+from agent.config.settings import AgentSettings
 from agent.events import AgentTurnDone, TurnLatency, UserTurn
 from agent.pipeline import Pipeline
-from agent.config.settings import AgentSettings
 
 pytestmark = pytest.mark.e2e
 TIMEOUT_S = 300.0

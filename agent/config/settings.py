@@ -11,9 +11,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from agent.echo.canceller import check_aec_mode
-from agent.listen.end_of_turn import TurnSettings
-from agent.errors import AgentError
 from agent.echo.room_spec import load_room
+from agent.errors import AgentError
+from agent.listen.end_of_turn import TurnSettings
 
 DEFAULT_CSM_MODEL = "sesame/csm-1b"
 ASR_ENGINES = ("faster-whisper", "openai-whisper")
@@ -106,6 +106,6 @@ class AgentSettings:
         return TurnSettings(mode=self.turn, threshold=self.turn_threshold,
                             max_silence_ms=self.turn_max_silence_ms, end_silence_ms=self.end_silence_ms)
 
-    def with_changes(self, **changes: Any) -> "AgentSettings":
+    def with_changes(self, **changes: Any) -> AgentSettings:
         """A copy with some options replaced (validated)."""
         return replace(self, **changes)

@@ -29,8 +29,9 @@ The models run inside ``update`` on the caller's thread.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
@@ -51,7 +52,7 @@ class TurnModel(Protocol):
 
 
 class TextJudge(Protocol):
-    def evidence(self, span: tuple[int, int], audio: np.ndarray) -> "TextEvidence | None":
+    def evidence(self, span: tuple[int, int], audio: np.ndarray) -> TextEvidence | None:
         """The transcript of the turn as it would end at ``span`` and its P(end of message)."""
 
     def forget(self) -> None:
@@ -205,7 +206,8 @@ class EndOfTurnJudge:
         return (time.perf_counter() - started) * 1000
 
 
-def build_turn_judge(settings: TurnSettings | None = None, model_path: str | None = None) -> tuple[EndOfTurnJudge, str | None]:
+def build_turn_judge(settings: TurnSettings | None = None,
+                     model_path: str | None = None) -> tuple[EndOfTurnJudge, str | None]:
     """A judge for ``settings``; in smart and audio modes it loads the audio model, and when that
     fails returns a silence-rule judge and the one-line notice to show (``None`` when all is well).
     The text evidence is attached later (``use_text``), once the transcriber and the LLM exist."""

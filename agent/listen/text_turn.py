@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 LOCK_WAIT_S = 0.05  # a reply holding the LLM longer than this: no text evidence for this pause
 PROBE = "\x00end\x00"  # stands for the user's words while the chat template is cut
 SENTENCE_END = re.compile(r"[.?!]|[?!]{2,}")  # "..." and ".." trail off: not an end
-_TEMPLATES: "weakref.WeakKeyDictionary[Any, tuple[Any, list[int]] | None]" = weakref.WeakKeyDictionary()
+_TEMPLATES: weakref.WeakKeyDictionary[Any, tuple[Any, list[int]] | None] = weakref.WeakKeyDictionary()
 
 
 def normalize(text: str) -> str:
@@ -58,7 +58,7 @@ class TextEvidence:
     """What the transcript of one pause says: its words and P(end of message) (None: not scored)."""
 
     span: tuple[int, int]
-    transcript: "Transcript"
+    transcript: Transcript
     probability: float | None
     asr_ms: float
     llm_ms: float
@@ -87,7 +87,7 @@ def _template(llama: Any) -> tuple[Any, list[int]] | None:
     return formatter, [after[0], *final]
 
 
-def end_of_message_probability(llm: "ChatLLM", text: str, context: "list[Message] | None" = None,
+def end_of_message_probability(llm: ChatLLM, text: str, context: list[Message] | None = None,
                                wait_s: float = LOCK_WAIT_S) -> float | None:
     """P(the user's message ends after ``text``) from ``llm``'s end-of-turn token; None when this
     LLM cannot be scored (a server), the text is empty, or a reply holds the model. ``context``:
@@ -135,14 +135,14 @@ class TextTurn:
     ``context()`` the conversation so far as the reply's prompt will begin (system prompt, turns).
     """
 
-    def __init__(self, transcriber: Callable[[], "Transcriber | None"], llm: Callable[[], "ChatLLM | None"],
-                 context: Callable[[], "list[Message]"] | None = None) -> None:
+    def __init__(self, transcriber: Callable[[], Transcriber | None], llm: Callable[[], ChatLLM | None],
+                 context: Callable[[], list[Message]] | None = None) -> None:
         self._transcriber = transcriber
         self._llm = llm
         self._context = context
         self._lock = threading.Lock()
         self._last: TextEvidence | None = None
-        self._early: "EarlyReply | None" = None
+        self._early: EarlyReply | None = None
         self.early_started = self.early_discarded = self.early_taken = 0  # replies started early, and their fate
 
     def evidence(self, span: tuple[int, int], audio: np.ndarray) -> TextEvidence | None:
@@ -167,14 +167,14 @@ class TextTurn:
         """A new turn or pause (the detector's spans may start again from 0 after a reset)."""
         self._last = None
 
-    def transcript_for(self, span: tuple[int, int] | None) -> "Transcript | None":
+    def transcript_for(self, span: tuple[int, int] | None) -> Transcript | None:
         """The transcript already made of exactly ``span``, if any (the transcribe stage reuses it)."""
         last = self._last
         return last.transcript if last is not None and span is not None and last.span == span else None
 
     # ---- the reply started early on the tentative transcript ---------------------------------
 
-    def started_early(self, early: "EarlyReply", text: str) -> None:
+    def started_early(self, early: EarlyReply, text: str) -> None:
         """``early`` runs on ``text``, the transcript of the current pause; if that pause is already
         over (the user went on before the reply started) it is discarded at once."""
         last = self._last
@@ -193,14 +193,14 @@ class TextTurn:
         if early is not None:
             self._discard(early)
 
-    def take_early(self) -> "EarlyReply | None":
+    def take_early(self) -> EarlyReply | None:
         """The early reply, handed over (to the think stage) and no longer discarded from here."""
         with self._lock:
             early, self._early = self._early, None
             self.early_taken += early is not None
         return early
 
-    def _discard(self, early: "EarlyReply") -> None:
+    def _discard(self, early: EarlyReply) -> None:
         early.discard()
         with self._lock:
             self.early_discarded += 1

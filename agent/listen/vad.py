@@ -4,8 +4,8 @@ Two detectors with one stream interface: ``feed(block) -> list[VadEvent]``.
 ``VoiceActivityDetector`` runs Silero VAD (the model packaged in ``silero-vad``, on ONNX
 Runtime or TorchScript) on 32 ms windows and ends a turn after a pause (a fixed one, or as an
 ``EndOfTurnJudge`` from ``agent.listen.end_of_turn`` decides); ``PushToTalk`` starts
-and ends turns on key press and release. A ``speech_end`` event carries the turn's audio, ready for ASR. Times are seconds of
-stream audio fed since the detector was made or reset (not wall-clock time).
+and ends turns on key press and release. A ``speech_end`` event carries the turn's audio, ready for ASR.
+Times are seconds of stream audio fed since the detector was made or reset (not wall-clock time).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Literal
 import numpy as np
 
 from agent.audio import PIPELINE_RATE
-from agent.listen.end_of_turn import EndOfTurnJudge, TurnVerdict
 from agent.errors import AgentError
+from agent.listen.end_of_turn import EndOfTurnJudge, TurnVerdict
 from agent.listen.silero import WINDOW, SileroModel, load_silero_model
 
 __all__ = ["PushToTalk", "SileroModel", "VadEvent", "VadSettings", "VoiceActivityDetector",

@@ -7,8 +7,8 @@ hands ``tools`` to the template; we parse the calls it writes) and **constrained
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any

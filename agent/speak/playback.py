@@ -66,7 +66,7 @@ class SentencePlayback:
     last, ``budget_s`` the most it can last (CSM's frame budget for it).
     """
 
-    def __init__(self, planner: "PlaybackPlanner", text: str, budget_s: float) -> None:
+    def __init__(self, planner: PlaybackPlanner, text: str, budget_s: float) -> None:
         self.planner = planner
         self.text = text
         self.expected_s = min(budget_s, planner.expected_length_s(text))

@@ -236,7 +236,7 @@ class RemoteSynthesizer(ReplySynthesizer):
     @classmethod
     def connect(cls, url: str, conversation, voice: Segment | None = None, options: SynthesisOptions | None = None,
                 *, api_key: str | None = None, session: str | None = None,
-                on_prompt: Callable[[list, Any], None] | None = None) -> "RemoteSynthesizer":
+                on_prompt: Callable[[list, Any], None] | None = None) -> RemoteSynthesizer:
         """Reach the server now (its model, window and tokenizer); AgentError when it cannot be reached.
 
         ``api_key`` None: ``CSM_SERVE_API_KEY`` from the environment, if set.

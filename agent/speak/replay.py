@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from agent.audio import resample, write_wav
+from agent.config.personas import Persona
 from agent.conversation.conversation import CSM_RATE, Conversation, Sentence, Turn
 from agent.errors import AgentError
 from agent.speak.sentences import SentenceSplitter
-from agent.config.personas import Persona
 from agent.speak.speech_text import normalize_for_speech
 from agent.speak.synthesis import ReplySynthesizer, SynthesisOptions
 
@@ -52,10 +52,10 @@ def _sentences_of(turn: Turn) -> list[str]:
 def replay_conversation(
     source: str | Path,
     out_dir: str | Path,
-    generator: "Generator",
+    generator: Generator,
     *,
     persona: Persona | None = None,
-    voice: "Segment | None" = None,
+    voice: Segment | None = None,
     all_turns: bool = False,
     seed: int | None = None,
     max_audio_ms: int | None = None,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.conversation.conversation import CSM_RATE, Conversation, ContextReport
+from agent.conversation.conversation import CSM_RATE, ContextReport, Conversation
 from csm_engine.errors import CSMError
 
 if TYPE_CHECKING:  # torch-heavy: only for annotations
@@ -43,11 +43,11 @@ class SpokenSentence:
 
     text: str
     audio: np.ndarray
-    codes: "torch.Tensor | None"  # LongTensor (32, frames)
+    codes: torch.Tensor | None  # LongTensor (32, frames)
     context_rows: int = 0
     prompt_rows: int = 0  # context + text rows + frame budget: must fit the window
     report: ContextReport | None = None
-    segment: "Segment | None" = None  # it as context, built once (see VoiceStage)
+    segment: Segment | None = None  # it as context, built once (see VoiceStage)
 
 
 @dataclass
@@ -63,18 +63,18 @@ class SynthesisOptions:
 class ReplySynthesizer:
     """Streams sentences for one speaker (the agent, or anyone in --replay --all-turns)."""
 
-    generator: "Generator"
+    generator: Generator
     conversation: Conversation
-    voice: "Segment | None" = None  # the persona's voice clip, pinned first
+    voice: Segment | None = None  # the persona's voice clip, pinned first
     options: SynthesisOptions = field(default_factory=SynthesisOptions)
-    on_prompt: Callable[[list, "Prompt"], None] | None = None  # (context segments, Prompt) for tests/metrics
+    on_prompt: Callable[[list, Prompt], None] | None = None  # (context segments, Prompt) for tests/metrics
     _rows: dict = field(default_factory=dict, repr=False)
 
     @property
     def window(self) -> int:
         return int(self.generator.config.max_seq_len)
 
-    def measure(self, segment: "Segment") -> int:
+    def measure(self, segment: Segment) -> int:
         """Backbone positions a context segment takes (text rows + audio frames + end frame)."""
         key = id(segment)
         hit = self._rows.get(key)
@@ -115,7 +115,7 @@ class ReplySynthesizer:
                     len(words), self.window, low)
         return " ".join(words[:low])
 
-    def recent_sentences(self, earlier: Sequence["Segment"], budget: int) -> list["Segment"]:
+    def recent_sentences(self, earlier: Sequence[Segment], budget: int) -> list[Segment]:
         """The newest of a reply's ``earlier`` sentences that fit their share of ``budget`` (whole sentences)."""
         from csm_engine.prompt import trim_context  # imports torch
 
@@ -135,8 +135,8 @@ class ReplySynthesizer:
                       len(earlier) - first, len(earlier), sum(rows[first:]), sum(rows))
         return earlier[first:]
 
-    def context_for(self, text: str, speaker: int, earlier: Sequence["Segment"] = ()
-                    ) -> tuple[list, ContextReport, "Prompt"]:
+    def context_for(self, text: str, speaker: int, earlier: Sequence[Segment] = ()
+                    ) -> tuple[list, ContextReport, Prompt]:
         """Context segments for saying ``text`` after ``earlier`` sentences of the same reply."""
         bare = self.generator.build_prompt(text, speaker, [], self.options.max_audio_ms)
         budget = self.window - bare.tokens.shape[0] - bare.max_frames
@@ -150,7 +150,7 @@ class ReplySynthesizer:
             context = context[len(context) - prompt.context_kept:]
         return context, report, prompt
 
-    def stream(self, text: str, speaker: int, earlier: Sequence["Segment"] = (), *,
+    def stream(self, text: str, speaker: int, earlier: Sequence[Segment] = (), *,
                cancel: threading.Event | None = None, seed: int | None = None, result: list | None = None
                ) -> Iterator[np.ndarray]:
         """Yield 24 kHz float32 chunks of ``text``; afterwards ``result`` holds one SpokenSentence."""
@@ -181,14 +181,14 @@ class ReplySynthesizer:
                 result.append(SpokenSentence(text, audio, codes, report.rows,
                                              int(prompt.tokens.shape[0] + prompt.max_frames), report))
 
-    def speak(self, text: str, speaker: int, earlier: Sequence["Segment"] = (), **kwargs: Any) -> SpokenSentence:
+    def speak(self, text: str, speaker: int, earlier: Sequence[Segment] = (), **kwargs: Any) -> SpokenSentence:
         """The whole sentence at once (replay)."""
         result: list[SpokenSentence] = []
         for _ in self.stream(text, speaker, earlier, result=result, **kwargs):
             pass
         return result[0]
 
-    def remember(self, audio: np.ndarray, codes: "torch.Tensor | None") -> "torch.Tensor":
+    def remember(self, audio: np.ndarray, codes: torch.Tensor | None) -> torch.Tensor:
         """Tell the engine ``audio`` decodes ``codes`` (when their lengths agree); returns the tensor to use."""
         import torch  # as in stream()
 
@@ -201,8 +201,8 @@ class ReplySynthesizer:
         return tensor
 
 
-def played_prefix(audio: np.ndarray, codes: "torch.Tensor | None", played: int
-                  ) -> tuple[np.ndarray, "torch.Tensor | None"]:
+def played_prefix(audio: np.ndarray, codes: torch.Tensor | None, played: int
+                  ) -> tuple[np.ndarray, torch.Tensor | None]:
     """The part of a sentence actually heard, cut to whole 80 ms frames so codes and audio agree."""
     if played >= len(audio):
         return audio, codes

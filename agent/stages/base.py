@@ -289,5 +289,5 @@ class Stage(ABC):
     def after_failure(self, frame: Frame) -> None:  # noqa: B027 (a hook: most stages have nothing to end)
         """After ``process(frame)`` raised (the reply in flight is already cancelled): end the turn cleanly."""
 
-    def on_stop(self) -> None:
+    def on_stop(self) -> None:  # noqa: B027 (a hook: most stages hold nothing to release)
         """Called on the stage's thread when ``Stop`` arrives."""

@@ -48,7 +48,7 @@ class EarlyReply:
         self._taken = False
 
     @classmethod
-    def start(cls, llm: ChatLLM, messages: list[Message], sampling: Sampling | None) -> "EarlyReply":
+    def start(cls, llm: ChatLLM, messages: list[Message], sampling: Sampling | None) -> EarlyReply:
         early = cls(messages, sampling)
         thread = threading.Thread(target=early._run, args=(llm,), name="csm-chat-early-reply", daemon=True)
         thread.start()

@@ -17,19 +17,19 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
 
-from agent.listen.asr import Transcriber, make_transcriber
 from agent.audio import AudioSink, AudioSource, MemorySink, open_microphone, open_speaker
-from agent.conversation.conversation import CSM_RATE
-from agent.listen.end_of_turn import build_turn_judge
-from agent.listen.text_turn import TextTurn
-from agent.errors import AgentError
-from agent.events import LoadProgress
-from agent.llm.base import ChatLLM, make_llm
-from agent.llm.local import LocalLLM
 from agent.config.personas import Persona
 from agent.config.settings import AgentSettings
-from agent.stages.base import StageContext
+from agent.conversation.conversation import CSM_RATE
+from agent.errors import AgentError
+from agent.events import LoadProgress
+from agent.listen.asr import Transcriber, make_transcriber
+from agent.listen.end_of_turn import build_turn_judge
+from agent.listen.text_turn import TextTurn
 from agent.listen.vad import SileroModel, VadSettings, VoiceActivityDetector, load_silero_model
+from agent.llm.base import ChatLLM, make_llm
+from agent.llm.local import LocalLLM
+from agent.stages.base import StageContext
 from csm_engine.errors import CSMError
 
 if TYPE_CHECKING:  # torch-heavy: imported only when CSM loads
@@ -46,9 +46,9 @@ class Models:
     """The loaded parts of one run, each with a ready signal (set also when it failed to load)."""
 
     def __init__(self, *, source: AudioSource | Literal[False] | None = None, sink: AudioSink | None = None,
-                 generator: "SpeechGenerator | None" = None, llm: ChatLLM | None = None,
+                 generator: SpeechGenerator | None = None, llm: ChatLLM | None = None,
                  transcriber: Transcriber | None = None, vad_model: SileroModel | None = None,
-                 watermarker: "Watermarker | None" = None) -> None:
+                 watermarker: Watermarker | None = None) -> None:
         self.source = source  # False: told not to listen (typed messages only)
         self.sink = sink
         self.own_sink_file: Path | None = None  # --speaker-file: written from the sink at the end
@@ -57,10 +57,10 @@ class Models:
         self.transcriber = transcriber
         self.vad_model = vad_model
         self.vad: VoiceActivityDetector | None = None
-        self.text_turn: "TextTurn | None" = None  # the transcript's end-of-turn evidence (smart turn mode)
+        self.text_turn: TextTurn | None = None  # the transcript's end-of-turn evidence (smart turn mode)
         self.chat_context: Callable[[], list[dict]] = list  # the conversation as a reply's prompt begins (think)
         self.watermarker = watermarker
-        self.voice: "Segment | None" = None  # the persona's voice clip, pinned first in CSM's context
+        self.voice: Segment | None = None  # the persona's voice clip, pinned first in CSM's context
         self.adapter: str | None = None  # the csm-finetune adapter merged into the loaded generator
         self.text_only = False
         self.device = "cpu"
@@ -70,7 +70,7 @@ class Models:
     def wait(self, part: str) -> None:
         self.ready[part].wait()
 
-    def mark_ready(self, *parts: str) -> "Models":
+    def mark_ready(self, *parts: str) -> Models:
         """Declare parts ready (what a caller passed in needs no loading; tests use this)."""
         for part in parts or PARTS:
             self.ready[part].set()
@@ -221,7 +221,7 @@ class ModelLoader:
         """The adapter CSM speaks with for ``persona``: --adapter / config first, else the persona's."""
         return self.settings.adapter or persona.adapter_path()
 
-    def _make_generator(self, persona: Persona) -> "LocalSpeechGenerator":
+    def _make_generator(self, persona: Persona) -> LocalSpeechGenerator:
         from csm_engine.speech import load_speech_generator  # imports torch (and MLX with --engine mlx)
 
         s = self.settings
@@ -234,7 +234,7 @@ class ModelLoader:
         self.models.adapter = adapter
         return generator
 
-    def _connect_remote(self) -> "RemoteCSM":
+    def _connect_remote(self) -> RemoteCSM:
         """--tts-url: a csm-serve speaks for the agent (AgentError when it cannot be reached)."""
         from agent.speak.remote_voice import RemoteCSM  # imports torch (prompts are built here)
         from csm_engine.serve.wire import API_KEY_ENV
@@ -300,7 +300,7 @@ class ModelLoader:
     def _voice_unavailable(self, persona: Persona, error: CSMError) -> None:
         self.ctx.notice("warning", f"persona {persona.name}: voice clip unavailable, the voice may drift: {error}")
 
-    def _use_voice(self, persona: Persona, segment: "Segment | None") -> None:
+    def _use_voice(self, persona: Persona, segment: Segment | None) -> None:
         if self.persona() is persona:  # not switched away meanwhile
             self.models.voice = segment
 

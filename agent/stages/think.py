@@ -16,14 +16,23 @@ import time
 from typing import TYPE_CHECKING
 
 from agent.audio import read_wav
+from agent.config.personas import Persona
 from agent.conversation.conversation import Conversation
+from agent.conversation.saving import ConversationSaver
 from agent.errors import AgentError
 from agent.events import AgentState, UserTurn
-from agent.frames import (AgentSentence, Announcement, EarlyInput, EndOfReply, Frame, ReplayAudio, ReplayRequest, Reply,
-                          UserInput)
+from agent.frames import (
+    AgentSentence,
+    Announcement,
+    EarlyInput,
+    EndOfReply,
+    Frame,
+    ReplayAudio,
+    ReplayRequest,
+    Reply,
+    UserInput,
+)
 from agent.speak.sentences import SentenceSplitter
-from agent.config.personas import Persona
-from agent.conversation.saving import ConversationSaver
 from agent.speak.speech_text import normalize_for_speech
 from agent.stages.base import FrameSink, Stage, StageContext
 from agent.stages.early_reply import EarlyReply, EarlyServed, prompt_with
@@ -45,7 +54,7 @@ class ThinkStage(Stage):
         self.conversation = conversation
         self.persona = persona
         self.saver = saver
-        self.assist: "ThinkAssist | None" = None  # tools and memory (agent.tools.assist), set by the pipeline
+        self.assist: ThinkAssist | None = None  # tools and memory (agent.tools.assist), set by the pipeline
         # what the end-of-turn text evidence is scored after: the replies' prompt, so llama.cpp reuses it
         models.chat_context = lambda: self.conversation.llm_messages(self.persona.system_prompt)
 

@@ -15,15 +15,15 @@ and what the conversation keeps. ``PartialAudio`` is transcribed only when nothi
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
-from agent.listen.asr import Transcript
-from agent.listen.barge_in import BargeIn
 from agent.events import PartialTranscript
 from agent.frames import EarlyInput, Frame, PartialAudio, SpeechSegment, TentativeSpeech, UserInput
+from agent.listen.asr import Transcript
+from agent.listen.barge_in import BargeIn
 from agent.stages.base import FrameSink, Stage, StageContext
 from agent.stages.loading import Models
 

@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from agent.audio import PIPELINE_RATE
-from agent.listen.barge_in import BargeIn
 from agent.events import AgentState
 from agent.frames import AudioBlock, EndOfAudio, Frame, PartialAudio, SpeechSegment, TentativeSpeech
-from agent.stages.base import FrameSink, Stage, StageContext
+from agent.listen.barge_in import BargeIn
 from agent.listen.vad import PushToTalk, VadEvent, VoiceActivityDetector
+from agent.stages.base import FrameSink, Stage, StageContext
 
 if TYPE_CHECKING:
     from agent.listen.end_of_turn import TurnVerdict
@@ -153,7 +153,7 @@ class TurnStage(Stage):
             self._last_partial = now
             self.push(PartialAudio(detector.current_audio()))
 
-    def _tentative_speech(self, detector: VoiceActivityDetector, verdict: "TurnVerdict | None") -> None:
+    def _tentative_speech(self, detector: VoiceActivityDetector, verdict: TurnVerdict | None) -> None:
         """Send the turn as it would end at this pause, once per pause: with the judge's transcript
         when it made one (and then the reply may start early on it), else for Whisper to do ahead."""
         text = self._text_turn()
@@ -172,7 +172,7 @@ class TurnStage(Stage):
         self._tentative = pending[0]
         self.push(TentativeSpeech(pending[1], self._stream_span(pending[0]), heard, early=heard is not None))
 
-    def _text_turn(self) -> "TextTurn | None":
+    def _text_turn(self) -> TextTurn | None:
         judge = self.vad.end_of_turn if self.vad is not None else None
         return judge.text if judge is not None and self._mode != "ptt" else None
 
@@ -216,8 +216,8 @@ class TurnStage(Stage):
         self.ctx.set_state(AgentState.TRANSCRIBING)
         if heard is not None:  # the judge's transcript of exactly this turn: Whisper need not run again
             self.push(TentativeSpeech(audio, self._stream_span(event.span), heard))
-        self.push(SpeechSegment(audio, speech_end, self._speech_started_at, time.time(), turn_end_ms, self._stream_span(event.span),
-                                over_reply, over_agent_from))
+        self.push(SpeechSegment(audio, speech_end, self._speech_started_at, time.time(), turn_end_ms,
+                                self._stream_span(event.span), over_reply, over_agent_from))
 
     def _hear_person(self, from_sample: int) -> None:
         """The user is heard, from about capture sample ``from_sample``."""

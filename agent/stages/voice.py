@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from agent.audio import AudioSink
+from agent.config.personas import Persona
 from agent.conversation.conversation import CSM_RATE, Conversation, Sentence
+from agent.conversation.saving import ConversationSaver
 from agent.events import AgentState, AgentText, AgentTurnDone, TurnLatency
 from agent.frames import AgentSentence, EndOfReply, Frame, ReplayAudio, Reply
-from agent.config.personas import Persona
 from agent.speak.playback import PlaybackPlanner
-from agent.conversation.saving import ConversationSaver
+from agent.speak.synthesis import ReplySynthesizer, SpokenSentence, SynthesisOptions, played_prefix
 from agent.stages.base import Stage, StageContext
 from agent.stages.loading import Models
-from agent.speak.synthesis import ReplySynthesizer, SpokenSentence, SynthesisOptions, played_prefix
 from csm_engine.errors import CSMError
 
 if TYPE_CHECKING:  # torch-heavy: only for annotations
@@ -57,7 +57,7 @@ class VoiceStage(Stage):
         self.max_audio_ms = max_audio_ms
         self.seed = seed
         self.on_prompt = on_prompt
-        self.prompts: list[tuple[list, "Prompt"]] = []  # (context, prompt) of the last sentences
+        self.prompts: list[tuple[list, Prompt]] = []  # (context, prompt) of the last sentences
         self.planner = PlaybackPlanner()
         self.start_delays: list[float] = []  # seconds each sentence's audio was held before playing
         self._synth: ReplySynthesizer | None = None
@@ -164,13 +164,13 @@ class VoiceStage(Stage):
                                            on_prompt=self._record_prompt)
         return self._synth
 
-    def _record_prompt(self, context: list, prompt: "Prompt") -> None:
+    def _record_prompt(self, context: list, prompt: Prompt) -> None:
         self.prompts.append((context, prompt))
         del self.prompts[:-KEPT_PROMPTS]
         if self.on_prompt is not None:
             self.on_prompt(context, prompt)
 
-    def _segment_of(self, synth: ReplySynthesizer, spoken: SpokenSentence) -> "Segment | None":
+    def _segment_of(self, synth: ReplySynthesizer, spoken: SpokenSentence) -> Segment | None:
         """An earlier sentence of this reply as context (the same tensor every time it is used)."""
         if len(spoken.audio) == 0:
             return None

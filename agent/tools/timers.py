@@ -9,8 +9,8 @@ list starts; nothing is deleted.
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import re
 import threading
 import time

@@ -3,8 +3,8 @@
 The pipeline runs its stages on its own threads and reports through `emit`; every event
 becomes a message posted to the app (post_message is thread-safe, see `agent.tui.messages`),
 so widgets only ever change on the event loop; one table says what each event changes. Every
-pipeline call that may touch a model or wait on a thread (start, stop, submit_text, set_persona, save, replay_last) runs in a
-thread worker; the cheap flag setters (interrupt, mute, mode, push-to-talk) are called
+pipeline call that may touch a model or wait on a thread (start, stop, submit_text, set_persona, save,
+replay_last) runs in a thread worker; the cheap flag setters (interrupt, mute, mode, push-to-talk) are called
 directly so they take effect at once and in key order.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
@@ -22,6 +22,8 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static
 
 from agent.audio import list_devices
+from agent.config.personas import list_personas
+from agent.config.settings import AgentSettings
 from agent.errors import AgentError
 from agent.events import (
     AgentState,
@@ -32,15 +34,13 @@ from agent.events import (
     LoadProgress,
     MicLevel,
     Notice,
-    ToolUse,
     PartialTranscript,
     StateChanged,
+    ToolUse,
     TurnLatency,
     UserTurn,
 )
-from agent.config.personas import list_personas
 from agent.pipeline import Pipeline
-from agent.config.settings import AgentSettings
 from agent.tui.logs import NoticeHandler
 from agent.tui.messages import MicLevelChanged, PipelineEvent, PipelineFactory, PipelineLike
 from agent.tui.screens import HelpScreen, SettingsChoice, SettingsScreen
@@ -137,7 +137,7 @@ class CsmChatApp(App):
             pipeline, self.pipeline = self.pipeline, None
             try:
                 await asyncio.wait_for(asyncio.to_thread(pipeline.stop), STOP_TIMEOUT_S)
-            except (AgentError, asyncio.TimeoutError):  # quitting anyway: a stuck thread must not keep the terminal
+            except (TimeoutError, AgentError):  # quitting anyway: a stuck thread must not keep the terminal
                 log.warning("the pipeline did not stop cleanly", exc_info=True)
 
     # ---- pipeline -> screen ---------------------------------------------------------------

@@ -8,13 +8,14 @@ calls on a pipeline (tests pass a scripted stand-in).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from textual.message import Message
 
-from agent.events import Event, MicLevel
 from agent.config.settings import AgentSettings
+from agent.events import Event, MicLevel
 
 
 class PipelineLike(Protocol):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import ProgressBar, Static
-from rich.text import Text
 
 from agent.events import AgentState, TurnLatency
 from agent.tui.text import literal

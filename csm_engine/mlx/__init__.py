@@ -61,7 +61,7 @@ def __getattr__(name: str) -> Any:
 def load_generator(model_path: str | os.PathLike | None = None, *, mimi_path: str | None = None,
                    tokenizer_path: str | None = None, precision: str | None = None,
                    quantize_bits: int | None = None, dtype: str | None = None, device: str = "cpu",
-                   adapter: str | os.PathLike | None = None, mimi: str | None = None) -> "MLXGenerator":
+                   adapter: str | os.PathLike | None = None, mimi: str | None = None) -> MLXGenerator:
     """An ``MLXGenerator`` from a checkpoint dir or hub id, as ``csm_engine.generator.load_generator``.
 
     ``precision``: an MLX precision (``csm_engine.mlx.precisions``: float32, bfloat16, int8, int4);

@@ -11,7 +11,6 @@ import argparse
 import sys
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     from csm_engine import cli
 

@@ -44,14 +44,14 @@ def _dtype_name(dtype: mx.Dtype) -> str:
     return next(k for k, v in _DTYPES.items() if v == dtype)
 
 
-def state_dict_to_mlx(state_dict: Mapping[str, "object"], config: CSMConfig,
+def state_dict_to_mlx(state_dict: Mapping[str, object], config: CSMConfig,
                       dtype: str | mx.Dtype | None = None) -> dict[str, mx.array]:
     """Torch tensors of the original layout -> MLX arrays named as ``MLXCSMModel`` parameters."""
     import torch
 
     target = mlx_dtype(dtype)
 
-    def to_mx(t: "torch.Tensor") -> mx.array:
+    def to_mx(t: torch.Tensor) -> mx.array:
         # numpy has no bfloat16: go through float32 (one tensor at a time keeps the peak small).
         return mx.array(t.detach().to("cpu", torch.float32).contiguous().numpy()).astype(target)
 

@@ -41,9 +41,8 @@ def _released_name(name: str) -> str:
 
 def _mlx_mimi_from(codec: MimiCodec):
     """moshi_mlx's Mimi with the torch codec's weights (through a temporary safetensors file)."""
-    from safetensors.torch import save_file
-
     from moshi_mlx.models.mimi import Mimi, mimi_202407
+    from safetensors.torch import save_file
 
     model = Mimi(mimi_202407(NUM_CODEBOOKS))
     state = {_released_name(k): v.detach().float().cpu().contiguous() for k, v in codec.mimi.state_dict().items()}

@@ -19,8 +19,8 @@ import mlx.nn as nn
 import numpy as np
 
 from csm_engine.config import CSMConfig, TransformerConfig
-from csm_engine.model import llama3_inv_freq
 from csm_engine.generator import MIMI_CODEBOOK_SIZE
+from csm_engine.model import llama3_inv_freq
 
 
 class KVCache:
