@@ -39,7 +39,9 @@ LOCK_PLATFORMS := linux-x86_64:x86_64-manylinux_2_35 linux-aarch64:aarch64-manyl
 chat: system-deps $(STAMP)
 	$(VENV)/bin/csm-chat $(ARGS)
 
+# The linter first (ruff, configured in pyproject.toml), then the suite.
 test: system-deps $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(ARGS)
 
 install: system-deps $(STAMP)
