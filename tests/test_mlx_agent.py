@@ -1,5 +1,6 @@
 """csm-chat speaking through the MLX engine: the real console script headless and --replay, and
-barge-in through the voice stage (tiny checkpoint, ``mlx[cpu]``).
+the engine from the config file (tiny checkpoint, ``mlx[cpu]``); barge-in on MLX is tests/test_stages.py's voice test,
+parametrized by engine.
 
 The runs use ``--csm-dtype int4``, a precision only the MLX engine has: the torch engine would
 refuse it and the agent would go text-only (a warning, no audio), so audio proves MLX spoke.
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -65,53 +65,6 @@ def test_an_unknown_engine_is_one_line(tmp_path):
     result = subprocess.run([_csm_chat(), "--headless", "--engine", "tpu"], capture_output=True, text=True,
                             timeout=120, env=_env(tmp_path))
     assert result.returncode == 2 and "invalid choice: 'tpu'" in result.stderr
-
-
-def test_barge_in_cancels_an_mlx_reply_and_keeps_only_what_played(tiny_checkpoint, tiny_generator, chat_persona):
-    """The voice stage's own barge-in test, with the MLX engine speaking."""
-    from _stage_helpers import RecordingGenerator, context, run_stage
-
-    from agent.audio import MemorySink
-    from agent.config.personas import load_persona
-    from agent.events import AgentTurnDone
-    from agent.frames import AgentSentence, EndOfReply, Reply
-    from agent.stages.loading import Models
-    from agent.stages.voice import VoiceStage
-    from csm_engine.mlx.convert import load_mlx_model
-    from csm_engine.mlx.generator import MLXGenerator
-
-    ctx, log = context()
-    sink = MemorySink(24_000, speed=1.0)  # a real-time speaker: playback lags generation
-    generator = RecordingGenerator(MLXGenerator(load_mlx_model(str(tiny_checkpoint)), tiny_generator.codec,
-                                                tiny_generator.tokenizer))
-    conversation = Conversation("tester", 0)
-    conversation.add_user_turn("Tell me three things.", None)
-    models = Models(generator=generator, sink=sink).mark_ready()
-    stage = VoiceStage(ctx, models, conversation, load_persona(str(chat_persona)), max_audio_ms=2000, seed=3)
-    reply = Reply(2, time.monotonic())
-    ctx.replies.begin(reply)
-    texts = ["The first thing.", "The second thing.", "The third thing."]
-    stage.start()
-    stage.put(AgentSentence(reply, texts[0], texts[0]))
-    deadline = time.monotonic() + 60
-    while sink.played_samples < 0.3 * 24_000:
-        assert time.monotonic() < deadline, "the reply never played"
-        time.sleep(0.01)
-    for text in texts[1:]:
-        stage.put(AgentSentence(reply, text, text))
-    ctx.replies.cancel_current()  # what Pipeline.interrupt does: cancel, then silence the sink
-    sink.stop()
-    played = sink.played_samples
-    stage.put(EndOfReply(reply))
-    assert reply.done.wait(30)
-    run_stage(stage, [])
-    assert texts[2] not in generator.texts
-    (done,) = log.of(AgentTurnDone)
-    assert done.interrupted
-    turn = conversation.turns[-1]
-    assert turn.role == "agent" and turn.interrupted and turn.text.startswith(texts[0])
-    assert 0 < len(turn.audio) <= played + sink.block_samples
-    sink.close()
 
 
 def test_the_engine_comes_from_the_config_file_and_the_flag_wins(tmp_path):

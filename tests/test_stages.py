@@ -355,10 +355,23 @@ def test_think_replay_with_nothing_said_yet_is_a_notice():
 # ---- voice ---------------------------------------------------------------------------------------
 
 
-def test_voice_drops_unstarted_sentences_when_cancelled_and_keeps_only_what_played(tiny_generator, chat_persona):
+def speaking_engine(engine: str, tiny_generator, tiny_checkpoint):
+    """The tiny checkpoint on the torch engine, or on MLX (its codec and tokenizer shared)."""
+    if engine == "torch":
+        return tiny_generator
+    pytest.importorskip("mlx.core", reason="MLX is not importable here: pip install 'mlx[cpu]' (Linux) or mlx (macOS)")
+    from csm_engine.mlx.convert import load_mlx_model
+    from csm_engine.mlx.generator import MLXGenerator
+
+    return MLXGenerator(load_mlx_model(str(tiny_checkpoint)), tiny_generator.codec, tiny_generator.tokenizer)
+
+
+@pytest.mark.parametrize("engine", ["torch", "mlx"])
+def test_voice_drops_unstarted_sentences_when_cancelled_and_keeps_only_what_played(engine, tiny_generator,
+                                                                                   tiny_checkpoint, chat_persona):
     ctx, log = context()
     sink = MemorySink(24_000, speed=1.0)  # a real-time speaker: playback lags generation
-    generator = RecordingGenerator(tiny_generator)
+    generator = RecordingGenerator(speaking_engine(engine, tiny_generator, tiny_checkpoint))
     conversation = Conversation("tester", 0)
     conversation.add_user_turn("Tell me three things.", None)
     models = Models(generator=generator, sink=sink).mark_ready()
