@@ -26,8 +26,6 @@ import argparse
 import gc
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 from engine_speed import Conversation, PeakRSS, first_chunk_ms, frame_loop_speed, streamed_rtf  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
+from provenance import provenance  # noqa: E402
 from quant_error import logit_error, probe_inputs  # noqa: E402
 
 from csm_engine.codec import MimiCodec  # noqa: E402
@@ -195,27 +194,11 @@ def chip_table(config: CSMConfig) -> list[dict]:
     return rows
 
 
-def provenance() -> dict:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    cpu = platform.processor() or platform.machine()
-    if platform.system() == "Darwin":
-        cpu = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
-                             text=True).stdout.strip()
-    elif Path("/proc/cpuinfo").is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
+def versions() -> dict:
     import importlib.metadata as md
 
-    return {"host": platform.node(), "system": f"{platform.system()} {platform.release()} {platform.machine()}",
-            "cpu": cpu, "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": commit,
-            "mlx": md.version("mlx"), "torch": torch.__version__, "mlx_device": str(mx.default_device())}
+    return {"mlx": md.version("mlx"), "torch": torch.__version__, "mlx_device": str(mx.default_device()),
+            "load_average": list(os.getloadavg())}
 
 
 def main(argv=None) -> dict:
@@ -240,7 +223,7 @@ def main(argv=None) -> dict:
     precisions = [lookup(x.strip(), "mlx").name for x in args.precisions.split(",") if x.strip()]
     args.long_precision = resolve(args.long_precision).name
     config = get_flavor(args.flavor)
-    result: dict = {"provenance": provenance(), "flavor": args.flavor, "frames": args.frames,
+    result: dict = {"provenance": {**provenance(), **versions()}, "flavor": args.flavor, "frames": args.frames,
                     "context_tokens": args.context_tokens, "short_context_tokens": args.short_context_tokens,
                     "weights_read_per_frame": weights_read_per_frame(config), "realtime_frames_per_s": REALTIME_FPS,
                     "margin": MARGIN}

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -39,18 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _clips import QUESTIONS as SUITE_QUESTIONS  # noqa: E402 (the suite's 20, then 20 more)
+from provenance import provenance  # noqa: E402
+
 from agent.audio import PIPELINE_RATE, load_audio  # noqa: E402
 from agent.listen.end_of_turn import EndOfTurnJudge, TurnSettings  # noqa: E402
 from agent.listen.vad import VoiceActivityDetector  # noqa: E402
 
-QUESTIONS = [
-    "What is the capital of France?", "Can you tell me a joke?", "How are you doing today?",
-    "What time is it in Tokyo?", "Who wrote the book Dune?", "Please set a timer for ten minutes.",
-    "Where is the nearest train station?", "Why is the sky blue?", "What's the weather like tomorrow?",
-    "How far away is the moon?", "Can you recommend a good book?", "What should I cook for dinner tonight?",
-    "How do I make a cup of tea?", "Is it going to rain this weekend?", "What is your name?",
-    "Could you play some music for me?", "How many people live in London?", "When does the store close?",
-    "Do you know any good restaurants nearby?", "What is two plus two?",
+QUESTIONS = [*SUITE_QUESTIONS,
     "Which planet is closest to the sun?", "How long should I boil an egg?", "What does a koala eat?",
     "Can you explain how a rainbow forms?", "Who painted the Mona Lisa?", "How tall is Mount Everest?",
     "What year did the first person walk on the moon?", "Is a tomato a fruit or a vegetable?",
@@ -193,16 +188,6 @@ def judge_for(mode: str, turn_model, text_turn) -> EndOfTurnJudge | None:
     return judge
 
 
-def provenance() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    return {"machine": platform.node(), "cpu": cpu, "cores": len(__import__("os").sched_getaffinity(0)),
-            "date": datetime.now(UTC).isoformat(timespec="seconds"), "git_commit": commit,
-            "python": platform.python_version(), "load_before": __import__("os").getloadavg()[0]}
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rooms", default="none,office-loud,living-room-loud")
@@ -222,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     from agent.listen.vad import load_silero_model
     from agent.llm.local import LocalLLM
 
-    prov = provenance()
+    prov = {**provenance(), "load_before": os.getloadavg()[0]}
     silero, turn_model = load_silero_model(), load_turn_model()
     transcriber, llm = FasterWhisperTranscriber(), LocalLLM(seed=1234)
     text_turn = TextTurn(lambda: transcriber, lambda: llm)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from _clips import speech_only
+from _clips import QUESTIONS, speech_only  # QUESTIONS: shared with benchmarks/turn_end.py
 
 from agent.audio import PIPELINE_RATE, load_audio
 from agent.cli import build_parser, settings_from_args
@@ -20,15 +20,6 @@ from agent.listen.end_of_turn import EndOfTurnJudge, TurnSettings, TurnVerdict
 from agent.listen.turn_model import load_turn_model
 from agent.listen.vad import VadEvent, VadSettings, VoiceActivityDetector, load_silero_model
 
-QUESTIONS = [
-    "What is the capital of France?", "Can you tell me a joke?", "How are you doing today?",
-    "What time is it in Tokyo?", "Who wrote the book Dune?", "Please set a timer for ten minutes.",
-    "Where is the nearest train station?", "Why is the sky blue?", "What's the weather like tomorrow?",
-    "How far away is the moon?", "Can you recommend a good book?", "What should I cook for dinner tonight?",
-    "How do I make a cup of tea?", "Is it going to rain this weekend?", "What is your name?",
-    "Could you play some music for me?", "How many people live in London?", "When does the store close?",
-    "Do you know any good restaurants nearby?", "What is two plus two?",
-]
 # An unfinished clause, a pause, the rest of the sentence.
 PAUSED_SENTENCES = [
     ("I stayed at home because", "it was raining all day."),
