@@ -15,7 +15,10 @@ keeps a second, linear model of the echo on the side:
   ``margin_db`` above what is left of the echo in echo-only audio (the noise floor plus the
   model's leak, at least ``leak_floor_db``, times the predicted echo) for ``onset_blocks`` blocks
   in a row, unless the residual is the predicted echo turned over (echo that did not arrive: a
-  glitch); it ends after ``hangover_blocks`` blocks below. Elsewhere Silero VAD on the cleaned
+  glitch), and Silero VAD on that residual says speech (``residual_vad_threshold``): what the
+  model leaves of a loud broadband or tonal agent voice (the tiny CSM's babble, noise, chords)
+  can stand 20 dB over the expected leak at 1x for a block or two, but it is not shaped like a
+  voice; it ends after ``hangover_blocks`` blocks below. Elsewhere Silero VAD on the cleaned
   signal decides. Before the first fit (the first ~2.3 s the agent ever speaks) a voice over the
   agent is not detected.
 - ``recover(start, end)``: refits the echo path on the echo-only seconds before ``start`` and
@@ -60,6 +63,7 @@ class DoubleTalkSettings:
     onset_blocks: int = 3  # blocks over the margin in a row that start speech
     hangover_blocks: int = 8  # blocks under it in a row that end it
     vad_threshold: float = 0.5  # Silero probability (outside playback)
+    residual_vad_threshold: float = 0.3  # Silero probability on the linear residual (during playback)
 
     def __post_init__(self) -> None:
         if self.history_s < self.fit_window_s + 1 or self.first_fit_s <= self.echo_path_s:
@@ -107,6 +111,9 @@ class DoubleTalk:
         self.canceller = canceller
         self.settings = s = settings or DoubleTalkSettings()
         self.vad = vad or load_silero_model()
+        self.residual_vad = load_silero_model()  # its own recurrent state: it hears mic minus predicted echo
+        self._residual_pending = np.zeros(0, np.float32)
+        self.residual_speech_probability = 0.0
         capacity = int(s.history_s * PIPELINE_RATE)
         self._raw, self._reference = _History(capacity, np.float32), _History(capacity, np.float32)
         self._cleaned, self._flags = _History(capacity, np.float32), _History(capacity, np.uint8)
@@ -155,9 +162,10 @@ class DoubleTalk:
         else:  # without a model, for as long as it could
             self.far_end_active = reference_heard
         voice = self._vad(cleaned)  # fed every block: Silero is recurrent
+        residual_speech = self._residual_vad(residual) if echo is not None else False
         self.residual_db = None
         if self.far_end_active:  # with no model yet, a voice over the agent cannot be told from its echo
-            voice = echo is not None and self._louder_than_echo(residual, echo)
+            voice = echo is not None and self._louder_than_echo(residual, echo) and residual_speech
         self._decide(voice)
         flags = (USER if self.user_speaking else 0) | (FAR if self.far_end_active else 0)
         with self._lock:
@@ -225,6 +233,13 @@ class DoubleTalk:
             self.speech_probability = self.vad.probability(self._vad_pending[:WINDOW])
             self._vad_pending = self._vad_pending[WINDOW:]
         return self.speech_probability >= self.settings.vad_threshold
+
+    def _residual_vad(self, residual: np.ndarray) -> bool:
+        self._residual_pending = np.concatenate([self._residual_pending, residual])
+        while len(self._residual_pending) >= WINDOW:
+            self.residual_speech_probability = self.residual_vad.probability(self._residual_pending[:WINDOW])
+            self._residual_pending = self._residual_pending[WINDOW:]
+        return self.residual_speech_probability >= self.settings.residual_vad_threshold
 
     def _decide(self, person: bool) -> None:
         self._over, self._under = (self._over + 1, 0) if person else (0, self._under + 1)
