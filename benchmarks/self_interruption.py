@@ -13,10 +13,7 @@ count is a self-interruption trigger. Prints a table and one JSON object with pr
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +25,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from _room_helpers import AGENT_RATE, AGENT_TEXTS, play_in_room, replies_one_after_another  # noqa: E402
 from _voice_helpers import espeak_24k  # noqa: E402
+from provenance import provenance  # noqa: E402
+
 from agent.listen.vad import VoiceActivityDetector  # noqa: E402
 
 ROOMS = ["office-loud", "living-room-loud"]
@@ -55,7 +54,8 @@ def voices(n: int) -> dict[str, list[np.ndarray]]:
         "espeak": [espeak_24k(text) for text in AGENT_TEXTS[:n]],
         "tiny-csm": [generator.generate(text, 0, max_audio_length_ms=4000, seed=i).numpy().astype(np.float32)
                      for i, text in enumerate(AGENT_TEXTS[:n])],
-        "noise": [_level(rng.standard_normal(len(t4)) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t4 + i))) for i in range(n)],
+        "noise": [_level(rng.standard_normal(len(t4)) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t4 + i)))
+                  for i in range(n)],
         "chords": [_level(np.concatenate([chord() for _ in range(8)])) for _ in range(n)],
     }
 
@@ -89,11 +89,7 @@ def main() -> None:
             print(f"{voice:9} {room:17} replies {r['replies']:2}  double-talk onsets {r['double_talk_onsets']:2}  "
                   f"VAD turns (agent silent) {r['vad_turns_agent_silent']:2}  max residual {r['max_residual_db']} dB",
                   flush=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"benchmark": "self_interruption", "rows": rows, "machine": platform.node(), "cpu": cpu,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit}
+    result = {"benchmark": "self_interruption", "rows": rows, "provenance": provenance()}
     print(json.dumps(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1), encoding="utf-8")

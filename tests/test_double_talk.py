@@ -9,15 +9,15 @@ import re
 
 import numpy as np
 import pytest
+from _room_helpers import AGENT_RATE, AGENT_TEXTS, Reply, play_in_room, replies_one_after_another, voice_onset
 from scipy.signal import butter, lfilter
 
-from _room_helpers import AGENT_RATE, AGENT_TEXTS, Reply, play_in_room, replies_one_after_another, voice_onset
 from agent.audio import PIPELINE_RATE, load_audio, resample
-from agent.echo.double_talk import DoubleTalk, DoubleTalkSettings, _History
 from agent.echo.canceller import EchoCanceller, PassThrough
+from agent.echo.double_talk import DoubleTalk, DoubleTalkSettings, _History
 from agent.echo.echo_path import fit_echo_path
-from agent.errors import AgentError
 from agent.echo.room import BackgroundNoise, SimulatedRoom, load_room, room_impulse_response
+from agent.errors import AgentError
 
 ROOMS = ["office", "office-loud", "living-room", "living-room-loud"]  # RT60 0.25 / 0.6 s; echo = user, +10 dB
 USER_VOICE = "en-us+f3"  # the agent speaks with espeak's default en-us voice

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from _clips import speech_only
 from _stage_helpers import EventLog, converse
 from _voice_helpers import EspeakVoice
+
 from agent.audio import MemorySink, load_audio
-from agent.events import AgentTurnDone, AudioSetup, UserTurn
-from agent.pipeline import Pipeline
+from agent.config.settings import AgentSettings
 from agent.echo.room import SimulatedRoom
 from agent.echo.room_spec import load_room
-from agent.config.settings import AgentSettings
+from agent.events import AgentTurnDone, AudioSetup, UserTurn
+from agent.pipeline import Pipeline
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TIMEOUT_S = 600.0
@@ -127,7 +127,8 @@ def test_a_user_who_talks_over_the_reply_stops_it_and_is_heard_word_for_word(tmp
     voice_at = released[0]
     phrase_s = len(clips[1]) / 16_000
     assert any(voice_at - 1.0 <= start < voice_at and rms > 1e-3 for start, rms in far), "no reply was playing"
-    still = [round(start - voice_at, 3) for start, rms in far if voice_at + 0.4 <= start < voice_at + phrase_s and rms > 1e-3]
+    still = [round(start - voice_at, 3) for start, rms in far
+             if voice_at + 0.4 <= start < voice_at + phrase_s and rms > 1e-3]
     assert not still, f"the speaker went on playing over the user (seconds after the voice began): {still}"
     done = events.of(AgentTurnDone)
     assert done[0].interrupted

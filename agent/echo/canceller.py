@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from agent.audio import PIPELINE_RATE, AudioSink, AudioSource
-from agent.errors import AgentError
 from agent.audio.timeline import PlayedTimeline, time_to_index
+from agent.errors import AgentError
 
 FRAME = PIPELINE_RATE // 100  # 10 ms: the only frame size the audio processing module takes
 AEC_FIX = "pip install livekit (WebRTC's echo canceller), or use --aec off with headphones or --mode ptt"
@@ -104,7 +104,7 @@ class EchoCanceller:
         self._reference_listeners: tuple[Callable[[np.ndarray], None], ...] = ()
 
     @classmethod
-    def attach(cls, source: AudioSource, sink: AudioSink, **options) -> "EchoCanceller":
+    def attach(cls, source: AudioSource, sink: AudioSink, **options) -> EchoCanceller:
         """A canceller listening to ``sink``'s output on ``source``'s clock (see ``far_end_tap``)."""
         tap, clock = far_end_tap(source, sink)
         canceller = cls(clock=clock, input_latency_s=source.input_latency_s, **options)

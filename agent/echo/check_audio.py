@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.audio import PIPELINE_RATE, AudioSink, AudioSource, MemorySink, list_devices, open_microphone, open_speaker
+from agent.audio.timeline import PlayedTimeline, time_to_index
 from agent.echo.canceller import EchoCanceller, PassThrough, aec_unavailable_reason, far_end_tap, open_echo_canceller
-from agent.errors import AgentError
 from agent.echo.measure import echo_delay_samples, erle_db, rms_db
 from agent.echo.room_spec import RoomSpec
-from agent.audio.timeline import PlayedTimeline, time_to_index
+from agent.errors import AgentError
 
 SIGNAL_RATE = 24_000  # Hz, CSM's rate: the test plays what the agent would
 SIGNAL_S = 3.5

@@ -58,7 +58,7 @@ class CancelledEcho:
 
     user_speaking = far_end_active = False
 
-    def __init__(self, canceller: "EchoCanceller | PassThrough") -> None:
+    def __init__(self, canceller: EchoCanceller | PassThrough) -> None:
         self.canceller = canceller
 
     def process(self, block: np.ndarray) -> np.ndarray:
