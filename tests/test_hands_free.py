@@ -46,30 +46,47 @@ def terse_persona(chat_persona, tmp_path_factory):
     return path
 
 
-def talk_in_room(tmp_path, room: str, aec: str, replies: int, persona, espeak_wav, generator, llm, transcriber):
-    """``replies`` questions asked in ``room``; returns (pipeline, events) once all are answered."""
+@pytest.fixture(scope="module")
+def babbling_persona(terse_persona, tmp_path_factory):
+    """The terse persona speaking through the tiny CSM checkpoint itself: broadband babble, speech-like in
+    level but not in shape, up to 3 s a sentence (long enough for the echo model to be fitted on it)."""
+    path = tmp_path_factory.mktemp("babble") / "babble.toml"
+    path.write_text(terse_persona.read_text(encoding="utf-8").replace("max_audio_length_ms = 480",
+                                                                       "max_audio_length_ms = 3000"), encoding="utf-8")
+    return path
+
+
+def talk_in_room(tmp_path, room: str, aec: str, replies: int, persona, espeak_wav, generator, llm, transcriber,
+                 voice: str = "espeak"):
+    """``replies`` questions asked in ``room``; returns (pipeline, events) once all are answered. The
+    agent speaks through espeak-ng (``voice="espeak"``) or through the tiny CSM checkpoint (``"tiny-csm"``)."""
     source = SimulatedRoom(load_room(room), _questions(espeak_wav, replies), realtime=True, user_waits=True,
                            trailing_silence_s=2.0)
     settings = AgentSettings(persona=str(persona), save_dir=str(tmp_path / f"{room}-{aec}"), headless=True,
                              watermark=False, seed=2, device="cpu", turn="silence", aec=aec, max_turns=replies)
     events = EventLog()
     pipeline = Pipeline(settings, events, source=source, sink=MemorySink(24_000, speed=1.0),
-                        generator=EspeakVoice(generator), llm=llm, transcriber=transcriber)
+                        generator=EspeakVoice(generator) if voice == "espeak" else generator, llm=llm,
+                        transcriber=transcriber)
     source.user_waits_for = lambda: pipeline.ctx.progress.busy  # a user who waits for the answer
     converse(pipeline, events, TIMEOUT_S)
     return pipeline, events
 
 
+@pytest.mark.parametrize("voice", ["espeak", "tiny-csm"])
 @pytest.mark.parametrize("room", ["office-loud", "living-room-loud"])
-def test_the_agent_never_interrupts_itself_with_echo_cancellation(tmp_path, room, terse_persona, espeak_wav,
-                                                                   tiny_generator, smollm2_llm, faster_whisper_tiny):
-    pipeline, events = talk_in_room(tmp_path, room, "on", 10, terse_persona, espeak_wav, tiny_generator, smollm2_llm,
-                                    faster_whisper_tiny)
+def test_the_agent_never_interrupts_itself_with_echo_cancellation(tmp_path, room, voice, terse_persona,
+                                                                   babbling_persona, espeak_wav, tiny_generator,
+                                                                   smollm2_llm, faster_whisper_tiny):
+    """Five replies per room and agent voice (espeak's speech, the tiny checkpoint's babble)."""
+    persona = terse_persona if voice == "espeak" else babbling_persona
+    pipeline, events = talk_in_room(tmp_path, room, "on", 5, persona, espeak_wav, tiny_generator, smollm2_llm,
+                                    faster_whisper_tiny, voice=voice)
     assert events.of(AudioSetup)[0].echo_cancellation
     done = events.of(AgentTurnDone)
-    assert len(done) == 10 and not any(d.interrupted for d in done)
+    assert len(done) == 5 and not any(d.interrupted for d in done)
     assert pipeline.barge_in.pauses == 0  # not even a moment's pause for its own voice
-    assert len(events.of(UserTurn)) == 10
+    assert len(events.of(UserTurn)) == 5
 
 
 def test_without_echo_cancellation_the_agent_interrupts_itself(tmp_path, terse_persona, espeak_wav, tiny_generator,

@@ -48,16 +48,12 @@ class PlayedTimeline:
         """One past the last sample placed so far (None before the first block)."""
         return self._end
 
-    def add(self, samples: np.ndarray, sample_rate: int, play_time: float, not_before: int | None = None) -> int:
-        """Place a block that started playing at ``play_time`` seconds; returns its start index.
-        ``not_before``: an index the block may not start before (a run that fell behind starts anew there)."""
+    def add(self, samples: np.ndarray, sample_rate: int, play_time: float) -> int:
+        """Place a block that started playing at ``play_time`` seconds; returns its start index."""
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         wanted = time_to_index(play_time, self.sample_rate)
-        if not_before is not None:
-            wanted = max(wanted, not_before)
         with self._lock:
-            behind = not_before is not None and self._end is not None and self._end < not_before
-            contiguous = self._end is not None and wanted <= self._end + self._snap and not behind
+            contiguous = self._end is not None and wanted <= self._end + self._snap
             if not contiguous or self._resampler is None or self._resampler.src_rate != sample_rate:
                 if self._resampler is not None:
                     self._store(self._resampler.flush())  # the end of the previous run

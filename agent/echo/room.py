@@ -43,12 +43,7 @@ Example room file::
 
 Time: with ``realtime=True`` blocks come at the pace of real time from ``start()`` (like
 ``WavFileSource`` at 1x), the far-end is placed by the sink's play times, and the user speaks on
-schedule, over the agent if the file says so; a block the sink hands over late (its play time
-already inside the microphone's past, or its run behind it) is placed after the next microphone
-block instead, as a sound card's buffer would: otherwise the echo canceller, which reads the
-reference in step with the microphone, has already passed it and hears an echo with no
-reference (measured: 5 such blocks in 25 s of the tiny CSM's babble at 1x were 3 false
-"person talking" onsets in living-room-loud). With ``realtime=False`` (paced runs: the pipeline
+schedule, over the agent if the file says so. With ``realtime=False`` (paced runs: the pipeline
 reads the mic only between replies) the room has its own clock that advances one block per
 ``read()``; what the agent plays is placed at the room's current time, and the user waits
 until the echo has died away before going on with the file (``user_waits``, default: only
@@ -70,8 +65,8 @@ import numpy as np
 from scipy.signal import lfilter
 
 from agent.audio import BLOCK_MS, PIPELINE_RATE, AudioSource, FarEndListener, load_audio
-from agent.audio.timeline import SNAP_S, PlayedTimeline
 from agent.echo.room_spec import PRESETS, RoomSpec, load_room, room_from_mapping, room_impulse_response
+from agent.audio.timeline import SNAP_S, PlayedTimeline
 
 __all__ = ["PRESETS", "RoomSpec", "SimulatedRoom", "load_room", "open_room", "room_from_mapping",
            "room_impulse_response"]
@@ -184,12 +179,9 @@ class SimulatedRoom(AudioSource):
 
     def hear(self, samples: np.ndarray, sample_rate: int, play_time: float) -> None:
         """A far-end listener (``sink.add_listener(room.hear)``): the speaker played this block."""
-        not_before = None
         if not self.realtime:
             play_time = self.clock()  # paced: it plays now on the room's own clock
-        else:  # like a sound card's buffer: nothing plays before the next microphone block (see below)
-            not_before = self._started_origin() + (self._next + 1) * self.block_samples
-        start = self._far.add(samples, sample_rate, play_time, not_before)
+        start = self._far.add(samples, sample_rate, play_time)
         with self._far_arrived:
             self._far_arrived.notify_all()
         for listener in self._listeners:

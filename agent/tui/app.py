@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static
 
@@ -147,10 +149,14 @@ class CsmChatApp(App):
         self.post_message(MicLevelChanged(event) if isinstance(event, MicLevel) else PipelineEvent(event))
 
     def on_mic_level_changed(self, message: MicLevelChanged) -> None:
-        self.query_one(MicMeter).set_level(message.level.rms_dbfs)
+        with suppress(NoMatches):  # the app is closing: its widgets are gone before the pipeline's last events
+            self.query_one(MicMeter).set_level(message.level.rms_dbfs)
 
     def on_pipeline_event(self, message: PipelineEvent) -> None:
-        self._handlers[type(message.event)](message.event)
+        try:
+            self._handlers[type(message.event)](message.event)
+        except NoMatches:  # the app is closing: the pipeline's last events find no widgets to change
+            log.debug("%s after the screen was taken down: not shown", type(message.event).__name__)
 
     def _event_handlers(self) -> dict[type, Callable]:
         """What each kind of pipeline event changes on screen (run on the event loop)."""
