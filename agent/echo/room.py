@@ -65,8 +65,8 @@ import numpy as np
 from scipy.signal import lfilter
 
 from agent.audio import BLOCK_MS, PIPELINE_RATE, AudioSource, FarEndListener, load_audio
-from agent.echo.room_spec import PRESETS, RoomSpec, load_room, room_from_mapping, room_impulse_response
 from agent.audio.timeline import SNAP_S, PlayedTimeline
+from agent.echo.room_spec import PRESETS, RoomSpec, load_room, room_from_mapping, room_impulse_response
 
 __all__ = ["PRESETS", "RoomSpec", "SimulatedRoom", "load_room", "open_room", "room_from_mapping",
            "room_impulse_response"]
