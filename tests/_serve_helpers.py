@@ -77,6 +77,17 @@ class ServerProcess:
                 raise AssertionError(f"streams still busy after {timeout_s} s: {state}")
             time.sleep(0.1)
 
+    def __enter__(self) -> ServerProcess:
+        """Ready to serve (stopped again if it never gets there)."""
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)

@@ -64,12 +64,9 @@ def short_generator(short_window_checkpoint):
 @pytest.fixture(scope="module")
 def server(short_window_checkpoint, tmp_path_factory):
     directory = tmp_path_factory.mktemp("long_reply_server")
-    proc = ServerProcess("--csm-model", str(short_window_checkpoint), "--max-streams", "1", "--dtype", "float32",
-                         api_key=KEY, log=directory / "server.log")
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with ServerProcess("--csm-model", str(short_window_checkpoint), "--max-streams", "1", "--dtype", "float32",
+                       api_key=KEY, log=directory / "server.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

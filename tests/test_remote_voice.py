@@ -39,12 +39,9 @@ def server(tiny_checkpoint, espeak_speech_wav, tmp_path_factory):
     directory = tmp_path_factory.mktemp("remote_voice")
     shutil.copy(espeak_speech_wav, directory / "voice.wav")
     voices = write_voices(directory, directory / "voice.wav")
-    proc = ServerProcess("--csm-model", str(tiny_checkpoint), "--voices", str(voices),
-                         "--max-streams", "2", "--dtype", "float32", api_key=KEY, log=directory / "server.log")
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with ServerProcess("--csm-model", str(tiny_checkpoint), "--voices", str(voices),
+                       "--max-streams", "2", "--dtype", "float32", api_key=KEY, log=directory / "server.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
