@@ -25,8 +25,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance  # noqa: E402
 
 from agent.embedded import smollm2_gguf  # noqa: E402
-from agent.llm.llama_cpu import decide_repack, repack_setting  # noqa: E402
+from agent.llm.llama_cpu import decide_repack, llama_log, repack_setting  # noqa: E402
 
 TEXT = ("The old lighthouse keeper climbed the spiral stairs every evening to light the lamp, counting the steps "
         "and listening to the waves below, while ships passed far out at sea and the gulls settled on the rocks. ")
@@ -53,25 +51,6 @@ def requantize(source: Path, target: Path, ftype: int) -> Path:
     if failed:
         raise SystemExit(f"llama.cpp could not requantize {source}: {''.join(lines[-1:]).strip()}")
     return target
-
-
-@contextmanager
-def llama_log() -> Iterator[list[str]]:
-    """Within the block, llama.cpp's log lines go to the yielded list instead of stderr."""
-    import llama_cpp
-    import llama_cpp._logger as default
-
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level, text, user_data):
-        lines.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(default.llama_log_callback, ctypes.c_void_p(0))
 
 
 def load(path: Path, repack: bool, threads: int, n_ctx: int):

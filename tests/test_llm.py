@@ -19,7 +19,14 @@ from _serve_helpers import LlamaServer
 
 from agent.errors import AgentError
 from agent.llm.base import Sampling, make_llm
-from agent.llm.llama_cpu import REPACK_ENV, RepackDecision, cpu_flags, decide_repack, install_repack_setting
+from agent.llm.llama_cpu import (
+    REPACK_ENV,
+    RepackDecision,
+    cpu_flags,
+    decide_repack,
+    install_repack_setting,
+    llama_log,
+)
 from agent.llm.local import LocalLLM
 from agent.llm.server import OpenAICompatibleLLM, api_base_url
 from agent.speak.sentences import SentenceSplitter
@@ -146,22 +153,8 @@ EXTRA_BUFTS_LOG = re.compile(r"buffer type (CPU_REPACK|AMX)|(CPU_REPACK|AMX) mod
 def load_with_llama_log(build=None, **kwargs):
     """``build()`` (default: a LocalLLM of the embedded model with ``kwargs``), and what llama.cpp
     logged while it ran."""
-    import ctypes
-
-    import llama_cpp
-    import llama_cpp._logger as default
-
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level, text, user_data):
-        lines.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
+    with llama_log() as lines:
         llm = build() if build else LocalLLM(seed=1, warmup=False, **kwargs)
-    finally:
-        llama_cpp.llama_log_set(default.llama_log_callback, ctypes.c_void_p(0))
     return llm, "".join(lines)
 
 

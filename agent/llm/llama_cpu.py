@@ -143,3 +143,25 @@ def install_repack_setting(decision: RepackDecision) -> None:
     # What every Llama built from now on starts from, read back from the defaults themselves.
     in_force = low.llama_model_default_params().use_extra_bufts
     log.info("llama.cpp weight repacking: %s (use_extra_bufts=%s)", decision.reason, in_force)
+
+
+@contextmanager
+def llama_log() -> Iterator[list[str]]:
+    """Within the block, llama.cpp's log lines go to the yielded list instead of stderr (what it
+    repacked at load, why a quantization failed); its default logger is back afterwards."""
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp._logger as default
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(default.llama_log_callback, ctypes.c_void_p(0))
