@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -339,5 +340,20 @@ def _replay_watermarker(settings: AgentSettings, device: str):
     return marker.apply_numpy
 
 
+def entry() -> None:
+    """The ``csm-chat`` command: ``main``, then exit at once. By the time ``main`` returns the
+    conversation is saved, the app has given the terminal back and the log is flushed below;
+    what the interpreter would do after that is tear down torch, ONNX Runtime, llama.cpp and
+    any stage thread still inside a model call (1-3 s on two busy cores, more for a thread
+    stuck in a long call), which a user waiting for the prompt after an error should not see."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

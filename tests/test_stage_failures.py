@@ -214,9 +214,9 @@ def test_voice_failure_exits_non_zero_with_the_conversation_saved_and_the_traceb
     failed = datetime.datetime.strptime(failed_line[:23], "%Y-%m-%d %H:%M:%S,%f")
     seconds = (exited - failed).total_seconds()
     print(f"csm-chat exited {seconds:.2f} s after the voice stage failed")
-    # Saved within ~0.1 s (the in-process tests); the rest is the interpreter's exit (torch's teardown alone
-    # takes ~1 s on these busy cores). The bound catches a hang or a join timeout, which the bug was.
-    assert seconds < 8.0, f"csm-chat exited {seconds:.2f} s after the failure"
+    # Saved within ~0.1 s (the in-process tests), then ``agent.cli.entry`` exits without the interpreter's
+    # teardown of torch, ONNX Runtime and llama.cpp (1.5-3.5 s here before it did). The issue asks for a second.
+    assert seconds < 1.0, f"csm-chat exited {seconds:.2f} s after the failure"
 
 
 # ---- in the app: one notice, and the next turn is answered ---------------------------------------
