@@ -5,6 +5,7 @@ test_llm_tools.py."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from datetime import datetime
@@ -20,7 +21,14 @@ from agent.llm.tool_calling import (
 )
 from agent.tools.builtin import calculate, clock_tool, resolve_zone
 from agent.tools.registry import Tool, ToolCall, ToolError, ToolLimits, ToolRegistry, ToolRunner
-from agent.tools.timers import TimerScheduler, TimerStore, parse_clock_time, timer_tools
+from agent.tools.timers import (
+    DURATION_PATTERN,
+    TimerScheduler,
+    TimerStore,
+    parse_clock_time,
+    parse_duration,
+    timer_tools,
+)
 
 NO_ARGS = {"type": "object", "properties": {}}
 
@@ -193,6 +201,19 @@ def test_a_timer_set_before_a_restart_fires_after_it(tmp_path):
     assert [(t.kind, late) for t, late in fired] == [("timer", True), ("reminder", False)]
     assert fired[0][0].announcement(late=True).startswith("Your 1 minute timer is done. It was due at")
     assert fired[1][0].announcement() == "Reminder: call mum."
+
+
+@pytest.mark.parametrize("text, seconds", [("5 seconds", 5), ("five seconds", 5), ("1 hour 30 minutes", 5400),
+                                           ("twenty-five minutes", 1500), ("an hour and 5 minutes", 3900),
+                                           ("90 seconds", 90), ("two hours", 7200)])
+def test_the_duration_grammar_admits_spoken_durations_that_parse(text, seconds):
+    assert re.fullmatch(DURATION_PATTERN, text) and parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "What it is for", "5", "seconds", "soon"])
+def test_the_duration_grammar_refuses_what_is_not_a_duration(text):
+    # The constrained argument pass builds its grammar from this pattern: a small model once wrote "".
+    assert re.fullmatch(DURATION_PATTERN, text) is None
 
 
 def test_cancel_and_list_timers(tmp_path):

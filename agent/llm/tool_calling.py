@@ -115,7 +115,9 @@ def name_grammar_text(tools: list[Tool]) -> str:
 def arguments_messages(messages: list[dict[str, Any]], tool: Tool) -> list[dict[str, str]]:
     """The prompt of the second constrained pass: fill in ``tool``'s arguments for the request."""
     request = next((m.get("content") or "" for m in reversed(messages) if m["role"] == "user"), "")
-    fields = json.dumps(tool.parameters.get("properties", {}), ensure_ascii=False)
+    # What a field is, not how the grammar shapes it (a pattern's regex only distracts a small model).
+    fields = json.dumps({name: {k: v for k, v in spec.items() if k in ("type", "description", "enum")}
+                         for name, spec in tool.parameters.get("properties", {}).items()}, ensure_ascii=False)
     about = " ".join(tool.description.split())
     system = (f"Call the tool {tool.name} ({about}) for the user's request. "
               f"Write its arguments as JSON with these fields: {fields}")

@@ -215,6 +215,11 @@ NUMBER_WORDS = {w: i for i, w in enumerate(
 NUMBER_WORDS.update({"thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "ninety": 90, "a": 1, "an": 1,
                      "half an": 0.5, "half a": 0.5})
 UNIT_SECONDS = {"second": 1, "sec": 1, "s": 1, "minute": 60, "min": 60, "m": 60, "hour": 3600, "hr": 3600, "h": 3600}
+# What a timer's duration may look like to the grammar that fills tool arguments: an amount (digits or
+# number words) and a unit, up to three times ("1 hour 30 minutes"). Left free, a small model wrote an
+# empty duration for "set a timer for five seconds" on one CPU's kernels and not on another's.
+DURATION_PATTERN = (r"^([0-9]{1,4}|[a-z]{1,9}([ -][a-z]{1,5})?) (seconds?|minutes?|hours?)"
+                    r"( (and )?([0-9]{1,4}|[a-z]{1,9}) (seconds?|minutes?|hours?)){0,2}$")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?|half an?|(?:twenty|thirty|forty|fifty|sixty|ninety)[ -](?:one|two|three|four|"
                        r"five|six|seven|eight|nine)|[a-z]+)\s*(seconds?|secs?|minutes?|mins?|hours?|hrs?|[smh])(?![a-z])")
 
@@ -324,7 +329,8 @@ def timer_tools(store: TimerStore, scheduler: TimerScheduler | None = None) -> l
         # One duration in words ("10 minutes"): small models copy it from the request reliably,
         # where they fill separate hours/minutes/seconds numbers wrongly.
         Tool("set_timer", "Start a countdown timer; it rings when the time is up.",
-             {"type": "object", "properties": {"duration": {"type": "string", "description": "e.g. 10 minutes"},
+             {"type": "object", "properties": {"duration": {"type": "string", "description": "e.g. 10 minutes",
+                                                            "pattern": DURATION_PATTERN},
                                                "label": {"type": "string", "description": "what it is for"}},
               "required": ["duration"]},
              set_timer, timeout_s=2.0),
