@@ -54,7 +54,7 @@ def rows(out_dim: int, in_dim: int, n_rows: int, repeats: int) -> list[dict]:
             wq, scales, biases = mx.quantize(w32.astype(act), group_size=GROUP, bits=bits)
             x = x32.astype(act)
             mx.eval(wq, scales, biases, x)
-            ms = timed(lambda wq=wq, s=scales, b=biases, x=x: mx.quantized_matmul(
+            ms = timed(lambda wq=wq, s=scales, b=biases, x=x, bits=bits: mx.quantized_matmul(
                 x, wq, s, b, transpose=True, group_size=GROUP, bits=bits), repeats)
             nbytes = wq.nbytes + scales.nbytes + biases.nbytes
             result.append({"format": f"int{bits}", "activations": act_name, "rows": n_rows, "ms": round(ms, 3),

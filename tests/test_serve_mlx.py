@@ -26,6 +26,9 @@ from csm_engine.tokens import Segment
 pytest.importorskip("mlx.core", reason="MLX is not importable here: pip install 'mlx[cpu]' (Linux) or mlx (macOS)")
 
 TEXT = "hello there how are you today."
+# Over 32 text rows: the cache is reused in whole prefill blocks of 32 rows.
+LONG = "well hello there my friend, it is good to hear from you again after such a long time, how have you " \
+       "been and what have you been doing with your days since we last spoke about the garden?"
 GREEDY = {"temperature": 0.0, "topk": 1}
 
 
@@ -87,21 +90,20 @@ def test_greedy_codes_are_the_in_process_mlx_engines(server, local_mlx):
 
 
 def test_a_continued_conversation_prefills_only_its_new_rows_and_says_the_same(server, local_mlx):
-    deltas, first = _sse(server, **GREEDY, seed=1)
-    context = [{"speaker": 0, "text": TEXT, "response_id": first["response_id"]}]
+    deltas, first = _sse(server, input=LONG, **GREEDY)
+    context = [{"speaker": 0, "text": LONG, "response_id": first["response_id"]}]
     turn2 = dict(input="and now the second turn.", context=context, **GREEDY)
     deltas2, continued = _sse(server, **turn2)
     rows = int(continued["headers"]["x-csm-prompt-rows"])
     reused = int(continued["headers"]["x-csm-reused-rows"])
-    assert 0 < reused < rows  # the first turn's rows came from the cache
+    assert 32 <= reused < rows  # the first turn's rows came from the cache
     _sse(server, input="something else entirely.", max_audio_ms=160)  # the cache now holds another prompt
     deltas3, alone = _sse(server, **turn2)
     assert int(alone["headers"]["x-csm-reused-rows"]) < reused
     assert torch.equal(_codes(deltas2), _codes(deltas3))
     # ... and both are what the in-process engine says for that conversation.
-    spoken = Segment(0, TEXT, None)
     local_mlx.remember_codes(torch.zeros(len(_codes(deltas)) * SAMPLES_PER_FRAME), _codes(deltas).T.contiguous())
-    spoken = Segment(0, TEXT, torch.zeros(len(_codes(deltas)) * SAMPLES_PER_FRAME))
+    spoken = Segment(0, LONG, torch.zeros(len(_codes(deltas)) * SAMPLES_PER_FRAME))
     want = _local_frames(local_mlx, "and now the second turn.", [spoken], 640)
     assert torch.equal(_codes(deltas2), want[:len(_codes(deltas2))])
 
@@ -121,7 +123,7 @@ def test_the_openai_client_streams_a_wav_and_the_seed_repeats_it(server):
     assert takes[0] == takes[1]
 
 
-def test_requests_queue_behind_the_one_stream_and_a_client_that_leaves_frees_it(server):
+def test_a_client_that_leaves_mid_stream_frees_the_one_stream(server):
     body = {"model": "csm-1b", "input": TEXT, "max_audio_ms": 20000, "seed": 3}
     first_audio = threading.Event()
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from csm_engine.batch.engine import EngineBusy, EngineStats
+from csm_engine.batch.engine import DEFAULT_STREAM_OPTIONS, EngineBusy, EngineStats
 from csm_engine.batch.events import Admitted, AudioChunk, Failed, Finished, FrameSampled, StreamOptions, Utterance
 from csm_engine.errors import CSMError
 from csm_engine.prompt import Prompt
@@ -48,8 +48,8 @@ class SerialEngine:
 
     cuda_graphs = False
 
-    def __init__(self, generator, options: SerialOptions = SerialOptions()):
-        self.generator, self.options = generator, options
+    def __init__(self, generator, options: SerialOptions | None = None):
+        self.generator, self.options = generator, options or SerialOptions()
         self.device = getattr(generator, "engine", "torch")  # what /health shows: the engine's name
         self.slots = NoSessions()
         self.stats = EngineStats()
@@ -91,7 +91,7 @@ class SerialEngine:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def submit(self, prompt: Prompt, options: StreamOptions = StreamOptions(),
+    def submit(self, prompt: Prompt, options: StreamOptions = DEFAULT_STREAM_OPTIONS,
                sink: Callable[[object], None] | None = None) -> Utterance:
         if not 1 <= options.topk <= self.options.max_topk:
             raise CSMError(f"topk must be between 1 and {self.options.max_topk}, got {options.topk}")
