@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import subprocess
 import threading
 
 import httpx
@@ -18,12 +20,12 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from _serve_helpers import ServerProcess
+from _serve_helpers import ServerProcess, console_script
 
 from csm_engine.config import SAMPLES_PER_FRAME
 from csm_engine.tokens import Segment
 
-pytest.importorskip("mlx.core", reason="MLX is not importable here: pip install 'mlx[cpu]' (Linux) or mlx (macOS)")
+NO_MLX = "MLX is not importable here: pip install 'mlx[cpu]' (Linux) or mlx (macOS)"
 
 TEXT = "hello there how are you today."
 # Over 32 text rows: the cache is reused in whole prefill blocks of 32 rows.
@@ -34,6 +36,7 @@ GREEDY = {"temperature": 0.0, "topk": 1}
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
+    pytest.importorskip("mlx.core", reason=NO_MLX)
     log = tmp_path_factory.mktemp("serve_mlx") / "server.log"
     with ServerProcess("--csm-model", str(tiny_checkpoint), "--engine", "mlx", "--dtype", "float32",
                        "--max-queue", "2", "--max-audio-ms", "20000", log=log) as server:
@@ -42,6 +45,7 @@ def server(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_mlx(tiny_checkpoint):
+    pytest.importorskip("mlx.core", reason=NO_MLX)
     from csm_engine.speech import load_speech_generator
 
     return load_speech_generator("mlx", tiny_checkpoint, dtype="float32")
@@ -141,3 +145,16 @@ def test_a_client_that_leaves_mid_stream_frees_the_one_stream(server):
     assert state["finished"] >= 1
     short = httpx.post(server.url + "/v1/audio/speech", json={**body, "max_audio_ms": 160}, timeout=120)
     assert short.status_code == 200 and len(short.content) > 44
+
+
+def test_without_mlx_engine_mlx_is_one_line_naming_the_install(tiny_checkpoint, tmp_path):
+    """Where MLX cannot import (a package named mlx that fails, as plain ``mlx`` does on Linux)."""
+    broken = tmp_path / "site" / "mlx"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('no MLX on this machine')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(broken.parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([console_script("csm-serve"), "--engine", "mlx", "--csm-model", str(tiny_checkpoint),
+                          "--port", "9"], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode != 0
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MLX backend not available: pip install 'mlx[cpu]'" in lines[0], run.stderr
