@@ -12,7 +12,10 @@ precision, all on random weights of the same shapes and the same synthetic conve
 ``frames_per_s`` (the frame loop, after the first frame), ``rtf`` (streamed through Mimi, seconds
 per frame / 80 ms; below 1 keeps up), ``first_chunk_ms`` (the second turn of a short
 conversation, cache warm). For ``--long-precision`` also the first chunk after a
-``--context-tokens`` conversation with and without the conversation cache.
+``--context-tokens`` conversation with and without the conversation cache, and the short one
+again after it; ``*_cpu_ms`` is the process's CPU time for the same span (the work, nearly
+whatever else the machine runs: on a shared machine compare those). ``--first-chunk-only``
+runs just the first chunks (with the cache): the conversation cache's check at 1B shapes.
 ``logit_error``: against the MLX float32 model with the same weights, the method of
 ``quant_error.py`` (codebook-0 logits of every prompt row, 31 teacher-forced decoder logits).
 ``apple_chips``: the bandwidth bound (frames/s) of each chip at each precision and the widest
@@ -132,17 +135,30 @@ def error_rows(config: CSMConfig, weights: dict[str, mx.array], precisions: list
 
 def speed_row(gen, args, long_context: bool) -> dict:
     conv = Conversation(gen, seed=1)
-    row = dict(frame_loop_speed(gen, conv, args.frames, args.short_context_tokens, repeats=1))
-    row.update(streamed_rtf(gen, conv, args.frames, args.short_context_tokens))
+    row: dict = {}
+    if not args.first_chunk_only:
+        row.update(frame_loop_speed(gen, conv, args.frames, args.short_context_tokens, repeats=1))
+        row.update(streamed_rtf(gen, conv, args.frames, args.short_context_tokens))
     short = first_chunk_ms(gen, conv, args.short_context_tokens, warm=True, reply_frames=args.reply_frames)
-    row["first_chunk_ms"], row["first_chunk_prefill_rows"] = short["first_chunk_ms"], short["prefill_rows"]
+    row.update(first_chunk_ms=short["first_chunk_ms"], first_chunk_cpu_ms=short["first_chunk_cpu_ms"],
+               first_chunk_prefill_rows=short["prefill_rows"])
     if long_context:
         warm = first_chunk_ms(gen, conv, args.context_tokens, warm=True, reply_frames=args.reply_frames)
-        cold = first_chunk_ms(gen, conv, args.context_tokens, warm=False, reply_frames=args.reply_frames)
-        row.update(first_chunk_long_ms=warm["first_chunk_ms"], first_chunk_long_prefill_rows=warm["prefill_rows"],
-                   first_chunk_long_prompt_rows=warm["prompt_rows"],
-                   first_chunk_long_no_cache_ms=cold["first_chunk_ms"])
-        row["long_over_short"] = warm["first_chunk_ms"] / short["first_chunk_ms"]
+        row.update(first_chunk_long_ms=warm["first_chunk_ms"], first_chunk_long_cpu_ms=warm["first_chunk_cpu_ms"],
+                   first_chunk_long_prefill_rows=warm["prefill_rows"],
+                   first_chunk_long_prompt_rows=warm["prompt_rows"])
+        if not args.first_chunk_only:
+            cold = first_chunk_ms(gen, conv, args.context_tokens, warm=False, reply_frames=args.reply_frames)
+            row["first_chunk_long_no_cache_ms"] = cold["first_chunk_ms"]
+        # The short conversation again after the long one: both sides of the long turn, so load
+        # that changed during the run shows as two different short figures.
+        again = first_chunk_ms(gen, conv, args.short_context_tokens, warm=True, reply_frames=args.reply_frames)
+        row.update(first_chunk_short_again_ms=again["first_chunk_ms"],
+                   first_chunk_short_again_cpu_ms=again["first_chunk_cpu_ms"])
+        shorts = (short["first_chunk_ms"] + again["first_chunk_ms"]) / 2
+        shorts_cpu = (short["first_chunk_cpu_ms"] + again["first_chunk_cpu_ms"]) / 2
+        row["long_over_short"] = warm["first_chunk_ms"] / shorts
+        row["long_over_short_cpu"] = warm["first_chunk_cpu_ms"] / shorts_cpu
     return row
 
 
@@ -155,7 +171,8 @@ def mlx_speed_row(config, weights, precision: str, codec, tokenizer, args) -> di
         del gen, model
         gc.collect()
     row["peak_rss_mb"] = rss.peak
-    print(f"# mlx {precision}: {row['frames_per_s']:.2f} frames/s, first chunk {row['first_chunk_ms']:.0f} ms",
+    print(f"# mlx {precision}: {row.get('frames_per_s', float('nan')):.2f} frames/s, first chunk "
+          f"{row['first_chunk_ms']:.0f} ms",
           file=sys.stderr, flush=True)
     return row
 
@@ -176,7 +193,7 @@ def torch_speed_row(config, precision: str, codec, tokenizer, args) -> dict:
         del gen, model
         gc.collect()
     row["peak_rss_mb"] = rss.peak
-    print(f"# torch {name}: {row['frames_per_s']:.2f} frames/s", file=sys.stderr, flush=True)
+    print(f"# torch {name}: {row.get('frames_per_s', float('nan')):.2f} frames/s", file=sys.stderr, flush=True)
     return row
 
 
@@ -215,6 +232,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-error", action="store_true", help="skip the logit error")
     p.add_argument("--no-speed", action="store_true", help="only the logit error and the chip table")
+    p.add_argument("--first-chunk-only", action="store_true",
+                   help="speed rows: only the first chunk (short, long with the cache, short again), wall and CPU time")
     p.add_argument("--error-activations", choices=("float32",), default=None,
                    help="quantized rows of the logit error with float32 scales and activations (weights' error only)")
     p.add_argument("--seed", type=int, default=0)

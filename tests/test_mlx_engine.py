@@ -223,3 +223,43 @@ def test_mlx_speed_benchmark_reports_errors_chips_and_provenance(tmp_path):
     assert [c["chip"] for c in result["apple_chips"]][:2] == ["M1", "M1 Pro"]
     assert result["apple_chips"][0]["precision_for_real_time"] == "int4"
     assert {"cpu", "date", "commit", "mlx"} <= set(result["provenance"]) and out.is_file()
+
+
+@pytest.mark.slow
+def test_parity_benchmark_compares_every_turn_and_fails_on_a_difference(monkeypatch):
+    """benchmarks/mlx_parity.py (run at 1B shapes by hand, see benchmarks/README.md) on tiny shapes:
+    equal frames pass, and one MLX frame changed is reported at its turn and frame."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mlx_parity
+
+    result = mlx_parity.main(["--flavor", "tiny", "--frames", "4", "--block", "8"])
+    assert result["equal"] and result["distinct_torch_frames"] > 3
+    cached = result["mlx"]["cached"]["prefill_rows"]
+    assert all(rows < total for rows, total in cached[1:]), cached  # later turns reused the cache
+    assert all(rows == total for rows, total in result["mlx"]["uncached"]["prefill_rows"])
+    frames = [torch.ones(4, 32, dtype=torch.long)] * 2
+    changed = [frames[0], frames[1].clone()]
+    changed[1][2, 5] = 7
+    assert mlx_parity.compare(frames, changed)[1] == {"turn": 2, "frames": 4, "equal": False, "first_difference": 2}
+
+
+@pytest.mark.slow
+def test_mlx_speed_first_chunk_mode_brackets_the_long_turn_with_short_ones():
+    """benchmarks/mlx_speed.py --first-chunk-only (the conversation cache's 1B check) on tiny shapes."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mlx_speed
+
+    result = mlx_speed.main(["--flavor", "tiny", "--precisions", "float32", "--long-precision", "float32", "--no-torch",
+                             "--no-error", "--first-chunk-only", "--context-tokens", "300", "--reply-frames", "2"])
+    row = result["rows"][0]
+    assert "frames_per_s" not in row and "first_chunk_long_no_cache_ms" not in row
+    assert row["first_chunk_long_prefill_rows"] < row["first_chunk_long_prompt_rows"] / 2
+    for key in ("first_chunk_cpu_ms", "first_chunk_long_cpu_ms", "first_chunk_short_again_cpu_ms",
+                "long_over_short_cpu"):
+        assert row[key] > 0, key

@@ -3,6 +3,12 @@
     csm-serve                                    sesame/csm-1b on 127.0.0.1:8000, no API key
     csm-serve --host 0.0.0.0 --api-key KEY       reachable from other machines (a key is then required)
     csm-serve --csm-model DIR --voices voices.toml --max-streams 256 --device cuda
+    csm-serve --engine mlx --dtype int8         on MLX (Apple Silicon): one utterance at a time
+
+``--engine``: torch batches every request's frames (``csm_engine.batch``); mlx has no batched
+step, so its requests queue and run one after another through the MLX generator's own frame
+loop (``csm_engine.serve.serial``), its conversation cache serving whichever request continues
+the last one; auto is MLX on macOS arm64, torch elsewhere. The batching options apply to torch.
 
 ``--model-name`` is the API's ``model`` (what clients send); ``--csm-model`` the checkpoint.
 
@@ -22,7 +28,9 @@ from collections.abc import Sequence
 from csm_engine.console import DTYPES, add_csm_model_option, run_cli
 from csm_engine.device import DEVICES, resolve_device
 from csm_engine.errors import CSMError
+from csm_engine.mlx.precisions import MLX_PRECISION_NAMES
 from csm_engine.serve.wire import API_KEY_ENV
+from csm_engine.speech import ENGINES, resolve_engine
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tokenizer-path", metavar="PATH",
                    help="text tokenizer.json (default: next to the model, or the hub)")
     m.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda when available")
-    m.add_argument("--dtype", choices=DTYPES, default="auto", help="precision (default: the fastest for the device)")
+    m.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="what runs the model: torch (batched), mlx (Apple Silicon; mlx[cpu] on Linux; one utterance "
+                        "at a time) or auto (default: MLX on Apple Silicon, torch elsewhere)")
+    m.add_argument("--dtype", choices=tuple(dict.fromkeys((*DTYPES, *MLX_PRECISION_NAMES))), default="auto",
+                   help="precision (default: the fastest for the device; on MLX by the chip's bandwidth)")
     m.add_argument("--model-name", default="csm-1b", help="the `model` name clients send (default csm-1b)")
     m.add_argument("--voices", metavar="FILE.toml", help="named voices (default: csm-chat's voices tables)")
     h = p.add_argument_group("http")
@@ -69,23 +81,39 @@ def check_auth(host: str, api_key: str | None, no_auth: bool) -> None:
                        "or --no-auth if a proxy in front authenticates")
 
 
-def build_service(args: argparse.Namespace):
-    """Load the model and start the engine; returns the SpeechService (for tests too)."""
-    from csm_engine.batch.engine import BatchEngine, EngineOptions
-    from csm_engine.generator import load_generator
-    from csm_engine.serve.config import Limits, ServerConfig
-    from csm_engine.serve.speech import SpeechService, VoiceTable
-    from csm_engine.voices import list_voices, load_voice_table
+def build_engine(args: argparse.Namespace):
+    """The engine --engine names, loaded and prepared (not started): batched on torch, serial on MLX."""
+    from csm_engine.speech import load_speech_generator
 
+    engine = resolve_engine(args.engine)
     device = resolve_device(args.device)
-    generator = load_generator(args.csm_model, mimi_path=args.mimi_path, tokenizer_path=args.tokenizer_path,
-                               device=device, dtype=args.dtype)
+    generator = load_speech_generator(engine, args.csm_model, mimi_path=args.mimi_path,
+                                      tokenizer_path=args.tokenizer_path, device=device,
+                                      dtype=None if args.dtype == "auto" else args.dtype)
+    if engine == "mlx":
+        from csm_engine.serve.serial import SerialEngine, SerialOptions
+
+        serial = SerialEngine(generator, SerialOptions(max_queue=args.max_queue))
+        serial.prepare()
+        return serial
+    from csm_engine.batch.engine import BatchEngine, EngineOptions
+
     options = EngineOptions.for_device(device, max_streams=args.max_streams, cache_slots=args.cache_slots,
                                        max_queue=args.max_queue, prefill_rows_per_tick=args.prefill_rows,
                                        max_sessions=args.max_sessions, session_ttl_s=args.session_ttl,
                                        cuda_graphs=False if args.no_cuda_graphs else None)
-    engine = BatchEngine(generator, options)
-    engine.prepare()
+    batch = BatchEngine(generator, options)
+    batch.prepare()
+    return batch
+
+
+def build_service(args: argparse.Namespace):
+    """Load the model and start the engine; returns the SpeechService (for tests too)."""
+    from csm_engine.serve.config import Limits, ServerConfig
+    from csm_engine.serve.speech import SpeechService, VoiceTable
+    from csm_engine.voices import list_voices, load_voice_table
+
+    engine = build_engine(args)
     voices = VoiceTable(load_voice_table(args.voices) if args.voices else list_voices())
     if args.voices and not voices.voices:
         raise CSMError(f"--voices {args.voices}: no [voices.NAME] tables found; check the path and the file")
