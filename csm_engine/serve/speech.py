@@ -26,6 +26,7 @@ from csm_engine.serve.audio import request_audio, request_codes
 from csm_engine.serve.config import ServerConfig
 from csm_engine.serve.errors import APIError
 from csm_engine.serve.schemas import SpeechRequest
+from csm_engine.serve.serial import SerialEngine
 from csm_engine.tokens import Segment
 from csm_engine.voices import VoicePrompt, load_voice_segment
 
@@ -132,7 +133,7 @@ class EventBridge:
 class SpeechService:
     """Everything a speech request needs besides HTTP (see the module docstring)."""
 
-    def __init__(self, engine: BatchEngine, voices: VoiceTable, config: ServerConfig):
+    def __init__(self, engine: BatchEngine | SerialEngine, voices: VoiceTable, config: ServerConfig):
         self.engine, self.voices, self.config = engine, voices, config
         self.generator = engine.generator
         self.responses = ResponseStore(config.response_store)
