@@ -169,6 +169,9 @@ class SimulatedRoom(AudioSource):
         self._far = PlayedTimeline(PIPELINE_RATE)
         self._far_arrived = threading.Condition()
         self._listeners: tuple[FarEndListener, ...] = ()
+        # Diagnostics: called with (far, echo, mic) for each block: what the speaker played that reaches
+        # the mic in it (before the room), the echo it became, and the microphone block handed out.
+        self.on_mix: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
         self._origin: int | None = None  # timeline index of the first mic sample
         self._next = 0  # blocks handed out
         self._stopped = threading.Event()
@@ -269,7 +272,10 @@ class SimulatedRoom(AudioSource):
         far = self._far.read(start - self._delay, b)
         self._far.discard_before(start - self._delay + b)  # the convolver keeps its own history
         echo = self._convolver.process(far) * np.float32(self._echo_gain)
-        return np.clip(user + echo + self._noise.next(b), -1.0, 1.0)
+        mic = np.clip(user + echo + self._noise.next(b), -1.0, 1.0)
+        if self.on_mix is not None:
+            self.on_mix(far, echo, mic)
+        return mic
 
     def _user_block(self, start: int) -> np.ndarray | None:
         b = self.block_samples
