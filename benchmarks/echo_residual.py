@@ -113,9 +113,7 @@ def main() -> None:
     tails = {room: rir_tail_db(room) for room in rooms}
     print("RIR energy after the echo model's 0.4 s: " + ", ".join(f"{r} {t} dB" for r, t in tails.items()))
     rows = []
-    for voice, clips in voices(args.replies).items():
-        if voice not in wanted:
-            continue
+    for voice, clips in voices(args.replies, tuple(wanted)).items():
         for room in rooms:
             for mode in args.modes.split(","):
                 rows.append({"voice": voice, **analyse(room, clips, realtime=mode == "1x")})
