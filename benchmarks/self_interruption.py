@@ -30,18 +30,15 @@ from provenance import provenance  # noqa: E402
 from agent.listen.vad import VoiceActivityDetector  # noqa: E402
 
 ROOMS = ["office-loud", "living-room-loud"]
+VOICES = ("espeak", "tiny-csm", "noise", "chords")
 
 
 def _level(x: np.ndarray, dbfs: float = -20.0) -> np.ndarray:
     return (x / np.sqrt(np.mean(x**2)) * 10 ** (dbfs / 20)).astype(np.float32)
 
 
-def voices(n: int) -> dict[str, list[np.ndarray]]:
-    from csm_engine.generator import load_generator
-    from csm_engine.testing.checkpoints import write_checkpoint
-
-    generator = load_generator(str(write_checkpoint(tempfile.mkdtemp(), flavor="tiny", seed=0)), device="cpu",
-                               dtype="float32")
+def voices(n: int, wanted: tuple[str, ...] = VOICES) -> dict[str, list[np.ndarray]]:
+    """``n`` replies in each ``wanted`` voice (the tiny CSM checkpoint is only loaded when asked for)."""
     rng = np.random.default_rng(0)
     t4, t05 = np.arange(4 * AGENT_RATE) / AGENT_RATE, np.arange(AGENT_RATE // 2) / AGENT_RATE
 
@@ -50,14 +47,23 @@ def voices(n: int) -> dict[str, list[np.ndarray]]:
         return sum(np.sin(2 * np.pi * root * r * t05) for r in (1, 1.26, 1.5, 2)) * np.minimum(
             1, np.minimum(t05, 0.5 - t05) / 0.02)
 
-    return {
-        "espeak": [espeak_24k(text) for text in AGENT_TEXTS[:n]],
-        "tiny-csm": [generator.generate(text, 0, max_audio_length_ms=4000, seed=i).numpy().astype(np.float32)
-                     for i, text in enumerate(AGENT_TEXTS[:n])],
-        "noise": [_level(rng.standard_normal(len(t4)) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t4 + i)))
-                  for i in range(n)],
-        "chords": [_level(np.concatenate([chord() for _ in range(8)])) for _ in range(n)],
+    def babble() -> list[np.ndarray]:
+        from csm_engine.generator import load_generator
+        from csm_engine.testing.checkpoints import write_checkpoint
+
+        generator = load_generator(str(write_checkpoint(tempfile.mkdtemp(), flavor="tiny", seed=0)), device="cpu",
+                                   dtype="float32")
+        return [generator.generate(text, 0, max_audio_length_ms=4000, seed=i).numpy().astype(np.float32)
+                for i, text in enumerate(AGENT_TEXTS[:n])]
+
+    makers = {
+        "espeak": lambda: [espeak_24k(text) for text in AGENT_TEXTS[:n]],
+        "tiny-csm": babble,
+        "noise": lambda: [_level(rng.standard_normal(len(t4)) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t4 + i)))
+                          for i in range(n)],
+        "chords": lambda: [_level(np.concatenate([chord() for _ in range(8)])) for _ in range(n)],
     }
+    return {name: make() for name, make in makers.items() if name in wanted}
 
 
 def count(room: str, clips: list[np.ndarray]) -> dict:

@@ -55,6 +55,7 @@ class RoomRun:
     aec_s: float  # of which inside the canceller
     reference: np.ndarray | None = None  # what the canceller was handed as the far end, in step with ``raw``
     stopped_s: float | None = None  # stop_on_user: when playback was stopped (end of the block, seconds)
+    room: SimulatedRoom | None = None  # the room it ran in
 
     def last_played_s(self) -> float:
         """Where the far end last played anything (seconds of stream)."""
@@ -71,12 +72,14 @@ class RoomRun:
 
 
 def play_in_room(room: str, replies: list[Reply], user_audio: np.ndarray | None = None, *, seconds: float,
-                 aec: bool = True, realtime: bool = False, stop_on_user: bool = False, **options) -> RoomRun:
+                 aec: bool = True, realtime: bool = False, stop_on_user: bool = False,
+                 room_type: type[SimulatedRoom] = SimulatedRoom, **options) -> RoomRun:
     """Run the room for ``seconds`` with these replies and the user's audio (16 kHz, from time 0).
     ``realtime``: the sink plays at 1x on its thread and the room keeps the clock's pace;
-    ``stop_on_user``: stop playback (a barge-in) at the first block where ``user_speaking`` turns on."""
+    ``stop_on_user``: stop playback (a barge-in) at the first block where ``user_speaking`` turns on;
+    ``room_type``: a SimulatedRoom subclass (e.g. one that records what it mixed)."""
     spec = load_room(room)
-    source = SimulatedRoom(spec, user_audio, realtime=realtime, user_waits=False, trailing_silence_s=seconds)
+    source = room_type(spec, user_audio, realtime=realtime, user_waits=False, trailing_silence_s=seconds)
     sink = MemorySink(AGENT_RATE, speed=1.0 if realtime else None)
     unhear = sink.add_listener(source.hear)
     canceller = EchoCanceller.attach(source, sink) if aec else PassThrough()
@@ -127,7 +130,7 @@ def play_in_room(room: str, replies: list[Reply], user_audio: np.ndarray | None 
         source.stop()
     return RoomRun(np.concatenate(raw), np.concatenate(cleaned), np.array(user), np.array(far), np.array(residual),
                    double_talk, time.process_time() - cpu, clock["all"], clock["aec"],
-                   np.concatenate(reference) if reference else None, stopped)
+                   np.concatenate(reference) if reference else None, stopped, source)
 
 
 def voice_onset(audio: np.ndarray) -> int:

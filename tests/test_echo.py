@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,34 @@ def test_without_a_reference_nothing_is_cancelled(agent_speech):
     finally:
         sink.close()
     assert _erle_after_convergence(recording) < 10.0
+
+
+def test_at_1x_the_reference_holds_everything_the_room_played(agent_speech):
+    # A speaker that hands each 20 ms block over 12 ms after the previous one ran out, just after the
+    # canceller read that far (a late playback thread, every time): the room must not play it before it
+    # came, or the echo holds sound the canceller already read as silence (a block snapped back to the
+    # end of its run did that).
+    room = SimulatedRoom(load_room("office-loud"), realtime=True)
+    canceller = EchoCanceller.attach(room, MemorySink(24_000))
+    played, reference = [], []
+    room.on_mix = lambda far, echo, mic: played.append(far.copy())
+    canceller.add_reference_listener(reference.append)
+    far = agent_speech[: 3 * 24_000]
+    try:
+        room.start()
+        for i in range(int(4.2 * PIPELINE_RATE / room.block_samples)):
+            canceller.process(room.read(timeout=2.0))
+            if i < len(far) // 480:  # 20 ms of speech per 32 ms block: each one comes after its run ran out
+                room.hear(far[i * 480 : (i + 1) * 480], 24_000, time.monotonic())
+    finally:
+        room.stop()
+        canceller.close()
+    delay = int(round(room.spec.device_delay_ms * PIPELINE_RATE / 1000))
+    played, reference = np.concatenate(played), np.concatenate(reference)
+    n = min(len(played), len(reference) + delay)
+    missing = played[delay:n] - reference[: n - delay]
+    print(f"reference vs played: {10 * np.log10(np.sum(missing**2) / np.sum(played**2) + 1e-30):.1f} dB")
+    assert np.sum(played**2) > 0 and np.sum(missing**2) <= 1e-6 * np.sum(played**2)
 
 
 LEAD_S, USER_AT_S = 0.5, 3.5  # the agent starts at 0.5 s; the user 3 s into its reply

@@ -114,6 +114,20 @@ def test_timeline_resamples_each_run_without_losing_time():
     np.testing.assert_allclose(y[:15_950], resample(x, 24_000, 16_000)[:15_950], atol=1e-4)
 
 
+def test_a_device_timeline_never_places_a_block_before_it_came():
+    timeline, lead = PlayedTimeline(16_000), 480  # a 30 ms buffer
+    block = np.ones(320, np.float32)
+    first = timeline.add(block, 16_000, 10.0, lead=lead)
+    assert first == 160_000 + lead  # the first block plays once the buffer has it
+    on_time = timeline.add(block * 2, 16_000, 10.0 + 0.02 + 0.004, lead=lead)  # came before the run ran out
+    assert on_time == first + 320
+    late = timeline.add(block * 3, 16_000, 10.08, lead=lead)  # came 10 ms after the run ran out (10.07 s)
+    assert late == 161_280 + lead  # not snapped back to the run's end (161_120): never before it came
+    out = timeline.read(first, late + 320 - first)
+    assert np.all(out[:320] == 1) and np.all(out[320:640] == 2) and np.all(out[640 : late - first] == 0)
+    assert np.all(out[late - first :] == 3)
+
+
 # ---- the room as a microphone
 
 
@@ -123,7 +137,7 @@ def _echo_only_run(spec: RoomSpec, far: np.ndarray, *, realtime: bool) -> tuple[
     sink = MemorySink(PIPELINE_RATE, speed=1.0 if realtime else None)
     sink.add_listener(room.hear)
     played = PlayedTimeline(PIPELINE_RATE)
-    room.add_listener(played.add)
+    room.add_listener(lambda x, rate, at: played.add(x, rate, at, lead=0))  # exactly where the room placed it
     blocks = []
     try:
         room.start()

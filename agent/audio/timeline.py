@@ -8,6 +8,15 @@ all. So blocks are placed by time, not counted: index = round(play_time * 16000)
 starts within ``snap_s`` of where the previous one ended continues it sample-exactly (thread
 wake-up jitter would otherwise cut clicks into the signal); a later one starts a new run, and
 the gap between runs reads as silence.
+
+A device that plays what it is handed (a simulated room) places blocks with ``lead``: it cannot
+play a sample before it has it, so a block continues the run only if it came before the run
+ran out, and a block that came later (an underrun) starts a new run ``lead`` samples after it
+came, as a sound card's buffer would; the previous run's last ~1 ms, which the resampler holds
+back until the next block, is dropped then (it would come after its time). Snapping back by
+``snap_s`` would place a late block up to 30 ms before it was handed over, where a reader that
+keeps pace with the clock (the echo canceller) may already have read silence. A listener that
+is told where such a device placed each block takes it with ``lead=0``: exactly there.
 """
 
 from __future__ import annotations
@@ -48,15 +57,23 @@ class PlayedTimeline:
         """One past the last sample placed so far (None before the first block)."""
         return self._end
 
-    def add(self, samples: np.ndarray, sample_rate: int, play_time: float) -> int:
-        """Place a block that started playing at ``play_time`` seconds; returns its start index."""
+    def add(self, samples: np.ndarray, sample_rate: int, play_time: float, lead: int | None = None) -> int:
+        """Place a block that started playing at ``play_time`` seconds; returns its start index.
+        ``lead`` (samples): place it causally instead, as a device with that much buffer plays it
+        (see the module doc): never before ``play_time``."""
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         wanted = time_to_index(play_time, self.sample_rate)
         with self._lock:
-            contiguous = self._end is not None and wanted <= self._end + self._snap
+            if lead is None:
+                contiguous = self._end is not None and wanted <= self._end + self._snap
+            else:
+                contiguous = self._end is not None and wanted <= self._end
+                wanted += int(lead)
             if not contiguous or self._resampler is None or self._resampler.src_rate != sample_rate:
                 if self._resampler is not None:
-                    self._store(self._resampler.flush())  # the end of the previous run
+                    tail = self._resampler.flush()  # the end of the previous run (the resampler's look-ahead)
+                    if lead is None:  # a device has played out by now what it never had: drop it
+                        self._store(tail)
                 self._resampler = StreamResampler(int(sample_rate), self.sample_rate)
                 if not contiguous:
                     self._end = wanted

@@ -108,7 +108,7 @@ class EchoCanceller:
         """A canceller listening to ``sink``'s output on ``source``'s clock (see ``far_end_tap``)."""
         tap, clock = far_end_tap(source, sink)
         canceller = cls(clock=clock, input_latency_s=source.input_latency_s, **options)
-        canceller._detach = tap.add_listener(canceller.add_far_end)
+        canceller._detach = tap.add_listener(canceller.add_far_end if tap is sink else canceller.add_placed_far_end)
         return canceller
 
     def close(self) -> None:
@@ -138,6 +138,11 @@ class EchoCanceller:
     def add_far_end(self, samples: np.ndarray, sample_rate: int, play_time: float) -> None:
         """A far-end listener: ``samples`` at ``sample_rate`` Hz started playing at ``play_time``."""
         self._far.add(samples, sample_rate, play_time)
+
+    def add_placed_far_end(self, samples: np.ndarray, sample_rate: int, play_time: float) -> None:
+        """A far-end listener for a device that reports where it placed each block itself (a
+        ``SimulatedRoom``): taken exactly as placed, a new run wherever the device started one."""
+        self._far.add(samples, sample_rate, play_time, lead=0)
 
     def process(self, block: np.ndarray) -> np.ndarray:
         """Cleaned microphone audio for a 16 kHz float32 block; same length, ``latency_ms`` behind."""

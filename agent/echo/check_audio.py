@@ -99,7 +99,8 @@ def record_echo(
     """
     tap, clock = far_end_tap(source, sink)
     reference = PlayedTimeline(PIPELINE_RATE)
-    detach = tap.add_listener(reference.add)
+    exact = tap is not sink  # a room reports where it placed each block: take that as it is
+    detach = tap.add_listener(lambda x, rate, at: reference.add(x, rate, at, lead=0 if exact else None))
     mic, cleaned = [], []
     blocks = lambda seconds: math.ceil(seconds * PIPELINE_RATE / source.block_samples)  # noqa: E731
     lead_blocks = blocks(lead_s)

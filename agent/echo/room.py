@@ -7,7 +7,7 @@ user's voice (the ``--mic-file``) and background noise::
 
     room = open_room("living-room-loud", "user.wav")      # or a RoomSpec, or a .toml path
     stop_hearing = sink.add_listener(room.hear)           # speaker -> room
-    room.add_listener(canceller.add_far_end)              # the AEC's reference, on the room's clock
+    room.add_listener(canceller.add_placed_far_end)       # the AEC's reference, as the room placed it
     block = room.read()                                   # user + echo + noise
 
 mic[t] = clip( user_gain * user[t] + echo_gain * (rir * far)[t - device_delay] + noise[t] )
@@ -42,7 +42,14 @@ Example room file::
     noise_dbfs = -55
 
 Time: with ``realtime=True`` blocks come at the pace of real time from ``start()`` (like
-``WavFileSource`` at 1x), the far-end is placed by the sink's play times, and the user speaks on
+``WavFileSource`` at 1x), the far-end is placed by the sink's play times as a sound card with a
+``SNAP_S`` buffer plays it: a block handed over before the run it continues ran out follows it
+sample-exactly, a later one (an underrun) starts ``SNAP_S`` after it came; nothing plays before it
+was handed over. (Placing a late block back at the end of its run, up to 30 ms before it came, put
+sound in the echo that the echo canceller, which reads the reference in step with the microphone,
+had already read as silence: measured with ``benchmarks/echo_residual.py``, 20-60 ms of the far end
+in three replies at 1x missing from the reference, and the echo model's residual up to 15 dB over
+the leak it expects where paced runs, with an exact reference, stay under 6 dB.) The user speaks on
 schedule, over the agent if the file says so. With ``realtime=False`` (paced runs: the pipeline
 reads the mic only between replies) the room has its own clock that advances one block per
 ``read()``; what the agent plays is placed at the room's current time, and the user waits
@@ -158,6 +165,7 @@ class SimulatedRoom(AudioSource):
         self.block_samples = PIPELINE_RATE * block_ms // 1000
         self.rir = room_impulse_response(spec, PIPELINE_RATE)
         self._delay = int(round(spec.device_delay_ms * PIPELINE_RATE / 1000))
+        self._lead = int(round(SNAP_S * PIPELINE_RATE))  # at 1x: the buffer that absorbs the sink's jitter
         self._echo_gain = 10.0 ** (spec.echo_gain_db / 20.0)
         self._convolver = BlockConvolver(self.rir, self.block_samples)
         self._noise = BackgroundNoise(spec.noise, spec.noise_dbfs, spec.seed)
@@ -169,6 +177,9 @@ class SimulatedRoom(AudioSource):
         self._far = PlayedTimeline(PIPELINE_RATE)
         self._far_arrived = threading.Condition()
         self._listeners: tuple[FarEndListener, ...] = ()
+        # Diagnostics: called with (far, echo, mic) for each block: what the speaker played that reaches
+        # the mic in it (before the room), the echo it became, and the microphone block handed out.
+        self.on_mix: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
         self._origin: int | None = None  # timeline index of the first mic sample
         self._next = 0  # blocks handed out
         self._stopped = threading.Event()
@@ -179,16 +190,18 @@ class SimulatedRoom(AudioSource):
 
     def hear(self, samples: np.ndarray, sample_rate: int, play_time: float) -> None:
         """A far-end listener (``sink.add_listener(room.hear)``): the speaker played this block."""
-        if not self.realtime:
-            play_time = self.clock()  # paced: it plays now on the room's own clock
-        start = self._far.add(samples, sample_rate, play_time)
+        if self.realtime:  # as a sound card plays it: never before it came (see the module doc)
+            start = self._far.add(samples, sample_rate, play_time, lead=self._lead)
+        else:  # paced: it plays now on the room's own clock (the sink is drained before the next read)
+            start = self._far.add(samples, sample_rate, self.clock(), lead=0)
         with self._far_arrived:
             self._far_arrived.notify_all()
         for listener in self._listeners:
             listener(samples, sample_rate, start / PIPELINE_RATE)
 
     def add_listener(self, listener: FarEndListener):
-        """Pass on every block the room heard, with its play time on the room's ``clock()``."""
+        """Pass on every block the room heard, with its play time on the room's ``clock()``: where the
+        room placed it (a listener's timeline takes it exactly: ``PlayedTimeline.add(..., lead=0)``)."""
         with self._lock:
             self._listeners = (*self._listeners, listener)
         return lambda: self._remove_listener(listener)
@@ -269,7 +282,10 @@ class SimulatedRoom(AudioSource):
         far = self._far.read(start - self._delay, b)
         self._far.discard_before(start - self._delay + b)  # the convolver keeps its own history
         echo = self._convolver.process(far) * np.float32(self._echo_gain)
-        return np.clip(user + echo + self._noise.next(b), -1.0, 1.0)
+        mic = np.clip(user + echo + self._noise.next(b), -1.0, 1.0)
+        if self.on_mix is not None:
+            self.on_mix(far, echo, mic)
+        return mic
 
     def _user_block(self, start: int) -> np.ndarray | None:
         b = self.block_samples
