@@ -292,8 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in modes:
             rows = []
             for stream, audio in zip(items, heard):
-                result = run(audio, silero, judge_for(mode, turn_model, text_turn, start, **changes), real_time=args.real_time,
-                             stop_s=stream["speech_end_s"])
+                judge = judge_for(mode, turn_model, text_turn, start, **changes)
+                result = run(audio, silero, judge, real_time=args.real_time, stop_s=stream["speech_end_s"])
                 row = measure(stream, result)
                 rows.append({"text": stream["text"], "voice": stream["voice"], **row})
             results["rooms"][room][mode] = {"summary": summary(rows), "items": rows}
