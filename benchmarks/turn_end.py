@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--modes", default="silence,audio,smart")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results-turn-end.json"))
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions and N paused sentences")
-    parser.add_argument("--first-check-ms", type=int, default=None, help="the judge's first check (default: its own)")
+    parser.add_argument("--text-first-check-ms", type=int, default=None,
+                        help="the judge's first check with the text evidence (default: its own)")
     parser.add_argument("--set", default="tuning", choices=sorted(SETS), help="the utterances (see above)")
     parser.add_argument("--real-time", action="store_true", help="feed at the stream's pace, measure the wall clock")
     parser.add_argument("--sequential", action="store_true",
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     silero, turn_model = load_silero_model(), load_turn_model()
     transcriber, llm = FasterWhisperTranscriber(), LocalLLM(seed=1234)
     text_turn = TextTurn(lambda: transcriber, lambda: llm)
-    changes = {"first_check_ms": args.first_check_ms} if args.first_check_ms else {}
+    changes = {"text_first_check_ms": args.text_first_check_ms} if args.text_first_check_ms else {}
     results: dict = {"provenance": prov, "settings": TurnSettings(**changes).__dict__, "rooms": {}}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,7 @@ in progress with the length of the current pause (0 while the user speaks), a wa
 turn's audio so far, and a way to get the turn as it would end now (its span and audio). Three
 modes behind that one call:
 
-- ``smart``: at a short pause (``first_check_ms``) the transcript's own evidence is asked first
+- ``smart``: at a short pause (``text_first_check_ms``) the transcript's own evidence is asked first
   (``agent.listen.text_turn``: Whisper on the turn as it would end now, then the chat LLM's
   P(end of message)); P(end) >= ``text_done`` ends the turn at once. Otherwise the end-of-turn
   audio model (Smart Turn, ``agent.listen.turn_model``) is asked: "done" ends the turn;
@@ -27,7 +27,7 @@ the stream, never on how fast the models ran. Where they run is ``start``'s busi
 (``agent.listen.turn_jobs``): by default each model call runs inside ``update`` on the caller's
 thread when its answer is needed (in turn: text evidence, then Smart Turn only if the text did not
 decide). With ``run_in_thread`` the same calls only run earlier and side by side: Whisper starts on
-the tentative turn as soon as the pause is as long as the turn's tail (before ``first_check_ms``),
+the tentative turn at the first window of the pause (before the first check),
 and at the check Smart Turn runs while the text evidence finishes, so the check costs the slower of
 the two, not their sum. Speech that resumes drops the work of the pause (not yet started:
 cancelled; running: its answer is ignored).
@@ -80,7 +80,12 @@ class TurnSettings:
     text_likely: float = 0.05  # ... at or above which a pause of text_max_silence_ms ends it
     text_max_silence_ms: int = 1200
     disputed_max_silence_ms: int = 1500  # the audio model said "done", the words an unlikely end
-    first_check_ms: int = 192  # pause before the model is first asked (6 VAD windows of 32 ms)
+    first_check_ms: int = 192  # pause before the audio model alone is first asked (6 VAD windows of 32 ms)
+    # With the text evidence the first check comes earlier: the words veto a gap inside a sentence that
+    # Smart Turn alone would end the turn at ("what's the weather | like tomorrow": P(end) 0.007, Smart
+    # Turn 0.53 at 160 ms). 160 ms = 5 windows, the first at which the turn as it would end (the VAD's
+    # 150 ms tail) exists to transcribe. Chosen on benchmarks/turn_end.py's held-out set (README there).
+    text_first_check_ms: int = 160
     recheck_ms: int = 300  # then asked again each time the pause has grown by this much
     max_silence_ms: int = 2000  # a pause this long ends the turn whatever the model says
     end_silence_ms: int = 600  # silence mode (and the fallback without a model): the fixed pause
@@ -97,10 +102,11 @@ class TurnSettings:
             raise AgentError(f"text end-of-turn thresholds need 0 < likely <= done <= 1 (got {self.text_likely}, "
                              f"{self.text_done})")
         shortest = min(self.max_silence_ms, self.text_max_silence_ms, self.disputed_max_silence_ms)
-        if not 0 < self.first_check_ms <= shortest or self.recheck_ms < 32:
+        if not (0 < self.first_check_ms <= shortest and 0 < self.text_first_check_ms <= shortest) \
+                or self.recheck_ms < 32:
             raise AgentError(
                 "turn timings: need 0 < first check <= max silence and a re-check of at least 32 ms "
-                f"(got {self.first_check_ms}, {self.max_silence_ms}, {self.recheck_ms})"
+                f"(got {self.first_check_ms}, {self.text_first_check_ms}, {self.max_silence_ms}, {self.recheck_ms})"
             )
 
 
@@ -154,10 +160,11 @@ class EndOfTurnJudge:
 
     def reset(self) -> None:
         """A new turn (or a new pause): forget the model's answers and re-check schedule."""
-        self._next_check_ms = float(self.settings.first_check_ms)
+        self._next_check_ms: float | None = None  # None: the first check (earlier with the text evidence)
         self._probability: float | None = None
         self._text: float | None = None  # the transcript's P(end of message) in this pause
         self._asked = False  # a model was asked in this pause
+        self._text_asked = False  # the text evidence was had in this pause (the tentative turn existed)
         self._audio_done = False  # the audio model said "done" in this pause, the words did not
         self._waiting = False
         if getattr(self, "_text_job", None) is not None:
@@ -171,8 +178,10 @@ class EndOfTurnJudge:
         """Verdict for a turn whose current pause is ``pause_ms`` long (0 = speaking).
 
         ``audio()`` returns the turn's 16 kHz audio so far; it is only called at a check (for the
-        audio model). ``tentative()`` returns (span, audio) of the turn as it would end now
-        (what a ``speech_end`` would carry), or None; it is only called for the text evidence.
+        audio model). ``tentative()`` returns (span, audio) of the turn as it would end in this
+        pause (the span a ``speech_end`` would carry; the audio so far, which may stop short of the
+        span's end by some pause), or None; it is only called for the text evidence, which starts
+        on the first answer in a pause and is used at the check if the span is still the same.
         """
         s = self.settings
         if pause_ms <= 0:
@@ -184,8 +193,10 @@ class EndOfTurnJudge:
             return TurnVerdict(ended, "silence" if ended else "pause")
         if pause_ms >= self._limit_ms():
             return TurnVerdict(True, "max_silence", probability=self._probability, text_probability=self._text)
+        if self._next_check_ms is None:
+            self._next_check_ms = float(s.text_first_check_ms if self.text is not None else s.first_check_ms)
         if pause_ms < self._next_check_ms:
-            if self._text_job is None and not self._asked:
+            if self._text_job is None and not self._text_asked:
                 self._start_text(tentative)
             return TurnVerdict(False, "unfinished" if self._waiting else "pause", self._waiting, self._probability,
                                text_probability=self._text)
@@ -193,7 +204,7 @@ class EndOfTurnJudge:
             self._next_check_ms += s.recheck_ms
         model, heard = self.model, audio()  # the turn's audio now, on this thread (the buffer moves on)
         audio_job = self.start(lambda: model.probability(heard))  # side by side with the text, if threaded
-        text_ms = self._ask_text(tentative) if not self._asked else None
+        text_ms = self._ask_text(tentative) if not self._text_asked else None
         self._asked = True
         if self._text is not None and self._text >= s.text_done:
             self._waiting = False
@@ -218,8 +229,8 @@ class EndOfTurnJudge:
         return s.disputed_max_silence_ms if self._audio_done else s.max_silence_ms
 
     def _start_text(self, tentative: Tentative | None) -> None:
-        """Start the text evidence on the turn as it would end now, once that is known (the pause is
-        as long as the tail); the check then uses it if the turn would still end there."""
+        """Start the text evidence on the turn as it would end in this pause, as soon as that is known
+        (the first window of the pause); the check then uses it if the turn would still end there."""
         text = self.text
         pending = tentative() if text is not None and tentative is not None else None
         if pending is not None:
@@ -229,9 +240,9 @@ class EndOfTurnJudge:
         """The transcript's P(end) for this pause into ``_text``; returns the ms this thread waited for
         it (all its compute when it runs here; None: not asked)."""
         pending = tentative() if self.text is not None and tentative is not None else None
-        if pending is None:
+        if pending is None:  # no tentative turn yet (a check before the VAD's tail): at the next check
             return None
-        text = self.text
+        text, self._text_asked = self.text, True
         started = time.perf_counter()
         job, self._text_job = self._text_job, None
         if job is None or job[0] != pending[0]:  # none started, or for another span: ask now
