@@ -80,12 +80,11 @@ class TurnSettings:
     text_likely: float = 0.05  # ... at or above which a pause of text_max_silence_ms ends it
     text_max_silence_ms: int = 1200
     disputed_max_silence_ms: int = 1500  # the audio model said "done", the words an unlikely end
-    first_check_ms: int = 192  # pause before the audio model alone is first asked (6 VAD windows of 32 ms)
-    # With the text evidence the first check comes earlier: the words veto a gap inside a sentence that
-    # Smart Turn alone would end the turn at ("what's the weather | like tomorrow": P(end) 0.007, Smart
-    # Turn 0.53 at 160 ms). 160 ms = 5 windows, the first at which the turn as it would end (the VAD's
-    # 150 ms tail) exists to transcribe. Chosen on benchmarks/turn_end.py's held-out set (README there).
-    text_first_check_ms: int = 160
+    first_check_ms: int = 192  # pause before the models are first asked (6 VAD windows of 32 ms)
+    # The same with the text evidence. 160 ms (5 windows) would end turns ~30 ms sooner (benchmarks/README.md),
+    # but catches gaps inside a sentence: "we could go to the beach, | or ..." ended at the comma in
+    # tests/test_turn_taking.py (the words there are a whole sentence), which 192 ms does not.
+    text_first_check_ms: int = 192
     recheck_ms: int = 300  # then asked again each time the pause has grown by this much
     max_silence_ms: int = 2000  # a pause this long ends the turn whatever the model says
     end_silence_ms: int = 600  # silence mode (and the fallback without a model): the fixed pause
