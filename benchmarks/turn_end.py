@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     from agent.llm.local import LocalLLM
 
     prov = {**provenance(), "load_before": os.getloadavg()[0], "set": args.set, "real_time": args.real_time,
-            "judge_calls": "sequential" if args.sequential else "threads", "limit": args.limit}
+            "judge_calls": "threads" if args.real_time and not args.sequential else "sequential", "limit": args.limit}
     start = run_when_asked if args.sequential or not args.real_time else run_in_thread
     silero, turn_model = load_silero_model(), load_turn_model()
     transcriber, llm = FasterWhisperTranscriber(), LocalLLM(seed=1234)

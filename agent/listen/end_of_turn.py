@@ -27,7 +27,7 @@ the stream, never on how fast the models ran. Where they run is ``start``'s busi
 (``agent.listen.turn_jobs``): by default each model call runs inside ``update`` on the caller's
 thread when its answer is needed (in turn: text evidence, then Smart Turn only if the text did not
 decide). With ``run_in_thread`` the same calls only run earlier and side by side: Whisper starts on
-the tentative turn at the first window of the pause (before the first check),
+the tentative turn as soon as the pause is as long as the VAD's tail (150 ms, before the check),
 and at the check Smart Turn runs while the text evidence finishes, so the check costs the slower of
 the two, not their sum. Speech that resumes drops the work of the pause (not yet started:
 cancelled; running: its answer is ignored).
@@ -177,10 +177,9 @@ class EndOfTurnJudge:
         """Verdict for a turn whose current pause is ``pause_ms`` long (0 = speaking).
 
         ``audio()`` returns the turn's 16 kHz audio so far; it is only called at a check (for the
-        audio model). ``tentative()`` returns (span, audio) of the turn as it would end in this
-        pause (the span a ``speech_end`` would carry; the audio so far, which may stop short of the
-        span's end by some pause), or None; it is only called for the text evidence, which starts
-        on the first answer in a pause and is used at the check if the span is still the same.
+        audio model). ``tentative()`` returns (span, audio) of the turn as it would end now
+        (what a ``speech_end`` would carry), or None; it is only called for the text evidence, which
+        starts on its first answer in a pause and is used at the check if the span is still the same.
         """
         s = self.settings
         if pause_ms <= 0:
@@ -228,8 +227,8 @@ class EndOfTurnJudge:
         return s.disputed_max_silence_ms if self._audio_done else s.max_silence_ms
 
     def _start_text(self, tentative: Tentative | None) -> None:
-        """Start the text evidence on the turn as it would end in this pause, as soon as that is known
-        (the first window of the pause); the check then uses it if the turn would still end there."""
+        """Start the text evidence on the turn as it would end now, as soon as that is known (the
+        pause is as long as the VAD's tail); the check then uses it if the turn would still end there."""
         text = self.text
         pending = tentative() if text is not None and tentative is not None else None
         if pending is not None:

@@ -1,9 +1,8 @@
 """The transcript's own evidence that the user is done: P(end of message) from the chat LLM.
 
 At a pause the end-of-turn judge (``agent.listen.end_of_turn``) asks ``TextTurn.evidence``:
-Whisper transcribes the turn as it would end in this pause (the span the final turn would carry,
-so the transcript is reused when the turn does end there; its audio as heard at the first window
-of the pause, all of the speech and a little of the pause), and the chat model
+Whisper transcribes the turn as it would end now (the same span and audio the final turn
+would carry, so the transcript is reused when the turn does end there), and the chat model
 already loaded for replies scores it: the probability of its end-of-turn token right after
 the user's words in its own chat template. This is how LiveKit's turn detector reads a
 transcript with a small LM (livekit-plugins-turn-detector ``base.py``): the text is lowercased

@@ -238,7 +238,7 @@ class VoiceActivityDetector:
         """Whether the current pause (if any) ends the turn: the judge's call, or end_silence_ms."""
         if self.end_of_turn is None:
             return self._silence_from is not None and self._pos - self._silence_from >= self._end_silence
-        self.last_verdict = self.end_of_turn.update(self.pause_ms, self._buffer.audio, self.turn_if_ended_in_pause)
+        self.last_verdict = self.end_of_turn.update(self.pause_ms, self._buffer.audio, self.audio_if_ended_now)
         return self.last_verdict.ended
 
     def _new_turn(self) -> None:
@@ -262,16 +262,6 @@ class VoiceActivityDetector:
         ``speech_end`` says whether it covers the same audio. None while speaking or between turns.
         """
         if not self._speaking or self._silence_from is None or self._pos < self._silence_from + self._tail:
-            return None
-        start, end = self._buffer.start, self._silence_from + self._tail
-        return (start, end), self._buffer.audio()[: end - start].copy()
-
-    def turn_if_ended_in_pause(self) -> tuple[tuple[int, int], np.ndarray] | None:
-        """From the first window of a pause: the span a ``speech_end`` in this pause would carry, and
-        the turn's audio so far. Until the pause is as long as the tail the audio stops short of the
-        span's end (the part missing is pause, not speech), so the judge's transcript of the turn
-        (``agent.listen.text_turn``) can start at once. None while speaking or between turns."""
-        if not self._speaking or self._silence_from is None:
             return None
         start, end = self._buffer.start, self._silence_from + self._tail
         return (start, end), self._buffer.audio()[: end - start].copy()
