@@ -21,8 +21,9 @@ from agent.config.settings import AgentSettings
 from agent.events import UserTurn
 from agent.listen.end_of_turn import EndOfTurnJudge, TurnSettings
 from agent.listen.text_turn import TextTurn, end_of_message_probability, normalize
+from agent.listen.turn_jobs import run_in_thread, run_when_asked
 from agent.listen.turn_model import load_turn_model
-from agent.listen.vad import load_silero_model
+from agent.listen.vad import VoiceActivityDetector, load_silero_model
 from agent.pipeline import Pipeline
 from agent.stages.early_reply import EarlyReply, EarlyServed, prompt_with
 
@@ -48,8 +49,8 @@ def text_turn(faster_whisper_tiny, smollm2_llm):
     return TextTurn(lambda: faster_whisper_tiny, lambda: smollm2_llm)
 
 
-def _judge(mode: str, turn_model, text_turn) -> EndOfTurnJudge:
-    judge = EndOfTurnJudge(TurnSettings(mode=mode), turn_model)
+def _judge(mode: str, turn_model, text_turn, start=run_when_asked) -> EndOfTurnJudge:
+    judge = EndOfTurnJudge(TurnSettings(mode=mode), turn_model, start=start)
     judge.use_text(text_turn)
     return judge
 
@@ -94,6 +95,88 @@ def test_a_mid_sentence_pause_stays_one_turn_in_the_loud_room(espeak_wav, silero
         texts = [v.text_probability for _, v in run.verdicts if v.text_ms is not None]
         assert len(run.turns) == 1, (clause, texts)
         assert texts and texts[0] < TurnSettings().text_likely  # the clause itself was judged unfinished
+
+
+class _Recorded:
+    """``run_in_thread``, keeping each job it started (to see when work began, and to wait for it)."""
+
+    def __init__(self) -> None:
+        self.jobs: list = []
+
+    def __call__(self, work):
+        job = run_in_thread(work)
+        self.jobs.append(job)
+        return job
+
+
+def _verdicts(audio: np.ndarray, silero, judge: EndOfTurnJudge, jobs: _Recorded | None = None):
+    """(turns, verdicts, jobs started while a pause was still shorter than the first check)."""
+    vad = VoiceActivityDetector(model=silero, end_of_turn=judge)
+    turns, verdicts, early, last = [], [], 0, None
+    for i in range(0, len(audio), 512):
+        turns += [(round(e.t, 3), round(e.ended_t, 3)) for e in vad.feed(audio[i : i + 512]) if e.kind == "speech_end"]
+        if jobs is not None and 0 < vad.pause_ms < judge.settings.text_first_check_ms and jobs.jobs:
+            early += 1
+        v = vad.last_verdict
+        if v is not None and v is not last and v.reason not in ("pause", "speech"):
+            last = v
+            verdicts.append((v.ended, v.reason, v.probability, v.text_probability))
+    return turns, verdicts, early
+
+
+def _same(a: list, b: list) -> bool:
+    """The same decisions, and the same answers from the models (llama.cpp's P(end) moves by a few
+    hundredths with what its KV cache already held: a prefix evaluated in another batch split)."""
+    close = lambda x, y: (x is None) == (y is None) and (x is None or abs(x - y) < 0.05)  # noqa: E731
+    return len(a) == len(b) and all(x[:2] == y[:2] and close(x[2], y[2]) and close(x[3], y[3])
+                                    for x, y in zip(a, b))
+
+
+@pytest.mark.slow
+def test_threaded_model_calls_start_early_and_give_the_sequential_verdicts(espeak_wav, silero, turn_model,
+                                                                          text_turn):
+    """Whisper starts on the tentative turn before the first check and Smart Turn runs beside it; the
+    turns and verdicts are those of the one-after-the-other judge (stream time decides)."""
+    clause, rest = PAUSED[0]
+    streams = [np.concatenate([silence(0.5), _clip(espeak_wav, text, voice, wpm), silence(2.5)])
+               for text, voice, wpm in [*QUESTIONS, ("Who wrote the book Dune?", "en-gb", 130)]]
+    streams.append(np.concatenate([silence(0.5), _clip(espeak_wav, clause), silence(1.0), _clip(espeak_wav, rest),
+                                   silence(2.5)]))
+    reasons = set()
+    for audio in streams:
+        turns, verdicts, _ = _verdicts(audio, silero, _judge("smart", turn_model, text_turn))
+        jobs = _Recorded()
+        threaded = _verdicts(audio, silero, _judge("smart", turn_model, text_turn, jobs), jobs)
+        assert turns == threaded[0] and _same(verdicts, threaded[1]), (verdicts, threaded[1])
+        assert threaded[2] > 0, "the text evidence began only at the check"
+        reasons |= {v[1] for v in verdicts}
+    assert {"text", "unfinished"} <= reasons, reasons  # the text decided some checks, Smart Turn others
+
+
+@pytest.mark.slow
+def test_speaking_on_drops_the_work_started_for_the_pause(espeak_wav, turn_model, text_turn):
+    """The user goes on after the text evidence for a pause began: its job is cancelled or its answer
+    dropped (not kept as this turn's transcript), and the next check asks afresh."""
+    audio = _clip(espeak_wav, PAUSED[0][0])
+    span, jobs = (0, len(audio)), _Recorded()
+    judge = _judge("smart", turn_model, text_turn, jobs)
+    tentative = lambda: (span, audio)  # noqa: E731
+    judge.reset()
+    first = TurnSettings().text_first_check_ms
+    assert not judge.update(first - 5, lambda: audio, tentative).ended  # before the first check: work starts
+    assert len(jobs.jobs) == 1
+    assert judge.update(0, lambda: audio, tentative).reason == "speech"  # the user went on
+    try:
+        jobs.jobs[0].result()  # it may have been running: let it finish
+    except Exception:  # noqa: BLE001 - cancelled before it began
+        pass
+    assert text_turn.transcript_for(span) is None  # a pause that is over leaves no transcript behind
+    assert not judge.update(first - 5, lambda: audio, tentative).ended  # a new pause: the text starts again
+    verdict = judge.update(first, lambda: audio, tentative)
+    assert len(jobs.jobs) == 3  # ... and at the check Smart Turn beside it
+    assert not verdict.ended and verdict.text_probability is not None
+    assert verdict.text_probability < TurnSettings().text_likely
+    assert text_turn.transcript_for(span) is not None
 
 
 def test_an_early_reply_is_served_only_for_its_own_prompt(smollm2_llm):

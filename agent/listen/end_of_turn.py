@@ -5,7 +5,7 @@ in progress with the length of the current pause (0 while the user speaks), a wa
 turn's audio so far, and a way to get the turn as it would end now (its span and audio). Three
 modes behind that one call:
 
-- ``smart``: at a short pause (``first_check_ms``) the transcript's own evidence is asked first
+- ``smart``: at a short pause (``text_first_check_ms``) the transcript's own evidence is asked first
   (``agent.listen.text_turn``: Whisper on the turn as it would end now, then the chat LLM's
   P(end of message)); P(end) >= ``text_done`` ends the turn at once. Otherwise the end-of-turn
   audio model (Smart Turn, ``agent.listen.turn_model``) is asked: "done" ends the turn;
@@ -22,8 +22,15 @@ modes behind that one call:
 - ``silence``: a pause of ``end_silence_ms`` ends the turn (the fixed rule; also the fallback
   when the model cannot be loaded).
 
-Pure and thread-free: no clocks but the pause lengths it is given (stream time), no threads.
-The models run inside ``update`` on the caller's thread.
+Stream time decides: no clocks but the pause lengths it is given, so a verdict depends only on
+the stream, never on how fast the models ran. Where they run is ``start``'s business
+(``agent.listen.turn_jobs``): by default each model call runs inside ``update`` on the caller's
+thread when its answer is needed (in turn: text evidence, then Smart Turn only if the text did not
+decide). With ``run_in_thread`` the same calls only run earlier and side by side: Whisper starts on
+the tentative turn as soon as the pause is as long as the VAD's tail (150 ms, before the check),
+and at the check Smart Turn runs while the text evidence finishes, so the check costs the slower of
+the two, not their sum. Speech that resumes drops the work of the pause (not yet started:
+cancelled; running: its answer is ignored).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import numpy as np
 
 from agent.errors import AgentError
+from agent.listen.turn_jobs import Job, Start, run_when_asked
 
 if TYPE_CHECKING:
     from agent.listen.text_turn import TextEvidence
@@ -55,6 +63,9 @@ class TextJudge(Protocol):
     def evidence(self, span: tuple[int, int], audio: np.ndarray) -> TextEvidence | None:
         """The transcript of the turn as it would end at ``span`` and its P(end of message)."""
 
+    def evidence_later(self, span: tuple[int, int], audio: np.ndarray) -> Callable[[], TextEvidence | None]:
+        """``evidence`` as a call to make later (in a worker), for the pause current now."""
+
     def forget(self) -> None:
         """A new turn or a new pause: spans seen so far are of no use any more."""
 
@@ -69,7 +80,11 @@ class TurnSettings:
     text_likely: float = 0.05  # ... at or above which a pause of text_max_silence_ms ends it
     text_max_silence_ms: int = 1200
     disputed_max_silence_ms: int = 1500  # the audio model said "done", the words an unlikely end
-    first_check_ms: int = 192  # pause before the model is first asked (6 VAD windows of 32 ms)
+    first_check_ms: int = 192  # pause before the models are first asked (6 VAD windows of 32 ms)
+    # The same with the text evidence. 160 ms (5 windows) would end turns ~30 ms sooner (benchmarks/README.md),
+    # but catches gaps inside a sentence: "we could go to the beach, | or ..." ended at the comma in
+    # tests/test_turn_taking.py (the words there are a whole sentence), which 192 ms does not.
+    text_first_check_ms: int = 192
     recheck_ms: int = 300  # then asked again each time the pause has grown by this much
     max_silence_ms: int = 2000  # a pause this long ends the turn whatever the model says
     end_silence_ms: int = 600  # silence mode (and the fallback without a model): the fixed pause
@@ -86,10 +101,11 @@ class TurnSettings:
             raise AgentError(f"text end-of-turn thresholds need 0 < likely <= done <= 1 (got {self.text_likely}, "
                              f"{self.text_done})")
         shortest = min(self.max_silence_ms, self.text_max_silence_ms, self.disputed_max_silence_ms)
-        if not 0 < self.first_check_ms <= shortest or self.recheck_ms < 32:
+        if not (0 < self.first_check_ms <= shortest and 0 < self.text_first_check_ms <= shortest) \
+                or self.recheck_ms < 32:
             raise AgentError(
                 "turn timings: need 0 < first check <= max silence and a re-check of at least 32 ms "
-                f"(got {self.first_check_ms}, {self.max_silence_ms}, {self.recheck_ms})"
+                f"(got {self.first_check_ms}, {self.text_first_check_ms}, {self.max_silence_ms}, {self.recheck_ms})"
             )
 
 
@@ -111,13 +127,16 @@ class EndOfTurnJudge:
 
     ``model`` is the end-of-turn audio model (``SmartTurnModel``) or None; with None, or in
     ``silence`` mode, the fixed-pause rule applies. ``text`` (``TextTurn``, smart mode only; also
-    set later with ``use_text``) gives the transcript's evidence. Call ``reset()`` when a turn starts.
+    set later with ``use_text``) gives the transcript's evidence. ``start`` runs the model calls
+    (``agent.listen.turn_jobs``: ``run_when_asked``, the default, or ``run_in_thread``); the
+    verdicts are the same either way. Call ``reset()`` when a turn starts.
     """
 
     def __init__(self, settings: TurnSettings | None = None, model: TurnModel | None = None,
-                 text: TextJudge | None = None) -> None:
+                 text: TextJudge | None = None, start: Start = run_when_asked) -> None:
         self.settings = settings or TurnSettings()
         self.model = model if self.settings.mode != "silence" else None
+        self.start = start
         self.text: TextJudge | None = None
         self.use_text(text)
         self.reset()
@@ -140,12 +159,16 @@ class EndOfTurnJudge:
 
     def reset(self) -> None:
         """A new turn (or a new pause): forget the model's answers and re-check schedule."""
-        self._next_check_ms = float(self.settings.first_check_ms)
+        self._next_check_ms: float | None = None  # None: the first check (earlier with the text evidence)
         self._probability: float | None = None
         self._text: float | None = None  # the transcript's P(end of message) in this pause
         self._asked = False  # a model was asked in this pause
+        self._text_asked = False  # the text evidence was had in this pause (the tentative turn existed)
         self._audio_done = False  # the audio model said "done" in this pause, the words did not
         self._waiting = False
+        if getattr(self, "_text_job", None) is not None:
+            self._text_job[1].cancel()  # started for a pause that is over
+        self._text_job: tuple[tuple[int, int], Job[TextEvidence | None]] | None = None  # (span, its evidence)
         if self.text is not None:
             self.text.forget()
 
@@ -153,13 +176,14 @@ class EndOfTurnJudge:
                tentative: Tentative | None = None) -> TurnVerdict:
         """Verdict for a turn whose current pause is ``pause_ms`` long (0 = speaking).
 
-        ``audio()`` returns the turn's 16 kHz audio so far; it is only called when the audio
-        model is asked. ``tentative()`` returns (span, audio) of the turn as it would end now
-        (what a ``speech_end`` would carry), or None; it is only called for the text evidence.
+        ``audio()`` returns the turn's 16 kHz audio so far; it is only called at a check (for the
+        audio model). ``tentative()`` returns (span, audio) of the turn as it would end now
+        (what a ``speech_end`` would carry), or None; it is only called for the text evidence, which
+        starts on its first answer in a pause and is used at the check if the span is still the same.
         """
         s = self.settings
         if pause_ms <= 0:
-            if self._asked:  # speech resumed: the next pause is judged afresh
+            if self._asked or self._text_job is not None:  # speech resumed: the next pause is judged afresh
                 self.reset()
             return TurnVerdict(False, "speech")
         if self.model is None:
@@ -167,18 +191,25 @@ class EndOfTurnJudge:
             return TurnVerdict(ended, "silence" if ended else "pause")
         if pause_ms >= self._limit_ms():
             return TurnVerdict(True, "max_silence", probability=self._probability, text_probability=self._text)
+        if self._next_check_ms is None:
+            self._next_check_ms = float(s.text_first_check_ms if self.text is not None else s.first_check_ms)
         if pause_ms < self._next_check_ms:
+            if self._text_job is None and not self._text_asked:
+                self._start_text(tentative)
             return TurnVerdict(False, "unfinished" if self._waiting else "pause", self._waiting, self._probability,
                                text_probability=self._text)
         while self._next_check_ms <= pause_ms:  # the schedule, not the call time, sets the next check
             self._next_check_ms += s.recheck_ms
-        text_ms = self._ask_text(tentative) if not self._asked else None
+        model, heard = self.model, audio()  # the turn's audio now, on this thread (the buffer moves on)
+        audio_job = self.start(lambda: model.probability(heard))  # side by side with the text, if threaded
+        text_ms = self._ask_text(tentative) if not self._text_asked else None
         self._asked = True
         if self._text is not None and self._text >= s.text_done:
             self._waiting = False
+            audio_job.cancel()  # not needed: its answer (if it was computed) is not used
             return TurnVerdict(True, "text", False, self._probability, None, self._text, text_ms)
         started = time.perf_counter()
-        self._probability = self.model.probability(audio())
+        self._probability = audio_job.result()
         model_ms = (time.perf_counter() - started) * 1000
         if self._probability >= s.threshold and (self._text is None or self._text >= s.text_likely):
             self._waiting = False
@@ -195,26 +226,43 @@ class EndOfTurnJudge:
             return s.text_max_silence_ms
         return s.disputed_max_silence_ms if self._audio_done else s.max_silence_ms
 
+    def _start_text(self, tentative: Tentative | None) -> None:
+        """Start the text evidence on the turn as it would end now, as soon as that is known (the
+        pause is as long as the VAD's tail); the check then uses it if the turn would still end there."""
+        text = self.text
+        pending = tentative() if text is not None and tentative is not None else None
+        if pending is not None:
+            self._text_job = pending[0], self.start(text.evidence_later(*pending))
+
     def _ask_text(self, tentative: Tentative | None) -> float | None:
-        """The transcript's P(end) for this pause into ``_text``; returns the wall ms it took (None: not asked)."""
+        """The transcript's P(end) for this pause into ``_text``; returns the ms this thread waited for
+        it (all its compute when it runs here; None: not asked)."""
         pending = tentative() if self.text is not None and tentative is not None else None
-        if pending is None:
+        if pending is None:  # no tentative turn yet (a check before the VAD's tail): at the next check
             return None
+        text, self._text_asked = self.text, True
         started = time.perf_counter()
-        evidence = self.text.evidence(*pending)
+        job, self._text_job = self._text_job, None
+        if job is None or job[0] != pending[0]:  # none started, or for another span: ask now
+            if job is not None:
+                job[1].cancel()
+            job = pending[0], run_when_asked(text.evidence_later(*pending))
+        evidence = job[1].result()
         self._text = evidence.probability if evidence is not None else None
         return (time.perf_counter() - started) * 1000
 
 
-def build_turn_judge(settings: TurnSettings | None = None,
-                     model_path: str | None = None) -> tuple[EndOfTurnJudge, str | None]:
+def build_turn_judge(settings: TurnSettings | None = None, model_path: str | None = None,
+                     start: Start | None = None) -> tuple[EndOfTurnJudge, str | None]:
     """A judge for ``settings``; in smart and audio modes it loads the audio model, and when that
     fails returns a silence-rule judge and the one-line notice to show (``None`` when all is well).
-    The text evidence is attached later (``use_text``), once the transcriber and the LLM exist."""
+    The text evidence is attached later (``use_text``), once the transcriber and the LLM exist.
+    Its model calls run in threads (``run_in_thread``) unless ``start`` says otherwise."""
+    from agent.listen.turn_jobs import run_in_thread
     from agent.listen.turn_model import try_load_turn_model
 
     settings = settings or TurnSettings()
     if settings.mode == "silence":
         return EndOfTurnJudge(settings), None
     model, notice = try_load_turn_model(model_path)
-    return EndOfTurnJudge(settings, model), notice
+    return EndOfTurnJudge(settings, model, start=start or run_in_thread), notice

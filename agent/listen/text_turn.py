@@ -15,8 +15,9 @@ Only a local GGUF model can be scored (``LocalLLM.locked_llama``: llama.cpp's lo
 server LLM, or before the models have loaded, there is no evidence and the judge uses the
 audio model alone. The scoring takes the LLM's own lock, so it never runs on the llama object
 at the same time as a reply; when a reply holds it (the user talks over the agent) the
-scoring is skipped rather than waited for. Runs on the caller's thread (the turn stage's),
-never on the TUI's event loop.
+scoring is skipped rather than waited for. Runs on the caller's thread: the turn stage's, or
+the judge's worker thread (``agent.listen.turn_jobs``), never on the TUI's event loop; evidence
+that arrives after ``forget`` (the user went on meanwhile) is not kept.
 
 ``TextTurn`` also holds the reply started early on the tentative transcript
 (``agent.stages.early_reply``), so that the turn stage can discard it when the user goes on.
@@ -142,11 +143,21 @@ class TextTurn:
         self._context = context
         self._lock = threading.Lock()
         self._last: TextEvidence | None = None
+        self._generation = 0  # bumped by forget: evidence begun before it is not kept
         self._early: EarlyReply | None = None
         self.early_started = self.early_discarded = self.early_taken = 0  # replies started early, and their fate
 
     def evidence(self, span: tuple[int, int], audio: np.ndarray) -> TextEvidence | None:
         """The evidence for the turn as it would end at ``span`` (computed once per span)."""
+        return self.evidence_later(span, audio)()
+
+    def evidence_later(self, span: tuple[int, int], audio: np.ndarray) -> Callable[[], TextEvidence | None]:
+        """``evidence`` as a call to make later (in another thread): it belongs to the pause current
+        now, and is not kept as that pause's transcript if ``forget`` came in between."""
+        generation = self._generation
+        return lambda: self._evidence(span, audio, generation)
+
+    def _evidence(self, span: tuple[int, int], audio: np.ndarray, generation: int) -> TextEvidence | None:
         last = self._last
         if last is not None and last.span == span:
             return last
@@ -160,12 +171,16 @@ class TextTurn:
         probability = end_of_message_probability(llm, transcript.text, context) if llm is not None else None
         evidence = TextEvidence(span, transcript, probability, (asr_done - started) * 1000,
                                 (time.perf_counter() - asr_done) * 1000)
-        self._last = evidence
+        with self._lock:
+            if generation == self._generation:
+                self._last = evidence
         return evidence
 
     def forget(self) -> None:
         """A new turn or pause (the detector's spans may start again from 0 after a reset)."""
-        self._last = None
+        with self._lock:
+            self._generation += 1
+            self._last = None
 
     def transcript_for(self, span: tuple[int, int] | None) -> Transcript | None:
         """The transcript already made of exactly ``span``, if any (the transcribe stage reuses it)."""
