@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,8 +26,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from provenance import provenance  # noqa: E402
+from speech_clips import espeak, recall  # noqa: E402
 
-from agent.audio import PIPELINE_RATE, load_audio  # noqa: E402
+from agent.audio import PIPELINE_RATE  # noqa: E402
 from agent.echo.check_audio import record_in_room  # noqa: E402
 from agent.echo.measure import erle_db, rms_db  # noqa: E402
 from agent.echo.room import PRESETS  # noqa: E402
@@ -42,19 +41,6 @@ CONVERGENCE_S = 2.0
 LEAD_S = 0.5
 
 
-def espeak(text: str, voice: str, directory: Path, rate: int) -> np.ndarray:
-    path = directory / f"{abs(hash((text, voice)))}.wav"
-    subprocess.run(["espeak-ng", "-v", voice, "-s", "160", "-w", str(path), text], check=True)
-    return load_audio(path, rate)
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z']+", text.lower())
-
-
-def recall(said: str, heard: str) -> float:
-    expected, got = words(said), set(words(heard))
-    return sum(w in got for w in expected) / len(expected)
 
 
 def erle_rows(agent, realtime: bool) -> list[dict]:
@@ -79,7 +65,6 @@ def erle_rows(agent, realtime: bool) -> list[dict]:
 
 
 def double_talk_rows(agent, phrases, asr) -> list[dict]:
-    import numpy as np
 
     rows = []
     for name in PRESETS:

@@ -23,7 +23,6 @@ Prints one line per row and one JSON object with provenance.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -34,6 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from _room_helpers import play_in_room, replies_one_after_another  # noqa: E402
 from provenance import provenance  # noqa: E402
+from report import emit  # noqa: E402
 from self_interruption import ROOMS, voices  # noqa: E402
 
 from agent.audio import PIPELINE_RATE  # noqa: E402
@@ -119,9 +119,7 @@ def main() -> None:
                 rows.append({"voice": voice, **analyse(room, clips, realtime=mode == "1x")})
                 print(" ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)
     result = {"benchmark": "echo_residual", "rir_tail_db": tails, "rows": rows, "provenance": provenance()}
-    print(json.dumps(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

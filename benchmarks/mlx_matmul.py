@@ -13,7 +13,6 @@ and 4 bits with float32 or bfloat16 activations and scales. ``ms`` is the median
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 from provenance import provenance  # noqa: E402
+from report import emit  # noqa: E402
 
 GROUP = 64
 
@@ -75,11 +75,7 @@ def main(argv=None) -> dict:
                              "mlx_device": str(mx.default_device())},
               "shape": [args.out_dim, args.in_dim], "group_size": GROUP,
               "rows": [r for n in args.rows.split(",") for r in rows(args.out_dim, args.in_dim, int(n), args.repeats)]}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

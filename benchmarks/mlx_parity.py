@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import random_csm_model  # noqa: E402
 from engine_speed import PeakRSS, text_of  # noqa: E402
 from provenance import provenance  # noqa: E402
+from report import emit  # noqa: E402
 
 from csm_engine.codec import MimiCodec  # noqa: E402
 from csm_engine.config import FRAME_MS  # noqa: E402
@@ -150,11 +150,7 @@ def main(argv=None) -> dict:
     distinct = len({tuple(f) for f in torch.cat(want).tolist()})
     result["distinct_torch_frames"] = distinct
     result["equal"] = all(t["equal"] for run in runs.values() for t in run["turns"])
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -44,6 +43,7 @@ from engine_speed import Conversation, PeakRSS, first_chunk_ms, frame_loop_speed
 from mlx.utils import tree_flatten  # noqa: E402
 from provenance import provenance  # noqa: E402
 from quant_error import logit_error, probe_inputs  # noqa: E402
+from report import emit  # noqa: E402
 
 from csm_engine.codec import MimiCodec  # noqa: E402
 from csm_engine.config import CSMConfig, get_flavor  # noqa: E402
@@ -264,11 +264,7 @@ def main(argv=None) -> dict:
         result["rows"].append(torch_speed_row(config, args.torch_dtype, codec, tokenizer, args))
     result["apple_chips"] = chip_table(get_flavor("1B"))
     result["seconds"] = time.perf_counter() - t0
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

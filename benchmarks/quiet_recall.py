@@ -20,9 +20,6 @@ Reported: mean word recall per room, voice and signal, and every transcript that
 from __future__ import annotations
 
 import argparse
-import json
-import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,8 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from provenance import provenance  # noqa: E402
+from report import emit  # noqa: E402
+from speech_clips import espeak, recall  # noqa: E402
 
-from agent.audio import PIPELINE_RATE, load_audio  # noqa: E402
+from agent.audio import PIPELINE_RATE  # noqa: E402
 from agent.echo.check_audio import record_in_room  # noqa: E402
 
 ROOMS = ["office-loud", "living-room-loud"]
@@ -48,19 +47,6 @@ LEAD_S, AFTER_REPLY_S, GAP_S = 0.5, 1.5, 1.5
 SIGNALS = ("ns", "aec", "raw")
 
 
-def espeak(text: str, voice: str, wpm: int, directory: Path, rate: int) -> np.ndarray:
-    path = directory / f"{abs(hash((text, voice, wpm)))}.wav"
-    subprocess.run(["espeak-ng", "-v", voice, "-s", str(wpm), "-w", str(path), text], check=True)
-    return load_audio(path, rate)
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z']+", text.lower())
-
-
-def recall(said: str, heard: str) -> float:
-    expected, got = words(said), set(words(heard))
-    return sum(w in got for w in expected) / len(expected)
 
 
 def questions_after_reply(clips: list[np.ndarray], reply_s: float) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -85,8 +71,8 @@ def main() -> None:
     asr = FasterWhisperTranscriber()
     texts = QUESTIONS[: args.questions]
     with tempfile.TemporaryDirectory() as tmp:
-        agent = espeak(AGENT_TEXT, "en-us", 160, Path(tmp), 24_000)
-        asked = {v: [espeak(t, v[0], v[1], Path(tmp), PIPELINE_RATE) for t in texts] for v in VOICES}
+        agent = espeak(AGENT_TEXT, "en-us", Path(tmp), 24_000)
+        asked = {v: [espeak(t, v[0], Path(tmp), PIPELINE_RATE, wpm=v[1]) for t in texts] for v in VOICES}
     rows, misses = [], []
     for room in ROOMS:
         for (voice, wpm), clips in asked.items():
@@ -119,9 +105,7 @@ def main() -> None:
     for miss in misses:
         print(f"missed: {miss['room']} {miss['voice']} {miss['signal']}: {miss['said']!r} -> {miss['heard']!r}")
     result = {"benchmark": "quiet_recall", "rows": rows, "misses": misses, "provenance": provenance()}
-    print(json.dumps(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":
