@@ -39,7 +39,8 @@ import numpy as np
 from agent.audio import PIPELINE_RATE
 from agent.echo.echo_path import EchoPath, fit_echo_path
 from agent.errors import AgentError
-from agent.listen.vad import WINDOW, SileroModel, load_silero_model
+from agent.listen.silero import SileroStream
+from agent.listen.vad import SileroModel, load_silero_model
 
 USER, FAR = 1, 2  # per-sample flags in the history: the user was heard / the agent's voice was in the mic
 
@@ -111,9 +112,8 @@ class DoubleTalk:
         self.canceller = canceller
         self.settings = s = settings or DoubleTalkSettings()
         self.vad = vad or load_silero_model()
-        self.residual_vad = load_silero_model()  # its own recurrent state: it hears mic minus predicted echo
-        self._residual_pending = np.zeros(0, np.float32)
-        self.residual_speech_probability = 0.0
+        self._voice = SileroStream(self.vad)  # on the canceller's output
+        self._residual_voice = SileroStream(load_silero_model())  # its own recurrent state: mic minus predicted echo
         capacity = int(s.history_s * PIPELINE_RATE)
         self._raw, self._reference = _History(capacity, np.float32), _History(capacity, np.float32)
         self._cleaned, self._flags = _History(capacity, np.float32), _History(capacity, np.uint8)
@@ -129,9 +129,7 @@ class DoubleTalk:
         self._noise: list[float] = []  # recent residual block powers (the noise floor is their low end)
         self._noise_power = 1e-10  # their 20th percentile
         self._over = self._under = 0
-        self._vad_pending = np.zeros(0, np.float32)
         self.user_speaking = self.far_end_active = False
-        self.speech_probability = 0.0  # Silero's, on the last cleaned window
         self.residual_db: float | None = None  # last block: mic minus predicted echo over the residual expected
 
     @property
@@ -161,8 +159,9 @@ class DoubleTalk:
             self.far_end_active = float(np.mean(echo**2)) > self._noise_power
         else:  # without a model, for as long as it could
             self.far_end_active = reference_heard
-        voice = self._vad(cleaned)  # fed every block: Silero is recurrent
-        residual_speech = self._residual_vad(residual) if echo is not None else False
+        settings = self.settings
+        voice = self._voice.feed(cleaned) >= settings.vad_threshold  # fed every block: Silero is recurrent
+        residual_speech = echo is not None and self._residual_voice.feed(residual) >= settings.residual_vad_threshold
         self.residual_db = None
         if self.far_end_active:  # with no model yet, a voice over the agent cannot be told from its echo
             voice = echo is not None and self._louder_than_echo(residual, echo) and residual_speech
@@ -226,20 +225,6 @@ class DoubleTalk:
         # A residual that is the predicted echo turned over is echo that did not come (a glitch), not a voice.
         missing = float(residual @ echo) < -0.5 * np.sqrt(power * echo_power) * len(echo)
         return self.residual_db > self.settings.margin_db and not missing
-
-    def _vad(self, cleaned: np.ndarray) -> bool:
-        self._vad_pending = np.concatenate([self._vad_pending, cleaned])
-        while len(self._vad_pending) >= WINDOW:
-            self.speech_probability = self.vad.probability(self._vad_pending[:WINDOW])
-            self._vad_pending = self._vad_pending[WINDOW:]
-        return self.speech_probability >= self.settings.vad_threshold
-
-    def _residual_vad(self, residual: np.ndarray) -> bool:
-        self._residual_pending = np.concatenate([self._residual_pending, residual])
-        while len(self._residual_pending) >= WINDOW:
-            self.residual_speech_probability = self.residual_vad.probability(self._residual_pending[:WINDOW])
-            self._residual_pending = self._residual_pending[WINDOW:]
-        return self.residual_speech_probability >= self.settings.residual_vad_threshold
 
     def _decide(self, person: bool) -> None:
         self._over, self._under = (self._over + 1, 0) if person else (0, self._under + 1)

@@ -75,6 +75,23 @@ class SileroModel:
             return float(self._jit(torch.from_numpy(np.ascontiguousarray(window)).unsqueeze(0), PIPELINE_RATE))
 
 
+class SileroStream:
+    """Silero over a stream cut into blocks of any length: whole windows are scored as they fill,
+    the rest waits for the next block. ``probability`` is the last window's (0 before the first)."""
+
+    def __init__(self, model: SileroModel) -> None:
+        self.model = model
+        self.probability = 0.0
+        self._pending = np.zeros(0, np.float32)
+
+    def feed(self, audio: np.ndarray) -> float:
+        self._pending = np.concatenate([self._pending, audio])
+        while len(self._pending) >= WINDOW:
+            self.probability = self.model.probability(self._pending[:WINDOW])
+            self._pending = self._pending[WINDOW:]
+        return self.probability
+
+
 def load_silero_model(path: str | Path | None = None, *, runtime: str = "auto") -> SileroModel:
     """Load Silero VAD from the silero-vad package (or ``path``); runtime "onnx", "jit" or "auto"."""
     if runtime not in ("auto", "onnx", "jit"):
