@@ -137,6 +137,7 @@ class EndOfTurnJudge:
         self.settings = settings or TurnSettings()
         self.model = model if self.settings.mode != "silence" else None
         self.start = start
+        self._text_job: tuple[tuple[int, int], Job[TextEvidence | None]] | None = None  # (span, its evidence)
         self.text: TextJudge | None = None
         self.use_text(text)
         self.reset()
@@ -166,9 +167,9 @@ class EndOfTurnJudge:
         self._text_asked = False  # the text evidence was had in this pause (the tentative turn existed)
         self._audio_done = False  # the audio model said "done" in this pause, the words did not
         self._waiting = False
-        if getattr(self, "_text_job", None) is not None:
+        if self._text_job is not None:
             self._text_job[1].cancel()  # started for a pause that is over
-        self._text_job: tuple[tuple[int, int], Job[TextEvidence | None]] | None = None  # (span, its evidence)
+        self._text_job = None
         if self.text is not None:
             self.text.forget()
 
