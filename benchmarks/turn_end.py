@@ -167,14 +167,15 @@ def in_room(room: str, audio: np.ndarray) -> np.ndarray:
 
 
 def run(audio: np.ndarray, silero, judge: EndOfTurnJudge | None, end_silence_ms: int = 600,
-        real_time: bool = False, stop_s: float | None = None) -> dict:
+        real_time: bool = False, stop_s: float | None = None, pause_lookback_ms: int | None = None) -> dict:
     """The VAD and ``judge`` over one stream: turns (speech end s, judged over s) and model calls.
     ``real_time``: each block is fed when it would have been heard (or as soon as the feeding thread
     is free), and ``wall`` says when each turn's verdict came out (seconds after the stream began);
     feeding stops once a turn has ended at or after ``stop_s``."""
     from agent.listen.vad import VadSettings
 
-    vad = VoiceActivityDetector(VadSettings(end_silence_ms=end_silence_ms), model=silero, end_of_turn=judge)
+    dating = {} if pause_lookback_ms is None else {"pause_lookback_ms": pause_lookback_ms}
+    vad = VoiceActivityDetector(VadSettings(end_silence_ms=end_silence_ms, **dating), model=silero, end_of_turn=judge)
     turns, calls, wall, last = [], [], [], None
     began = time.perf_counter()
     for i in range(0, len(audio), 512):
@@ -254,8 +255,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--modes", default="silence,audio,smart")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results-turn-end.json"))
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions and N paused sentences")
-    parser.add_argument("--text-first-check-ms", type=int, default=None,
-                        help="the judge's first check with the text evidence (default: its own)")
+    parser.add_argument("--first-check-ms", type=int, default=None,
+                        help="the judge's first check, with and without the text evidence (default: its own)")
+    parser.add_argument("--pause-lookback-ms", type=int, default=None,
+                        help="the VAD dates a pause from where the level fell up to this far back (default: its "
+                             "own; 0: from the window Silero first called silence, as before)")
     parser.add_argument("--set", default="tuning", choices=sorted(SETS), help="the utterances (see above)")
     parser.add_argument("--real-time", action="store_true", help="feed at the stream's pace, measure the wall clock")
     parser.add_argument("--sequential", action="store_true",
@@ -279,8 +283,13 @@ def main(argv: list[str] | None = None) -> dict:
     silero, turn_model = load_silero_model(), load_turn_model()
     transcriber, llm = FasterWhisperTranscriber(), LocalLLM(seed=1234)
     text_turn = TextTurn(lambda: transcriber, lambda: llm)
-    changes = {"text_first_check_ms": args.text_first_check_ms} if args.text_first_check_ms else {}
-    results: dict = {"provenance": prov, "settings": TurnSettings(**changes).__dict__, "rooms": {}}
+    checks = args.first_check_ms
+    changes = {"first_check_ms": checks, "text_first_check_ms": checks} if checks else {}
+    from agent.listen.vad import VadSettings
+
+    lookback = VadSettings().pause_lookback_ms if args.pause_lookback_ms is None else args.pause_lookback_ms
+    settings = {**TurnSettings(**changes).__dict__, "pause_lookback_ms": lookback}
+    results: dict = {"provenance": prov, "settings": settings, "rooms": {}}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         items = streams(Path(tmp), args.set)
@@ -294,7 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows = []
             for stream, audio in zip(items, heard):
                 judge = judge_for(mode, turn_model, text_turn, start, **changes)
-                result = run(audio, silero, judge, real_time=args.real_time, stop_s=stream["speech_end_s"])
+                result = run(audio, silero, judge, real_time=args.real_time, stop_s=stream["speech_end_s"],
+                             pause_lookback_ms=lookback)
                 row = measure(stream, result)
                 rows.append({"text": stream["text"], "voice": stream["voice"], **row})
             results["rooms"][room][mode] = {"summary": summary(rows), "items": rows}

@@ -80,11 +80,12 @@ class TurnSettings:
     text_likely: float = 0.05  # ... at or above which a pause of text_max_silence_ms ends it
     text_max_silence_ms: int = 1200
     disputed_max_silence_ms: int = 1500  # the audio model said "done", the words an unlikely end
-    first_check_ms: int = 192  # pause before the models are first asked (6 VAD windows of 32 ms)
-    # The same with the text evidence. 160 ms (5 windows) would end turns ~30 ms sooner (benchmarks/README.md),
-    # but catches gaps inside a sentence: "we could go to the beach, | or ..." ended at the comma in
-    # tests/test_turn_taking.py (the words there are a whole sentence), which 192 ms does not.
-    text_first_check_ms: int = 192
+    first_check_ms: int = 224  # pause before the models are first asked (7 VAD windows of 32 ms)
+    # The same with the text evidence. Both count from where the level fell (the VAD's pause_start), which
+    # Silero hears ~45 ms later on clean speech and ~90 ms later on the canceller's output in a loud room;
+    # 224 ms from the fall checks clean speech where 192 ms from Silero's letting go did. 192 ms from the
+    # fall split a paused sentence of benchmarks/turn_end.py's tuning set with no room (19 of 20 whole).
+    text_first_check_ms: int = 224
     recheck_ms: int = 300  # then asked again each time the pause has grown by this much
     max_silence_ms: int = 2000  # a pause this long ends the turn whatever the model says
     end_silence_ms: int = 600  # silence mode (and the fallback without a model): the fixed pause

@@ -3,7 +3,8 @@
 Two detectors with one stream interface: ``feed(block) -> list[VadEvent]``.
 ``VoiceActivityDetector`` runs Silero VAD (the model packaged in ``silero-vad``, on ONNX
 Runtime or TorchScript) on 32 ms windows and ends a turn after a pause (a fixed one, or as an
-``EndOfTurnJudge`` from ``agent.listen.end_of_turn`` decides); ``PushToTalk`` starts
+``EndOfTurnJudge`` from ``agent.listen.end_of_turn`` decides); a pause counts from where the level
+fell (``agent.listen.pause_start``), which Silero hears a window or more later; ``PushToTalk`` starts
 and ends turns on key press and release. A ``speech_end`` event carries the turn's audio, ready for ASR.
 Times are seconds of stream audio fed since the detector was made or reset (not wall-clock time).
 """
@@ -19,6 +20,7 @@ import numpy as np
 from agent.audio import PIPELINE_RATE
 from agent.errors import AgentError
 from agent.listen.end_of_turn import EndOfTurnJudge, TurnVerdict
+from agent.listen.pause_start import LevelHistory
 from agent.listen.silero import WINDOW, SileroModel, load_silero_model
 
 __all__ = ["PushToTalk", "SileroModel", "VadEvent", "VadSettings", "VoiceActivityDetector",
@@ -58,11 +60,14 @@ class VadSettings:
     lead_in_ms: int = 200  # audio kept before the detected start (soft onsets)
     tail_ms: int = 150  # audio kept after the detected end
     max_speech_s: float = 30.0  # a turn longer than this is cut (and a new one begins)
+    # A pause counts from where the level fell, up to this far before the window the model first
+    # called silence (agent.listen.pause_start); 0 = from that window, as the model hears it.
+    pause_lookback_ms: int = 192
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise AgentError(f"VAD threshold must be between 0 and 1, got {self.threshold}")
-        if self.end_silence_ms < 32 or self.min_speech_ms < 0 or self.max_speech_s <= 0:
+        if self.end_silence_ms < 32 or self.min_speech_ms < 0 or self.max_speech_s <= 0 or self.pause_lookback_ms < 0:
             raise AgentError("VAD timings must be positive (end-of-turn pause at least 32 ms)")
 
 
@@ -139,6 +144,8 @@ class VoiceActivityDetector:
         self._max_speech = int(s.max_speech_s * PIPELINE_RATE)
         lead_in = s.lead_in_ms * PIPELINE_RATE // 1000
         self._buffer = _TurnBuffer(lead_in, lead_in + self._min_speech + 2 * WINDOW)
+        lookback = s.pause_lookback_ms * PIPELINE_RATE // 1000
+        self._levels = LevelHistory(lookback) if lookback else None
         self.reset()
 
     def reset(self) -> None:
@@ -147,6 +154,8 @@ class VoiceActivityDetector:
         self._pending = np.zeros(0, np.float32)
         self._pos = 0  # stream samples run through the model
         self._buffer.clear()
+        if self._levels is not None:
+            self._levels.reset()
         self._candidate: int | None = None  # stream sample where unconfirmed speech began
         self._speaking = False
         self._start = 0
@@ -190,6 +199,8 @@ class VoiceActivityDetector:
             probability = self._model.probability(window)
             self._buffer.push(window)
             self._pos += WINDOW
+            if self._levels is not None:
+                self._levels.push(window, self._pos)
             events.extend(self._step(probability))
         return events
 
@@ -222,7 +233,8 @@ class VoiceActivityDetector:
         if is_speech:
             self._silence_from = None
         elif is_silence and self._silence_from is None:
-            self._silence_from = window_start
+            fell = self._levels.pause_start(window_start) if self._levels is not None else window_start
+            self._silence_from = max(self._start, fell)
         if self._pause_ends_turn():
             return [self._end_turn(self._silence_from)]
         if self._pos - self._start >= self._max_speech:
