@@ -212,8 +212,10 @@ def real_time_end(ended_t: float, calls: list[dict]) -> float:
 def measure(stream: dict, result: dict) -> dict:
     turns = result["turns"]
     if stream["kind"] == "paused":
-        whole = not any(ended < stream["rest_s"] for _, ended in turns)
-        return {"whole": whole, "turns": len(turns)}
+        cuts = [ended for _, ended in turns if ended < stream["rest_s"]]
+        cut_by = [{k: c[k] for k in ("reason", "p", "text_p")} for c in result["calls"]
+                  if any(abs(c["t"] - ended) < 0.033 for ended in cuts)]
+        return {"whole": not cuts, "turns": len(turns), **({"cut_by": cut_by} if cuts else {})}
     after = [(t, ended) for t, ended in turns if ended >= stream["speech_end_s"]]
     if not after:
         return {"turn_end_ms": None, "split": True}
@@ -226,6 +228,7 @@ def measure(stream: dict, result: dict) -> dict:
             "vad_end_ms": round((t - stream["speech_end_s"]) * 1000, 1), "pause_ms": round((ended - t) * 1000, 1),
             "split": len([1 for _, e in turns if e < stream["speech_end_s"]]) > 0,
             "ended_by": calls[-1]["reason"] if calls and calls[-1]["t"] >= ended - 0.033 else "limit",
+            "p": calls[-1]["p"] if calls and calls[-1]["t"] >= ended - 0.033 else None,
             "text_p": next((c["text_p"] for c in calls if c["text_p"] is not None), None)}
 
 
