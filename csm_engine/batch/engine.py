@@ -192,15 +192,8 @@ class BatchEngine:
                sink: Callable[[object], None] | None = None) -> Utterance:
         """Queue an utterance; its events go to ``sink`` (default: the utterance's own queue, see
         ``Utterance.events``)."""
-        if not 1 <= options.topk <= self.options.max_topk:
-            raise CSMError(f"topk must be between 1 and {self.options.max_topk}, got {options.topk}")
-        if options.chunk_frames < 1:
-            raise CSMError("chunk_frames must be >= 1")
-        n = prompt.tokens.shape[0]
-        if n + prompt.max_frames > self.caches.max_seq_len:
-            raise CSMError(f"prompt of {n} rows + {prompt.max_frames} frames exceeds the "
-                           f"{self.caches.max_seq_len}-position window; shorten the context")
-        digests = block_digests(prompt.tokens, prompt.mask, n)
+        options.check(prompt, self.options.max_topk, self.caches.max_seq_len)
+        digests = block_digests(prompt.tokens, prompt.mask, prompt.tokens.shape[0])
         utterance = Utterance(prompt, options, digests, sink, wake=self._notify, device=self.device)
         with self._wake:
             if self._closing:

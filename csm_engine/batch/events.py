@@ -34,6 +34,17 @@ class StreamOptions:
     session: str | None = None
     frame_events: bool = True  # send a FrameSampled per frame (Finished carries all codes anyway)
 
+    def check(self, prompt, max_topk: int, window: int) -> None:
+        """Refuse in one line what no engine serves: topk or chunk size out of range, or a prompt that
+        leaves no room for its ``max_frames`` in a ``window``-position context."""
+        if not 1 <= self.topk <= max_topk:
+            raise CSMError(f"topk must be between 1 and {max_topk}, got {self.topk}")
+        if self.chunk_frames < 1:
+            raise CSMError("chunk_frames must be >= 1")
+        if prompt.tokens.shape[0] + prompt.max_frames > window:
+            raise CSMError(f"prompt of {prompt.tokens.shape[0]} rows + {prompt.max_frames} frames exceeds the "
+                           f"{window}-position window; shorten the context")
+
 
 @dataclass(frozen=True)
 class Admitted:

@@ -93,14 +93,7 @@ class SerialEngine:
 
     def submit(self, prompt: Prompt, options: StreamOptions = DEFAULT_STREAM_OPTIONS,
                sink: Callable[[object], None] | None = None) -> Utterance:
-        if not 1 <= options.topk <= self.options.max_topk:
-            raise CSMError(f"topk must be between 1 and {self.options.max_topk}, got {options.topk}")
-        if options.chunk_frames < 1:
-            raise CSMError("chunk_frames must be >= 1")
-        window = self.generator.config.max_seq_len
-        if prompt.tokens.shape[0] + prompt.max_frames > window:
-            raise CSMError(f"prompt of {prompt.tokens.shape[0]} rows + {prompt.max_frames} frames exceeds the "
-                           f"{window}-position window; shorten the context")
+        options.check(prompt, self.options.max_topk, self.generator.config.max_seq_len)
         utterance = Utterance(prompt, options, [], sink, wake=self._notify, device=torch.device("cpu"))
         with self._wake:
             if self._closing:
