@@ -49,6 +49,42 @@ def test_partial_transcript_of_a_growing_buffer(faster_whisper_tiny, story):
     assert partial.text and words(partial.text)[0] in words(SENTENCE)[:2]
 
 
+def encoder_windows(transcriber, monkeypatch) -> list[int]:
+    """The mel frames the real encoder is given, call by call."""
+    model, seen = transcriber._model, []
+    real = model.encode
+
+    def encode(features):
+        seen.append(features.shape[-1])
+        return real(features)
+
+    monkeypatch.setattr(model, "encode", encode)
+    return seen
+
+
+def test_a_short_turn_is_encoded_in_a_short_window_and_a_long_one_in_30_s(faster_whisper_tiny, story, espeak_wav,
+                                                                       monkeypatch):
+    seen = encoder_windows(faster_whisper_tiny, monkeypatch)
+    heard = faster_whisper_tiny.transcribe(story).text
+    said = "Please remind me to water the plants in the garden before the sun goes down, and to call my brother."
+    longer = load_audio(espeak_wav(said, wpm=80))  # ~10 s: the clip plus 2 s of margin
+    heard_longer = faster_whisper_tiny.transcribe(longer).text
+    padded = np.concatenate([story, np.zeros(29 * 16000 - len(story), np.float32)])  # no room for the margin
+    heard_padded = faster_whisper_tiny.transcribe(padded).text
+    frames = len(longer) // 160
+    assert seen == [1000, frames + 200, 3000], (seen, frames)
+    assert roughly_same(heard, SENTENCE) and roughly_same(heard_padded, SENTENCE), (heard, heard_padded)
+    assert roughly_same(heard_longer, said, allowed_misses=3), heard_longer
+
+
+def test_the_30_s_window_stays_available_and_bad_windows_are_one_line_errors(story, monkeypatch):
+    full = FasterWhisperTranscriber(window_s=None)
+    seen = encoder_windows(full, monkeypatch)
+    assert roughly_same(full.transcribe(story).text, SENTENCE) and seen == [3000]
+    with pytest.raises(AgentError, match="Whisper window must be"):
+        FasterWhisperTranscriber(window_s=0.5)
+
+
 def test_silence_and_tiny_buffers_give_empty_transcripts(faster_whisper_tiny):
     assert faster_whisper_tiny.transcribe(np.zeros(800, np.float32)).is_empty
     assert faster_whisper_tiny.transcribe(np.zeros(16000, np.float32)).is_empty

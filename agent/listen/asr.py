@@ -7,6 +7,13 @@
 
 Both take float32 mono 16 kHz arrays (never files, so no ffmpeg is needed) and may be called
 again on a growing buffer for a partial transcript while the user is still speaking.
+
+Whisper's encoder reads a 30 s window, padded with silence, whatever the clip: for a 3 s turn most
+of its cost is the padding (tiny.en on one core of a 2-core EPYC: 516 ms to encode 30 s, 68 ms
+for 10 s). The faster-whisper engine encodes a shorter window for short turns (``window_s``: the
+clip plus 2 s, at least ``window_s``; turns too long for it take the whole 30 s path), since
+CTranslate2 takes inputs shorter than 30 s. Its recall against the 30 s window is measured by
+``benchmarks/asr_window.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ EMBEDDED_NAMES = (None, "", "embedded", "tiny.en")  # served by the packaged mod
 NO_SPEECH_PROB = 0.6
 LOW_LOGPROB = -1.0
 _MIN_SAMPLES = PIPELINE_RATE // 10  # under 100 ms there is nothing to transcribe
+WHISPER_WINDOW_S = 30.0  # what Whisper was trained on
+SHORT_WINDOW_S = 10.0  # the shortest window a short turn is encoded in (faster-whisper)
+_MARGIN_S = 2.0  # silence after the clip, at least, in a short window
 
 
 @dataclass(frozen=True)
@@ -101,8 +111,12 @@ class FasterWhisperTranscriber(Transcriber):
         language: str | None = None,
         beam_size: int = 1,
         cpu_threads: int = 0,
+        window_s: float | None = SHORT_WINDOW_S,
     ) -> None:
         super().__init__()
+        if window_s is not None and not 1.0 <= window_s <= WHISPER_WINDOW_S:
+            raise AgentError(f"Whisper window must be 1-{WHISPER_WINDOW_S:.0f} s, got {window_s}")
+        self.window_s = window_s
         source = str(model) if model is not None else None
         if source in EMBEDDED_NAMES:
             source = str(whisper_tiny_en_dir())
@@ -129,8 +143,14 @@ class FasterWhisperTranscriber(Transcriber):
             ) from None
         # English-only models (*.en) must not be asked to detect the language.
         self.language = language or (None if self._model.model.is_multilingual else "en")
+        self._short: _ShortWindow | None = None
 
     def _segments(self, audio: np.ndarray) -> tuple[list[tuple[str, float, float]], str | None]:
+        if self.window_s is not None and self.language is not None \
+                and len(audio) / PIPELINE_RATE + _MARGIN_S <= WHISPER_WINDOW_S:
+            if self._short is None:
+                self._short = _ShortWindow(self._model, self.language, self._options())
+            return self._short.segments(audio, self.window_s), self.language
         segments, info = self._model.transcribe(
             audio,
             language=self.language,
@@ -141,6 +161,41 @@ class FasterWhisperTranscriber(Transcriber):
         )
         found = [(s.text, s.no_speech_prob, s.avg_logprob) for s in segments]
         return found, info.language
+
+    def _options(self):
+        """faster-whisper's own decoding options for these settings (its transcribe() builds them before any
+        model runs: with the language given it encodes nothing until its segments are read)."""
+        _, info = self._model.transcribe(np.zeros(PIPELINE_RATE, np.float32), language=self.language,
+                                         beam_size=self.beam_size, condition_on_previous_text=False,
+                                         without_timestamps=True, vad_filter=False)
+        return info.transcription_options
+
+
+class _ShortWindow:
+    """One pass of a faster-whisper model over a clip shorter than 30 s, encoded in a window of
+    the clip's length plus a margin (at least the window asked for) instead of 30 s; the decoding
+    (temperature fallback included) is faster-whisper's own."""
+
+    def __init__(self, model, language: str, options) -> None:
+        from faster_whisper.tokenizer import Tokenizer
+
+        self.model, self.options = model, options
+        self.tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe",
+                                   language=language)
+        self.prompt = model.get_prompt(self.tokenizer, [], without_timestamps=True)
+
+    def segments(self, audio: np.ndarray, window_s: float) -> list[tuple[str, float, float]]:
+        from faster_whisper.audio import pad_or_trim
+
+        features = self.model.feature_extractor(audio)
+        frames = features.shape[-1] - 1  # the extractor adds one frame past the end
+        per_s = self.model.feature_extractor.sampling_rate // self.model.feature_extractor.hop_length
+        window = min(int(WHISPER_WINDOW_S * per_s), max(int(window_s * per_s), frames + int(_MARGIN_S * per_s)))
+        encoded = self.model.encode(pad_or_trim(features[:, :frames], window))
+        result, avg_logprob, _, _ = self.model.generate_with_fallback(encoded, self.prompt, self.tokenizer,
+                                                                      self.options)
+        text = self.tokenizer.decode(result.sequences_ids[0])
+        return [(text, result.no_speech_prob, avg_logprob)] if text.strip() else []
 
 
 class OpenAIWhisperTranscriber(Transcriber):
