@@ -14,6 +14,7 @@ import pytest
 
 from agent.llm.tool_calling import (
     assistant_tool_message,
+    parse_arguments,
     parse_text_tool_calls,
     results_as_notes,
     split_native_stream,
@@ -214,6 +215,15 @@ def test_the_duration_grammar_admits_spoken_durations_that_parse(text, seconds):
 def test_the_duration_grammar_refuses_what_is_not_a_duration(text):
     # The constrained argument pass builds its grammar from this pattern: a small model once wrote "".
     assert re.fullmatch(DURATION_PATTERN, text) is None
+
+
+def test_an_argument_that_only_repeats_its_description_is_dropped(tmp_path):
+    set_timer = next(t for t in timer_tools(TimerStore(tmp_path / "timers.json")) if t.name == "set_timer")
+    echoed, error = parse_arguments('{"duration": "5 seconds", "label": "What it is for."}', set_timer)
+    assert error is None and echoed == {"duration": "5 seconds"}
+    named, _ = parse_arguments('{"duration": "5 seconds", "label": "what the tea is for"}', set_timer)
+    assert named == {"duration": "5 seconds", "label": "what the tea is for"}  # words of its own: kept
+    assert parse_arguments('{"label": "What it is for"}')[0] == {"label": "What it is for"}  # no schema: as written
 
 
 def test_cancel_and_list_timers(tmp_path):

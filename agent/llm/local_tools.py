@@ -80,7 +80,7 @@ def choose_tool(llm: LocalLLM, messages: list[dict[str, Any]], tools: list[Tool]
         return ToolCall(new_call_id(), tool.name, {})
     text = _complete(llm, arguments_messages(messages, tool),
                      _grammar(llm, json.dumps(arguments_schema(tool), sort_keys=True), True), ARGUMENT_TOKENS)
-    arguments, error = parse_arguments(text)
+    arguments, error = parse_arguments(text, tool)
     return ToolCall(new_call_id(), tool.name, arguments, error=error)
 
 

@@ -113,6 +113,6 @@ def _choose_tool(llm: OpenAICompatibleLLM, messages: list[dict[str, Any]], tools
     if not tool.parameters.get("properties"):
         return ToolCall(new_call_id(), tool.name, {})
     text = _complete_json(llm, arguments_messages(messages, tool), arguments_schema(tool), 128)
-    arguments, error = parse_arguments(text)
+    arguments, error = parse_arguments(text, tool)
     return ToolCall(new_call_id(), tool.name, arguments, error=error)
 

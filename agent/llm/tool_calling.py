@@ -132,15 +132,26 @@ def arguments_schema(tool: Tool) -> dict[str, Any]:
     return schema
 
 
-def parse_arguments(text: str) -> tuple[dict[str, Any], str | None]:
-    """A JSON object from the model; ({}, error) when it is not one."""
+def parse_arguments(text: str, tool: Tool | None = None) -> tuple[dict[str, Any], str | None]:
+    """A JSON object from the model; ({}, error) when it is not one. With ``tool`` (the constrained
+    pass, whose prompt lists each field's description), a string that only repeats its field's
+    description is dropped: a small model fills a field it has nothing for with the words it was shown
+    (SmolLM2 set a timer labelled "What it is for")."""
     try:
         value = json.loads(text) if text and text.strip() else {}
     except json.JSONDecodeError as error:
         return {}, f"the arguments were not valid JSON ({error.msg})"
     if not isinstance(value, dict):
         return {}, "the arguments were not a JSON object"
+    if tool is not None:
+        fields = tool.parameters.get("properties", {})
+        value = {k: v for k, v in value.items()
+                 if not (_words(v) and _words(v) == _words(fields.get(k, {}).get("description")))}
     return value, None
+
+
+def _words(text: Any) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower())) if isinstance(text, str) else ""
 
 
 # ---------------------------------------------------------------------------------- native, as text
