@@ -158,11 +158,18 @@ def streams(directory: Path, which: str = "tuning") -> list[dict]:
 
 
 def in_room(room: str, audio: np.ndarray) -> np.ndarray:
-    """What the turn stage gets from ``audio`` spoken in ``room`` (no agent voice): mic -> AEC3 -> DoubleTalk."""
+    """What the turn stage gets from ``audio`` spoken in ``room`` (no agent voice): mic -> AEC3 -> DoubleTalk.
+    ``ROOM+reverb``: the user's voice reverberates in it too (the room's impulse response, as its echo
+    does), which the presets alone do not do."""
     if room == "none":
         return audio
     from _room_helpers import play_in_room
 
+    if room.endswith("+reverb"):
+        from agent.echo.room_spec import load_room, room_impulse_response
+
+        room = room.removesuffix("+reverb")
+        audio = np.convolve(audio, room_impulse_response(load_room(room)))[: len(audio)].astype(np.float32)
     return play_in_room(room, [], audio, seconds=len(audio) / PIPELINE_RATE).cleaned[: len(audio)]
 
 

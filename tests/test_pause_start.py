@@ -13,6 +13,7 @@ from _clips import speech_only
 from _room_helpers import play_in_room
 
 from agent.audio import PIPELINE_RATE, load_audio
+from agent.echo.room_spec import load_room, room_impulse_response
 from agent.listen.pause_start import STEP, LevelHistory
 from agent.listen.vad import WINDOW, VadSettings, VoiceActivityDetector, load_silero_model
 
@@ -62,6 +63,19 @@ def test_the_pause_starts_where_the_voice_stopped_in_any_room(spoken, silero, ro
         assert at <= late  # never later than where Silero let go
     # Silero alone lets go a window or more after the fall, more in the loud room.
     assert np.median(heard) - np.median(dated) >= (32 if room == "none" else 60), (dated, heard)
+
+
+def test_a_voice_that_reverberates_is_never_cut_before_its_direct_sound_ends(spoken, silero):
+    """The user across a living room (RT60 0.6 s: the room's own impulse response, pyroomacoustics) with a
+    noise floor: the tail decays over hundreds of ms, and the pause may start anywhere in it, but never
+    before the voice itself stopped, and never later than Silero let go."""
+    rir = room_impulse_response(load_room("living-room"))
+    rng = np.random.default_rng(3)
+    for stream, end_s in spoken:
+        heard = np.convolve(stream, rir)[: len(stream)].astype(np.float32)
+        heard += (rng.standard_normal(len(heard)) * 10 ** (-65 / 20)).astype(np.float32)
+        dated, late = speech_end_ms(heard, end_s, silero, 192), speech_end_ms(heard, end_s, silero, 0)
+        assert -STEP * 1000 / PIPELINE_RATE <= dated <= late, (dated, late)
 
 
 def history(signal: np.ndarray, lookback_ms: int = 192) -> LevelHistory:
