@@ -21,6 +21,7 @@ from test_end_of_turn import QUESTIONS  # the 20 complete questions the judge's 
 from agent.audio import MemorySink, QueueSource, load_audio, write_wav
 from agent.config.settings import AgentSettings
 from agent.events import AgentTurnDone, TurnLatency, UserTurn
+from agent.listen.barge_in import is_backchannel
 from agent.pipeline import Pipeline
 
 pytestmark = pytest.mark.e2e
@@ -122,6 +123,17 @@ def _speaking_pipeline(tmp_path, persona, tiny_generator, smollm2_llm, faster_wh
     pipeline.submit_text("Tell me about the weather in the mountains.")
     events.wait_for(lambda: sink.played_samples > 24_000 * 0.6, "the reply playing")
     return pipeline, source, events
+
+
+@pytest.mark.parametrize("heard", ["Mm-hmm.", "M. M. M. M. M.", "Mmmm", "Hmm, yeah.", "mhmm", "Okay", ""])
+def test_listening_noises_as_whisper_writes_them_are_backchannels(heard):
+    # "M. M. M. M. M." is how Whisper's 10 s window wrote espeak's "mm hmm" under the agent's voice.
+    assert is_backchannel(heard)
+
+
+@pytest.mark.parametrize("heard", ["Mom?", "Hmm, what about tomorrow?", "Him.", "Stop.", "Huh?"])
+def test_words_are_not_backchannels(heard):
+    assert not is_backchannel(heard)
 
 
 @pytest.mark.parametrize("words, interrupted", [("mm hmm", False), ("wait, what about tomorrow morning", True)])

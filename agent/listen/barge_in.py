@@ -36,15 +36,20 @@ class BargeInSettings:
     backchannels: frozenset[str] = BACKCHANNELS
 
 
+# A hum however Whisper spells it ("M. M. M." for a short "mm hmm" heard over the agent's voice,
+# "Mmmm", "Hmmm", "mhmm", "mm-hmm"): only m and h, with an m.
+_HUM = re.compile(r"[mh]*m[mh]*(?:-[mh]*m[mh]*)?")
+
+
 def is_backchannel(text: str, backchannels: frozenset[str] = BACKCHANNELS) -> bool:
-    """True for a transcript made only of listening noises ("Mm-hmm.", "Yeah, yeah.", "")."""
+    """True for a transcript made only of listening noises ("Mm-hmm.", "Yeah, yeah.", "M. M. M.", "")."""
     words = re.sub(r"[^\w\s'-]", " ", text.lower()).split()
     if not words:
         return True
     phrase = " ".join(words)
     if phrase in backchannels:
         return True
-    return all(w in backchannels for w in words)
+    return all(w in backchannels or _HUM.fullmatch(w) for w in words)
 
 
 class BargeIn:
