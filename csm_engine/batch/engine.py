@@ -30,6 +30,7 @@ import torch
 
 from csm_engine.batch.codec import BatchDecoder
 from csm_engine.batch.events import Admitted, AudioChunk, Failed, Finished, FrameSampled, StreamOptions, Utterance
+from csm_engine.batch.queue import EngineBusy, UtteranceQueue
 from csm_engine.batch.slots import BLOCK_ROWS, SlotTable, block_digests
 from csm_engine.batch.step import BatchStep, SlotCaches, batch_buckets, model_caches
 from csm_engine.cuda_graphs import cuda_graphs_available
@@ -38,10 +39,6 @@ from csm_engine.generator import MIMI_CODEBOOK_SIZE, Generator, prompt_attention
 from csm_engine.prompt import Prompt
 
 DEFAULT_STREAM_OPTIONS = StreamOptions()  # frozen: safe to share as submit()'s default
-
-
-class EngineBusy(CSMError):
-    """Every stream is busy and the queue is full: try again later (HTTP 429)."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +103,7 @@ class EngineStats:
     started_at: float = field(default_factory=time.monotonic)
 
 
-class BatchEngine:
+class BatchEngine(UtteranceQueue):
     """Streams many utterances of one Generator's model at once (see the module docstring).
 
     The engine takes over the generator's model: do not run ``generator.stream`` meanwhile. The
@@ -132,10 +129,8 @@ class BatchEngine:
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
         self._noise = torch.Generator(device=self.device)
         self._noise.seed()
-        self._pending: deque[Utterance] = deque()
+        super().__init__()
         self._active: list[Utterance] = []
-        self._wake = threading.Condition()
-        self._closing = False
         self.stats = EngineStats()
         # A fed-back frame's row: its codes, no text (column 32 masked out).
         self._text_pad = torch.zeros(1, dtype=torch.long)
@@ -195,19 +190,10 @@ class BatchEngine:
         options.check(prompt, self.options.max_topk, self.caches.max_seq_len)
         digests = block_digests(prompt.tokens, prompt.mask, prompt.tokens.shape[0])
         utterance = Utterance(prompt, options, digests, sink, wake=self._notify, device=self.device)
-        with self._wake:
-            if self._closing:
-                raise CSMError("the engine is shutting down")
-            if len(self._pending) + self.slots.n_busy >= self.options.max_streams + self.options.max_queue:
-                raise EngineBusy(f"all {self.options.max_streams} streams are busy and {len(self._pending)} "
-                                 "requests are waiting; retry later")
-            self._pending.append(utterance)
-            self._wake.notify_all()
-        return utterance
-
-    def _notify(self) -> None:
-        with self._wake:
-            self._wake.notify_all()
+        limit = self.options.max_streams + self.options.max_queue
+        return self._enqueue(utterance, lambda waiting: None if waiting + self.slots.n_busy < limit else
+                             f"all {self.options.max_streams} streams are busy and {waiting} requests are waiting; "
+                             "retry later")
 
     # -- the loop ---------------------------------------------------------------------------
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from csm_engine.batch.engine import DEFAULT_STREAM_OPTIONS, EngineBusy, EngineStats
+from csm_engine.batch.engine import DEFAULT_STREAM_OPTIONS, EngineStats
 from csm_engine.batch.events import Admitted, AudioChunk, Failed, Finished, FrameSampled, StreamOptions, Utterance
-from csm_engine.errors import CSMError
+from csm_engine.batch.queue import UtteranceQueue
 from csm_engine.prompt import Prompt
 
 
@@ -43,20 +43,18 @@ class NoSessions:
         return []
 
 
-class SerialEngine:
+class SerialEngine(UtteranceQueue):
     """Streams utterances of one ``LocalSpeechGenerator``, one after another, on its own thread."""
 
     cuda_graphs = False
 
     def __init__(self, generator, options: SerialOptions | None = None):
+        super().__init__()
         self.generator, self.options = generator, options or SerialOptions()
         self.device = getattr(generator, "engine", "torch")  # what /health shows: the engine's name
         self.slots = NoSessions()
         self.stats = EngineStats()
-        self._pending: deque[Utterance] = deque()
         self._current: Utterance | None = None
-        self._wake = threading.Condition()
-        self._closing = False
         self._thread = threading.Thread(target=self._run, name="csm-serial-engine", daemon=True)
 
     # -- lifecycle (BatchEngine's) ----------------------------------------------------------
@@ -95,19 +93,8 @@ class SerialEngine:
                sink: Callable[[object], None] | None = None) -> Utterance:
         options.check(prompt, self.options.max_topk, self.generator.config.max_seq_len)
         utterance = Utterance(prompt, options, [], sink, wake=self._notify, device=torch.device("cpu"))
-        with self._wake:
-            if self._closing:
-                raise CSMError("the engine is shutting down")
-            if len(self._pending) >= self.options.max_queue:
-                raise EngineBusy(f"one utterance is being generated and {len(self._pending)} requests are waiting; "
-                                 "retry later")
-            self._pending.append(utterance)
-            self._wake.notify_all()
-        return utterance
-
-    def _notify(self) -> None:
-        with self._wake:
-            self._wake.notify_all()
+        return self._enqueue(utterance, lambda waiting: None if waiting < self.options.max_queue else
+                             f"one utterance is being generated and {waiting} requests are waiting; retry later")
 
     # -- the loop ---------------------------------------------------------------------------
 
