@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     transcriber, llm = FasterWhisperTranscriber(), LocalLLM(seed=1234)
     text_turn = TextTurn(lambda: transcriber, lambda: llm)
     checks = args.first_check_ms
-    changes = {"first_check_ms": checks, "text_first_check_ms": checks} if checks else {}
+    changes = {"first_check_ms": checks} if checks else {}
     from agent.listen.vad import VadSettings
 
     lookback = VadSettings().pause_lookback_ms if args.pause_lookback_ms is None else args.pause_lookback_ms

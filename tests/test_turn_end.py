@@ -118,7 +118,7 @@ def _verdicts(audio: np.ndarray, silero, judge: EndOfTurnJudge, jobs: _Recorded 
     turns, verdicts, early, last = [], [], 0, None
     for i in range(0, len(audio), 512):
         turns += [(round(e.t, 3), round(e.ended_t, 3)) for e in vad.feed(audio[i : i + 512]) if e.kind == "speech_end"]
-        if jobs is not None and 0 < vad.pause_ms < judge.settings.text_first_check_ms and jobs.jobs:
+        if jobs is not None and 0 < vad.pause_ms < judge.settings.first_check_ms and jobs.jobs:
             early += 1
         v = vad.last_verdict
         if v is not None and v is not last and v.reason not in ("pause", "speech"):
@@ -165,7 +165,7 @@ def test_speaking_on_drops_the_work_started_for_the_pause(espeak_wav, turn_model
     judge = _judge("smart", turn_model, text_turn, jobs)
     tentative = lambda: (span, audio)  # noqa: E731
     judge.reset()
-    first = TurnSettings().text_first_check_ms
+    first = TurnSettings().first_check_ms
     assert not judge.update(first - 5, lambda: audio, tentative).ended  # before the first check: work starts
     assert len(jobs.jobs) == 1
     assert judge.update(0, lambda: audio, tentative).reason == "speech"  # the user went on

@@ -5,7 +5,7 @@ in progress with the length of the current pause (0 while the user speaks), a wa
 turn's audio so far, and a way to get the turn as it would end now (its span and audio). Three
 modes behind that one call:
 
-- ``smart``: at a short pause (``text_first_check_ms``) the transcript's own evidence is asked first
+- ``smart``: at a short pause (``first_check_ms``) the transcript's own evidence is asked first
   (``agent.listen.text_turn``: Whisper on the turn as it would end now, then the chat LLM's
   P(end of message)); P(end) >= ``text_done`` ends the turn at once. Otherwise the end-of-turn
   audio model (Smart Turn, ``agent.listen.turn_model``) is asked: "done" ends the turn;
@@ -80,12 +80,12 @@ class TurnSettings:
     text_likely: float = 0.05  # ... at or above which a pause of text_max_silence_ms ends it
     text_max_silence_ms: int = 1200
     disputed_max_silence_ms: int = 1500  # the audio model said "done", the words an unlikely end
-    first_check_ms: int = 224  # pause before the models are first asked (7 VAD windows of 32 ms)
-    # The same with the text evidence. Both count from where the level fell (the VAD's pause_start), which
-    # Silero hears ~45 ms later on clean speech and ~90 ms later on the canceller's output in a loud room;
-    # 224 ms from the fall checks clean speech where 192 ms from Silero's letting go did. 192 ms from the
-    # fall split a paused sentence of benchmarks/turn_end.py's tuning set with no room (19 of 20 whole).
-    text_first_check_ms: int = 224
+    # Pause before the models are first asked (7 VAD windows of 32 ms). It counts from where the level fell
+    # (the VAD's pause_start), which Silero hears ~45 ms later on clean speech and ~90 ms later on the
+    # canceller's output in a loud room; 224 ms from the fall checks clean speech where 192 ms from Silero's
+    # letting go did. 192 ms from the fall split a paused sentence of benchmarks/turn_end.py's tuning set
+    # with no room (19 of 20 whole).
+    first_check_ms: int = 224
     recheck_ms: int = 300  # then asked again each time the pause has grown by this much
     max_silence_ms: int = 2000  # a pause this long ends the turn whatever the model says
     end_silence_ms: int = 600  # silence mode (and the fallback without a model): the fixed pause
@@ -102,11 +102,10 @@ class TurnSettings:
             raise AgentError(f"text end-of-turn thresholds need 0 < likely <= done <= 1 (got {self.text_likely}, "
                              f"{self.text_done})")
         shortest = min(self.max_silence_ms, self.text_max_silence_ms, self.disputed_max_silence_ms)
-        if not (0 < self.first_check_ms <= shortest and 0 < self.text_first_check_ms <= shortest) \
-                or self.recheck_ms < 32:
+        if not 0 < self.first_check_ms <= shortest or self.recheck_ms < 32:
             raise AgentError(
                 "turn timings: need 0 < first check <= max silence and a re-check of at least 32 ms "
-                f"(got {self.first_check_ms}, {self.text_first_check_ms}, {self.max_silence_ms}, {self.recheck_ms})"
+                f"(got {self.first_check_ms}, {self.max_silence_ms}, {self.recheck_ms})"
             )
 
 
@@ -161,7 +160,7 @@ class EndOfTurnJudge:
 
     def reset(self) -> None:
         """A new turn (or a new pause): forget the model's answers and re-check schedule."""
-        self._next_check_ms: float | None = None  # None: the first check (earlier with the text evidence)
+        self._next_check_ms = float(self.settings.first_check_ms)
         self._probability: float | None = None
         self._text: float | None = None  # the transcript's P(end of message) in this pause
         self._asked = False  # a model was asked in this pause
@@ -193,8 +192,6 @@ class EndOfTurnJudge:
             return TurnVerdict(ended, "silence" if ended else "pause")
         if pause_ms >= self._limit_ms():
             return TurnVerdict(True, "max_silence", probability=self._probability, text_probability=self._text)
-        if self._next_check_ms is None:
-            self._next_check_ms = float(s.text_first_check_ms if self.text is not None else s.first_check_ms)
         if pause_ms < self._next_check_ms:
             if self._text_job is None and not self._text_asked:
                 self._start_text(tentative)
