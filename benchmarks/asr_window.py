@@ -47,9 +47,7 @@ def turns(directory: Path) -> list[dict]:
         for item in streams(directory, which):
             start = int((0.5 - LEAD_S) * PIPELINE_RATE)  # the streams have 0.5 s before the speech
             end = int((item["speech_end_s"] + TAIL_S) * PIPELINE_RATE)
-            said = item["text"].split(" [")[0] + " " + item["text"].split("] ")[1] if item["kind"] == "paused" \
-                else item["text"]
-            out.append({"set": which, "kind": item["kind"], "voice": item["voice"], "said": said,
+            out.append({"set": which, "kind": item["kind"], "voice": item["voice"], "said": item["said"],
                         "audio": item["audio"], "span": (start, end)})
     return out
 

@@ -143,7 +143,7 @@ def streams(directory: Path, which: str = "tuning") -> list[dict]:
     for i, text in enumerate(questions):
         voice, wpm = voices[i % len(voices)]
         speech = espeak(text, voice, wpm, directory)
-        out.append({"kind": "question", "text": text, "voice": f"{voice} {wpm}",
+        out.append({"kind": "question", "text": text, "said": text, "voice": f"{voice} {wpm}",
                     "audio": np.concatenate([silence(LEAD_S), speech, silence(TAIL_S)]),
                     "speech_end_s": LEAD_S + len(speech) / PIPELINE_RATE})
     for i, (clause, rest) in enumerate(paused):
@@ -151,7 +151,8 @@ def streams(directory: Path, which: str = "tuning") -> list[dict]:
         first, second = espeak(clause, voice, wpm, directory), espeak(rest, voice, wpm, directory)
         pause = PAUSES_S[i % len(PAUSES_S)]
         rest_s = LEAD_S + len(first) / PIPELINE_RATE + pause
-        out.append({"kind": "paused", "text": f"{clause} [{pause} s] {rest}", "voice": f"{voice} {wpm}",
+        out.append({"kind": "paused", "text": f"{clause} [{pause} s] {rest}", "said": f"{clause} {rest}",
+                    "voice": f"{voice} {wpm}",
                     "audio": np.concatenate([silence(LEAD_S), first, silence(pause), second, silence(TAIL_S)]),
                     "rest_s": rest_s, "speech_end_s": rest_s + len(second) / PIPELINE_RATE})
     return out
